@@ -1,0 +1,1 @@
+//! TODO: the DFU 1.1 download over `usb::UsbTransport`.

@@ -1,0 +1,23 @@
+//! `coral`: bring a Google Coral USB Accelerator back to life after a power
+//! loss (USB DFU firmware upload from dom0) and hand it to an XCP-ng VM
+//! through XAPI.
+//!
+//! Layers, bottom up:
+//! - [`usb`]: finding Corals (port paths) and the narrow transport trait;
+//!   [`usb::rusb_backend`] is the one file that talks to libusb.
+//! - [`dfu`]: the DFU 1.1 download protocol over that trait.
+//! - [`firmware`]: the manifest of known images, loading and verification.
+//! - [`xe`]: the one place that starts `xe`, typed calls on top.
+//! - [`ops`]: `init`, `attach`, `detach`, `status`, `up`, `service`: each
+//!   reads like the procedure it automates.
+//! - [`sim`]: the simulated Coral and XCP-ng host, strict as the real ones.
+
+pub mod clock;
+pub mod dfu;
+pub mod error;
+pub mod firmware;
+pub mod lock;
+pub mod ops;
+pub mod sim;
+pub mod usb;
+pub mod xe;

@@ -1,0 +1,10 @@
+//! The procedures `coral` automates, one module each. Each checks the current
+//! state before every step, so a rerun after any failure is safe.
+
+pub mod attach;
+pub mod detach;
+pub mod firmware_cmd;
+pub mod init;
+pub mod service;
+pub mod status;
+pub mod up;

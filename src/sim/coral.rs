@@ -1,0 +1,1 @@
+//! TODO: the in-process simulated Coral (DFU state machine) and its bus.

@@ -1,0 +1,1 @@
+//! TODO: the built-in --simulate host: simulated Coral + XAPI world wired together.

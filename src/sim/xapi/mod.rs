@@ -1,0 +1,375 @@
+//! A simulated XAPI pool that answers `xe` command lines exactly as the fact
+//! sheet (`xapi-usb.md`) describes: records, `--minimal`, `params=`, error
+//! texts on stderr with exit 1, asynchronous USB scans that replace PUSB,
+//! group and VUSBs on re-enumeration, no USB hot plug, VUSB preconditions,
+//! several hosts per pool.
+//!
+//! The world is plain data (serde), so the fake `xe` executable
+//! (`src/bin/coral-xe-sim.rs`) can keep it in a JSON file between calls, and
+//! the in-process [`InProcessXe`] runner can drive it on virtual time.
+//!
+//! Time is passed in by the caller (`now`, a duration since an origin of the
+//! caller's choosing); the world never reads a clock itself.
+
+mod runner;
+pub use runner::InProcessXe;
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// VM power states as XAPI names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PowerState {
+    /// `halted`
+    Halted,
+    /// `paused`
+    Paused,
+    /// `running`
+    Running,
+    /// `suspended`
+    Suspended,
+}
+
+/// How a guest reacts to a clean shutdown request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum GuestShutdown {
+    /// Acknowledges and halts after `WorldConfig::shutdown_ms`.
+    #[default]
+    Cooperates,
+    /// Never acknowledges: `VM_FAILED_SHUTDOWN_ACKNOWLEDGMENT` after `ack_timeout_ms`.
+    NeverAcknowledges,
+    /// Acknowledges but never halts: `VM_SHUTDOWN_TIMEOUT` after `shutdown_timeout_ms`.
+    NeverHalts,
+}
+
+/// A USB device physically present on a host (what a scan discovers).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimUsbDevice {
+    /// sysfs path, e.g. `2-4`.
+    pub path: String,
+    /// 4 hex digits, lower case, e.g. `18d1`.
+    pub vendor_id: String,
+    /// 4 hex digits, lower case.
+    pub product_id: String,
+    /// e.g. `Google Inc.`
+    pub vendor_desc: String,
+    /// e.g. `` (empty) or a product string.
+    pub product_desc: String,
+    /// Serial number string, may be empty.
+    pub serial: String,
+    /// bcdUSB as XAPI prints it, e.g. `3.10`.
+    pub version: String,
+    /// e.g. `5000.000` or `480.000`.
+    pub speed: String,
+    /// Interface classes (for usb-policy.conf filtering; hubs are class 0x09).
+    pub interface_classes: Vec<u8>,
+}
+
+/// A host of the pool.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Host {
+    /// uuid.
+    pub uuid: String,
+    /// name-label.
+    pub name_label: String,
+    /// USB devices plugged into this host right now (the "hardware").
+    pub usb_devices: Vec<SimUsbDevice>,
+}
+
+/// A VM record (templates, snapshots and control domains included).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vm {
+    /// uuid.
+    pub uuid: String,
+    /// name-label (any characters).
+    pub name_label: String,
+    /// power-state.
+    pub power_state: PowerState,
+    /// Host uuid when running/paused, else None (`<not in database>`).
+    pub resident_on: Option<String>,
+    /// is-a-template.
+    pub is_a_template: bool,
+    /// is-a-snapshot.
+    pub is_a_snapshot: bool,
+    /// is-control-domain.
+    pub is_control_domain: bool,
+    /// ha-restart-priority (`""`, `restart`, `best-effort`).
+    pub ha_restart_priority: String,
+    /// other-config map.
+    pub other_config: BTreeMap<String, String>,
+    /// How the guest answers a clean shutdown.
+    pub guest_shutdown: GuestShutdown,
+}
+
+/// A PUSB record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pusb {
+    /// uuid.
+    pub uuid: String,
+    /// usb-group-uuid.
+    pub usb_group_uuid: String,
+    /// host-uuid.
+    pub host_uuid: String,
+    /// The device this record stands for (path, ids, descriptions…).
+    pub device: SimUsbDevice,
+    /// passthrough-enabled.
+    pub passthrough_enabled: bool,
+}
+
+/// A USB group record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsbGroup {
+    /// uuid.
+    pub uuid: String,
+    /// name-label, `Group of <vid> <pid> USBs`.
+    pub name_label: String,
+    /// name-description.
+    pub name_description: String,
+    /// other-config.
+    pub other_config: BTreeMap<String, String>,
+}
+
+/// A VUSB record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vusb {
+    /// uuid.
+    pub uuid: String,
+    /// vm-uuid.
+    pub vm_uuid: String,
+    /// usb-group-uuid.
+    pub usb_group_uuid: String,
+    /// currently-attached (true only while its VM runs, from the VM's start).
+    pub currently_attached: bool,
+    /// other-config.
+    pub other_config: BTreeMap<String, String>,
+}
+
+/// One VM power transition, for asserting "VM power history".
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PowerEvent {
+    /// When (ms since the caller's origin).
+    pub at_ms: u64,
+    /// Which VM.
+    pub vm_uuid: String,
+    /// From state.
+    pub from: PowerState,
+    /// To state.
+    pub to: PowerState,
+}
+
+/// One `xe` call as received, for counting calls and asserting "no writes".
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallRecord {
+    /// When (ms since the caller's origin).
+    pub at_ms: u64,
+    /// The arguments.
+    pub args: Vec<String>,
+    /// Its exit status.
+    pub status: i32,
+}
+
+/// An injected fault: make a matching call fail or hang.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fault {
+    /// The xe command it applies to, e.g. `vm-shutdown`.
+    pub command: String,
+    /// Apply only to the n-th call of that command (1-based); None = every call.
+    pub nth: Option<u32>,
+    /// What happens.
+    pub kind: FaultKind,
+}
+
+/// What an injected fault does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultKind {
+    /// Fail with this XAPI error code and parameters, printed as real xe
+    /// prints an unknown error (`Error code: …`, `Error parameters: …`),
+    /// or with its description for the codes the fact sheet lists.
+    Fail {
+        /// e.g. `INTERNAL_ERROR`.
+        code: String,
+        /// Error parameters.
+        params: Vec<String>,
+    },
+    /// Never answer (the call takes forever; nothing changes).
+    Hang,
+}
+
+/// Timings of the simulated pool.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorldConfig {
+    /// Delay between a USB change (udev event) or `pusb-scan` and the scan's result.
+    pub scan_delay_ms: u64,
+    /// How long a cooperating guest takes to shut down.
+    pub shutdown_ms: u64,
+    /// How long `vm-start` takes.
+    pub start_ms: u64,
+    /// VM_FAILED_SHUTDOWN_ACKNOWLEDGMENT comes after this (real: ~60 s).
+    pub ack_timeout_ms: u64,
+    /// VM_SHUTDOWN_TIMEOUT comes after this (real: 1200 s).
+    pub shutdown_timeout_ms: u64,
+    /// Cost of every call (real dom0: 100–300 ms).
+    pub call_ms: u64,
+}
+
+impl Default for WorldConfig {
+    fn default() -> Self {
+        WorldConfig {
+            scan_delay_ms: 500,
+            shutdown_ms: 5_000,
+            start_ms: 3_000,
+            ack_timeout_ms: 60_000,
+            shutdown_timeout_ms: 1_200_000,
+            call_ms: 150,
+        }
+    }
+}
+
+/// A scan that will complete at `due_ms` for `host_uuid`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingScan {
+    /// Host to scan.
+    pub host_uuid: String,
+    /// When it completes.
+    pub due_ms: u64,
+}
+
+/// What an `xe` process would print and return.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct CliOutput {
+    /// Exit status (0 success, 1 any error).
+    pub status: i32,
+    /// stdout.
+    pub stdout: String,
+    /// stderr.
+    pub stderr: String,
+}
+
+/// The result of one call: its output, and how long it took (a hang is
+/// `Duration::MAX`; a caller with a deadline gives up and sees no change).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallResult {
+    /// What xe printed.
+    pub output: CliOutput,
+    /// How long the call took in simulated time.
+    pub duration: Duration,
+}
+
+/// The whole simulated pool.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct World {
+    /// Timings.
+    pub config: WorldConfig,
+    /// Hosts; the first is the pool master.
+    pub hosts: Vec<Host>,
+    /// VMs.
+    pub vms: Vec<Vm>,
+    /// PUSBs.
+    pub pusbs: Vec<Pusb>,
+    /// USB groups.
+    pub groups: Vec<UsbGroup>,
+    /// VUSBs.
+    pub vusbs: Vec<Vusb>,
+    /// Scans in flight.
+    pub pending_scans: Vec<PendingScan>,
+    /// Injected faults.
+    pub faults: Vec<Fault>,
+    /// VM power transitions so far.
+    pub power_history: Vec<PowerEvent>,
+    /// Every call received.
+    pub calls: Vec<CallRecord>,
+    /// Counter for deterministic uuids.
+    pub next_id: u64,
+}
+
+// ---------------------------------------------------------------------------
+// The API below is the contract other modules and tests build on. Bodies are
+// filled in by the simulator's implementation.
+// ---------------------------------------------------------------------------
+
+impl World {
+    /// An empty pool with these timings.
+    pub fn new(config: WorldConfig) -> Self {
+        World {
+            config,
+            ..World::default()
+        }
+    }
+
+    /// Add a host; returns its uuid.
+    pub fn add_host(&mut self, name_label: &str) -> String {
+        let _ = name_label;
+        todo!("sim::xapi::World::add_host")
+    }
+
+    /// Add a VM (not a template); `resident_on` must be given for a running or
+    /// paused VM. Returns its uuid.
+    pub fn add_vm(
+        &mut self,
+        name_label: &str,
+        power_state: PowerState,
+        resident_on: Option<&str>,
+    ) -> String {
+        let _ = (name_label, power_state, resident_on);
+        todo!("sim::xapi::World::add_vm")
+    }
+
+    /// Replace the USB devices physically present on a host, as udev would
+    /// report them; schedules the asynchronous scan that udev triggers.
+    pub fn set_usb_devices(&mut self, host_uuid: &str, devices: Vec<SimUsbDevice>, now: Duration) {
+        let _ = (host_uuid, devices, now);
+        todo!("sim::xapi::World::set_usb_devices")
+    }
+
+    /// Run a scan of `host_uuid` synchronously (test set-up: "xapi has started").
+    pub fn scan_now(&mut self, host_uuid: &str) {
+        let _ = host_uuid;
+        todo!("sim::xapi::World::scan_now")
+    }
+
+    /// Complete every scan due at or before `now`.
+    pub fn advance(&mut self, now: Duration) {
+        let _ = now;
+        todo!("sim::xapi::World::advance")
+    }
+
+    /// Run one `xe` command line (without the leading `xe`) at time `now`.
+    pub fn execute(&mut self, args: &[String], now: Duration) -> CallResult {
+        let _ = (args, now);
+        todo!("sim::xapi::World::execute")
+    }
+}
+
+/// The Coral as the DFU boot loader, as a scan sees it (USB 2, bcdUSB 2.10).
+pub fn coral_bootloader_device(path: &str) -> SimUsbDevice {
+    SimUsbDevice {
+        path: path.to_string(),
+        vendor_id: "1a6e".into(),
+        product_id: "089a".into(),
+        vendor_desc: "Global Unichip Corp.".into(),
+        product_desc: String::new(),
+        serial: String::new(),
+        version: "2.10".into(),
+        speed: "480.000".into(),
+        interface_classes: vec![0xfe],
+    }
+}
+
+/// The Coral with its firmware running, as a scan sees it (USB 3, bcdUSB 3.10).
+pub fn coral_ready_device(path: &str) -> SimUsbDevice {
+    SimUsbDevice {
+        path: path.to_string(),
+        vendor_id: "18d1".into(),
+        product_id: "9302".into(),
+        vendor_desc: "Google Inc.".into(),
+        product_desc: String::new(),
+        serial: String::new(),
+        version: "3.10".into(),
+        speed: "5000.000".into(),
+        interface_classes: vec![0xff],
+    }
+}

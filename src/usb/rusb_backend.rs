@@ -1,0 +1,1 @@
+//! TODO: the rusb (libusb) implementation of `UsbBus` and `UsbTransport`.
