@@ -1,7 +1,7 @@
 //! Wires the command line to the library: builds the real or simulated
 //! environment and calls one operation per subcommand.
 
-use crate::cli::Cli;
+use crate::cli::{Cli, Command, FirmwareCommand, ServiceCommand};
 use simplelog::{ColorChoice, ConfigBuilder, LevelFilter, TermLogger, TerminalMode};
 
 /// Log to stderr: no timestamps (the journal adds them), no colour off a terminal.
@@ -26,6 +26,29 @@ pub fn init_logging(cli: &Cli) {
 
 /// Run the chosen subcommand.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let _ = cli;
-    anyhow::bail!("not implemented yet")
+    match &cli.command {
+        Command::Init(_args) => anyhow::bail!("init: not wired yet"),
+        Command::Attach(_args) => anyhow::bail!("attach: not wired yet"),
+        Command::Detach(_args) => anyhow::bail!("detach: not wired yet"),
+        Command::Status(_args) => anyhow::bail!("status: not wired yet"),
+        Command::Up(_args) => anyhow::bail!("up: not wired yet"),
+        Command::Firmware(FirmwareCommand::Show(_args)) => {
+            anyhow::bail!("firmware show: not wired yet")
+        }
+        Command::Firmware(FirmwareCommand::Install { .. }) => {
+            anyhow::bail!("firmware install: not wired yet")
+        }
+        Command::Firmware(FirmwareCommand::Fetch { .. }) => {
+            anyhow::bail!("firmware fetch: not wired yet")
+        }
+        Command::Service(ServiceCommand::Install(_args)) => {
+            anyhow::bail!("service install: not wired yet")
+        }
+        Command::Service(ServiceCommand::Show(_args)) => {
+            anyhow::bail!("service show: not wired yet")
+        }
+        Command::Service(ServiceCommand::Uninstall(_args)) => {
+            anyhow::bail!("service uninstall: not wired yet")
+        }
+    }
 }

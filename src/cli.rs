@@ -169,7 +169,12 @@ pub struct UpArgs {
 #[derive(Debug, Args, Clone, Default)]
 pub struct LockArgs {
     /// Lock file that serializes coral runs.
-    #[arg(long, value_name = "FILE", env = "CORAL_LOCK", default_value = "/run/coral.lock")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "CORAL_LOCK",
+        default_value = "/run/coral.lock"
+    )]
     pub lock_file: PathBuf,
 
     /// Fail at once if another coral run holds the lock.
@@ -194,13 +199,23 @@ pub enum FirmwareCommand {
         #[arg(long)]
         allow_unknown_firmware: bool,
         /// Install under this directory instead of /var/lib/coral.
-        #[arg(long, value_name = "DIR", env = "CORAL_FIRMWARE_DIR", default_value = "/var/lib/coral")]
+        #[arg(
+            long,
+            value_name = "DIR",
+            env = "CORAL_FIRMWARE_DIR",
+            default_value = "/var/lib/coral"
+        )]
         dir: PathBuf,
     },
     /// Download the pinned image with curl, verify it and install it.
     Fetch {
         /// Install under this directory instead of /var/lib/coral.
-        #[arg(long, value_name = "DIR", env = "CORAL_FIRMWARE_DIR", default_value = "/var/lib/coral")]
+        #[arg(
+            long,
+            value_name = "DIR",
+            env = "CORAL_FIRMWARE_DIR",
+            default_value = "/var/lib/coral"
+        )]
         dir: PathBuf,
     },
 }

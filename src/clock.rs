@@ -98,10 +98,12 @@ mod tests {
     #[test]
     fn poll_returns_at_once_when_already_true() {
         let clock = VirtualClock::new();
-        let got: Result<Option<u8>, ()> =
-            poll_until(&clock, Duration::from_secs(1), Duration::from_millis(10), || {
-                Ok(Some(7))
-            });
+        let got: Result<Option<u8>, ()> = poll_until(
+            &clock,
+            Duration::from_secs(1),
+            Duration::from_millis(10),
+            || Ok(Some(7)),
+        );
         assert_eq!(got, Ok(Some(7)));
         assert_eq!(clock.now(), Duration::ZERO);
     }
@@ -110,11 +112,15 @@ mod tests {
     fn poll_gives_up_at_the_deadline() {
         let clock = VirtualClock::new();
         let mut probes = 0;
-        let got: Result<Option<u8>, ()> =
-            poll_until(&clock, Duration::from_millis(100), Duration::from_millis(30), || {
+        let got: Result<Option<u8>, ()> = poll_until(
+            &clock,
+            Duration::from_millis(100),
+            Duration::from_millis(30),
+            || {
                 probes += 1;
                 Ok(None)
-            });
+            },
+        );
         assert_eq!(got, Ok(None));
         assert_eq!(clock.now(), Duration::from_millis(100));
         assert_eq!(probes, 5); // 0, 30, 60, 90, 100

@@ -96,7 +96,9 @@ mod tests {
 
     #[test]
     fn rejects_other_strings() {
-        for text in ["", "1", "1-", "-1", "a-1", "1-0", "1-1..2", "1-1.x", "usb1", "1-+1"] {
+        for text in [
+            "", "1", "1-", "-1", "a-1", "1-0", "1-1..2", "1-1.x", "usb1", "1-+1",
+        ] {
             assert!(text.parse::<PortPath>().is_err(), "{text}");
         }
     }
