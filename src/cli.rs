@@ -24,6 +24,9 @@ pub struct Cli {
     #[arg(short, long, global = true)]
     pub quiet: bool,
 
+    #[command(flatten)]
+    pub lock: LockArgs,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -160,9 +163,6 @@ pub struct UpArgs {
     /// Seconds to wait for the Coral to come back as 18d1:9302 after the reset.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub timeout: f64,
-
-    #[command(flatten)]
-    pub lock: LockArgs,
 }
 
 /// Serializing runs.
