@@ -1,10 +1,7 @@
 //! Firmware images: the manifest of known images (pinned SHA-256), where the
 //! image to upload comes from, and verification before any USB traffic.
 //!
-//! Contract (implementation to follow):
-//! - `manifest() -> &'static [ManifestEntry]`, parsed from `firmware/manifest.txt`.
-//! - `load(&FirmwareChoice) -> anyhow::Result<FirmwareImage>`: `--firmware`,
-//!   env `CORAL_FIRMWARE`, `/var/lib/coral/<name>`, the embedded image.
+//! CONTRACT (bodies to be written): `manifest()`, `load()`.
 
 use std::path::PathBuf;
 
@@ -43,4 +40,34 @@ pub struct FirmwareChoice {
     pub allow_unknown: bool,
     /// Where installed copies live (default `/var/lib/coral`).
     pub install_dir: PathBuf,
+}
+
+/// Default directory of installed images.
+pub const DEFAULT_INSTALL_DIR: &str = "/var/lib/coral";
+
+/// One known image (a line of `firmware/manifest.txt`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManifestEntry {
+    /// File name, e.g. `apex_latest_single_ep.bin`.
+    pub name: String,
+    /// Size in bytes.
+    pub size: usize,
+    /// Lower-case hex SHA-256.
+    pub sha256: String,
+    /// Upstream URL at the pinned libedgetpu commit.
+    pub url: String,
+}
+
+/// The known images (the default image first).
+pub fn manifest() -> &'static [ManifestEntry] {
+    todo!("firmware::manifest")
+}
+
+/// Load and verify the image to upload: `--firmware`, env `CORAL_FIRMWARE`,
+/// an installed copy under `install_dir`, the embedded image. An unknown
+/// checksum is refused (`FailureKind::Firmware`) unless `allow_unknown`; no
+/// image at all → an error saying exactly how to get one.
+pub fn load(choice: &FirmwareChoice) -> anyhow::Result<FirmwareImage> {
+    let _ = choice;
+    todo!("firmware::load")
 }

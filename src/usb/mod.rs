@@ -201,3 +201,115 @@ pub trait UsbTransport {
     /// USB port reset. Consumes the handle: after a reset it is dead either way.
     fn reset(self: Box<Self>) -> Result<ResetOutcome, UsbError>;
 }
+
+/// Pick the one Coral to act on from `corals` (a fresh listing).
+///
+/// With `device`, the Coral at exactly that port path, else the one on the
+/// same port chain (the boot loader's `1-4` finds the ready `2-4`, see
+/// [`PortPath::same_port_chain`]). Without it, the only Coral there is.
+/// None, or several without `--device`, is a `FailureKind::NoCoral` error
+/// naming the paths and the next step.
+pub fn select_one(corals: &[CoralDevice], device: Option<&str>) -> anyhow::Result<CoralDevice> {
+    use crate::error::{fail, FailureKind};
+    let listed = || {
+        corals
+            .iter()
+            .map(|c| format!("{} ({})", c.path, c.state))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match device {
+        Some(text) => {
+            let wanted: PortPath = text.parse().map_err(|e| {
+                fail(
+                    FailureKind::NoCoral,
+                    format!("--device {text:?}: {e}; give a port path like 2-1.4 (see `coral status`)"),
+                )
+            })?;
+            let exact = corals.iter().find(|c| c.path == wanted);
+            let same_chain = || {
+                let mut chain = corals.iter().filter(|c| c.path.same_port_chain(&wanted));
+                match (chain.next(), chain.next()) {
+                    (Some(one), None) => Some(one),
+                    _ => None,
+                }
+            };
+            match exact.or_else(same_chain) {
+                Some(found) => Ok(found.clone()),
+                None if corals.is_empty() => Err(fail(
+                    FailureKind::NoCoral,
+                    format!("no Coral at {wanted}: no Coral is plugged into this host; check `lsusb` for 1a6e:089a or 18d1:9302"),
+                )),
+                None => Err(fail(
+                    FailureKind::NoCoral,
+                    format!("no Coral at {wanted}; Corals on this host: {}; pass one of those to --device", listed()),
+                )),
+            }
+        }
+        None => match corals {
+            [] => Err(fail(
+                FailureKind::NoCoral,
+                "no Coral found on this host's USB (neither 1a6e:089a nor 18d1:9302); is it plugged in? check `lsusb`",
+            )),
+            [one] => Ok(one.clone()),
+            _ => Err(fail(
+                FailureKind::NoCoral,
+                format!("{} Corals found: {}; choose one with --device PATH", corals.len(), listed()),
+            )),
+        },
+    }
+}
+
+#[cfg(test)]
+mod select_tests {
+    use super::*;
+
+    fn coral(path: &str, state: CoralState) -> CoralDevice {
+        CoralDevice {
+            path: path.parse().unwrap(),
+            address: 5,
+            state,
+        }
+    }
+
+    #[test]
+    fn picks_the_only_coral_or_names_all_of_several() {
+        let one = [coral("1-4", CoralState::Uninitialized)];
+        assert_eq!(select_one(&one, None).unwrap().path.to_string(), "1-4");
+        let two = [
+            coral("1-4", CoralState::Uninitialized),
+            coral("2-3", CoralState::Ready),
+        ];
+        let err = select_one(&two, None).unwrap_err().to_string();
+        assert!(
+            err.contains("1-4 (uninitialized)") && err.contains("2-3 (ready)"),
+            "{err}"
+        );
+        assert!(select_one(&[], None)
+            .unwrap_err()
+            .to_string()
+            .contains("lsusb"));
+    }
+
+    #[test]
+    fn device_matches_exactly_then_by_port_chain() {
+        let corals = [
+            coral("2-4", CoralState::Ready),
+            coral("1-3", CoralState::Uninitialized),
+        ];
+        assert_eq!(
+            select_one(&corals, Some("2-4")).unwrap().path.to_string(),
+            "2-4"
+        );
+        assert_eq!(
+            select_one(&corals, Some("1-4")).unwrap().path.to_string(),
+            "2-4"
+        );
+        let err = select_one(&corals, Some("1-9")).unwrap_err().to_string();
+        assert!(
+            err.contains("no Coral at 1-9") && err.contains("2-4 (ready)"),
+            "{err}"
+        );
+        assert!(select_one(&corals, Some("x;y")).is_err());
+    }
+}
