@@ -20,7 +20,7 @@ use std::time::Duration;
 pub struct SimulatedHost {
     clock: Rc<VirtualClock>,
     bus: Rc<SimBus>,
-    xe: SyncedXe,
+    xe: BusSyncedXe,
     host_uuid: String,
 }
 
@@ -37,13 +37,21 @@ impl SimulatedHost {
         if let Some(vm) = world.vms.iter_mut().find(|v| v.uuid == vm) {
             vm.other_config.insert("auto_poweron".into(), "true".into());
         }
-        let devices = as_xapi_devices(&bus.snapshot());
-        world.set_usb_devices(&host_uuid, devices, clock.now());
-        world.scan_now(&host_uuid);
+        Self::from_parts(clock, bus, world, host_uuid)
+    }
 
-        let world = Rc::new(RefCell::new(world));
-        let xe = SyncedXe {
-            inner: InProcessXe::new(world, clock.clone()),
+    /// A host from its parts (tests build their own scenarios): the world
+    /// is told what is on the bus now and has scanned it (xapi has started).
+    pub fn from_parts(
+        clock: Rc<VirtualClock>,
+        bus: Rc<SimBus>,
+        mut world: World,
+        host_uuid: String,
+    ) -> Self {
+        world.set_usb_devices(&host_uuid, as_xapi_devices(&bus.snapshot()), clock.now());
+        world.scan_now(&host_uuid);
+        let xe = BusSyncedXe {
+            inner: InProcessXe::new(Rc::new(RefCell::new(world)), clock.clone()),
             bus: bus.clone(),
             clock: clock.clone(),
             host_uuid: host_uuid.clone(),
@@ -55,6 +63,16 @@ impl SimulatedHost {
             xe,
             host_uuid,
         }
+    }
+
+    /// The simulated XAPI world (to inspect records and power history).
+    pub fn world(&self) -> Rc<RefCell<World>> {
+        self.xe.inner.world.clone()
+    }
+
+    /// The simulated bus itself (fault knobs, recorded requests).
+    pub fn sim_bus(&self) -> &SimBus {
+        &self.bus
     }
 
     /// The virtual clock everything runs on.
@@ -92,7 +110,7 @@ impl Default for SimulatedHost {
 /// An `xe` whose XAPI sees the simulated USB bus: before each call, a change
 /// on the bus since the last call reaches the world as udev would report it
 /// (which schedules xapi's asynchronous scan).
-struct SyncedXe {
+struct BusSyncedXe {
     inner: InProcessXe,
     bus: Rc<SimBus>,
     clock: Rc<VirtualClock>,
@@ -100,7 +118,7 @@ struct SyncedXe {
     last_seen: RefCell<Option<Vec<CoralDevice>>>,
 }
 
-impl XeRunner for SyncedXe {
+impl XeRunner for BusSyncedXe {
     fn run(&self, args: &[String], timeout: Duration) -> Result<String, XeError> {
         let now_present = self.bus.snapshot();
         let changed = self.last_seen.borrow().as_ref() != Some(&now_present);
