@@ -199,7 +199,7 @@ fn steady_state_changes_nothing_and_touches_no_usb() {
     let report = run_up(&s, &options(false, false), &mut loads).unwrap();
 
     assert_eq!(loads, 1, "no firmware needed in the steady state");
-    assert!(matches!(report.init, None));
+    assert!(report.init.is_none());
     assert!(!report.attach.as_ref().unwrap().changed);
     let world = s.host.world();
     let world = world.borrow();
