@@ -19,7 +19,7 @@ use coral::ops::up::{up, UpOptions};
 use coral::ops::{firmware_cmd, service};
 use coral::sim::host::SimulatedHost;
 use coral::usb::rusb_backend::RusbBus;
-use coral::usb::UsbBus;
+use coral::usb::{CoralState, UsbBus};
 use coral::xe::client::XeClient;
 use coral::xe::command::XeCommand;
 use coral::xe::inventory::{this_host_uuid, DEFAULT_INVENTORY};
@@ -50,7 +50,13 @@ pub fn init_logging(cli: &Cli) {
 
 /// Run the chosen subcommand.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let env = Environment::new(cli.simulate);
+    // The simulation starts from a power loss where the Coral needs firmware,
+    // and from a ready Coral where the command expects one.
+    let simulated_coral = match &cli.command {
+        Command::Attach(_) | Command::Detach(_) | Command::Status(_) => CoralState::Ready,
+        _ => CoralState::Uninitialized,
+    };
+    let env = Environment::new(cli.simulate.then_some(simulated_coral));
     match &cli.command {
         Command::Init(args) => run_init(&cli, &env, args),
         Command::Attach(args) => run_attach(&cli, &env, args),
@@ -84,9 +90,9 @@ enum Environment {
 }
 
 impl Environment {
-    fn new(simulate: bool) -> Self {
-        if simulate {
-            let host = SimulatedHost::new();
+    fn new(simulate: Option<CoralState>) -> Self {
+        if let Some(coral) = simulate {
+            let host = SimulatedHost::new(coral);
             log::info!("{}", host.describe());
             Environment::Simulated(Box::new(host))
         } else {

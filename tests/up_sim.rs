@@ -237,7 +237,7 @@ fn dry_run_verifies_the_firmware_and_changes_nothing() {
 
 #[test]
 fn the_built_in_simulation_recovers_from_power_loss() {
-    let host = SimulatedHost::new();
+    let host = SimulatedHost::new(CoralState::Uninitialized);
     let xe = XeClient::new(host.xe(), host.host_uuid().to_string(), false);
     let mut load = || Ok(image());
     let report = up(

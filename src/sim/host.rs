@@ -1,5 +1,5 @@
-//! The built-in simulated host behind `--simulate`: one Coral that has just
-//! lost power (boot loader at `1-4`, ready at `2-4` after 800 ms) and an
+//! The built-in simulated host behind `--simulate`: one Coral (by default one
+//! that has just lost power (boot loader at `1-4`, ready at `2-4` after 800 ms) and an
 //! XCP-ng pool of one host with a running VM `frigate` (auto_poweron) whose
 //! XAPI scan sees the simulated USB bus, all on a virtual clock so a run is
 //! instant yet reports realistic times.
@@ -25,11 +25,13 @@ pub struct SimulatedHost {
 }
 
 impl SimulatedHost {
-    /// A host right after a power loss: Coral uninitialized, `frigate` running.
-    pub fn new() -> Self {
+    /// A host with `frigate` running and its Coral in `coral`: uninitialized
+    /// (right after a power loss, boot loader at `1-4`) or ready (at `2-4`,
+    /// its PUSB listed, no VUSB yet).
+    pub fn new(coral: CoralState) -> Self {
         let clock = Rc::new(VirtualClock::new());
         let bus = Rc::new(SimBus::new(clock.clone()));
-        bus.add_coral(SimCoralConfig::xhci(4), CoralState::Uninitialized);
+        bus.add_coral(SimCoralConfig::xhci(4), coral);
 
         let mut world = World::new(WorldConfig::default());
         let host_uuid = world.add_host("xcp-ng-sim");
@@ -97,13 +99,16 @@ impl SimulatedHost {
 
     /// One line saying what is simulated, for the log.
     pub fn describe(&self) -> String {
-        "simulated host: Coral on USB port 4 (boot loader 1-4, ready 2-4), VM 'frigate' running, xe calls 150 ms, USB scan 500 ms".to_string()
-    }
-}
-
-impl Default for SimulatedHost {
-    fn default() -> Self {
-        Self::new()
+        let corals = self
+            .bus
+            .snapshot()
+            .iter()
+            .map(|c| format!("{} Coral at {}", c.state, c.path))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "simulated host (virtual time): {corals}; VM 'frigate' running; xe calls 150 ms, XAPI USB scan 500 ms, re-enumeration 800 ms"
+        )
     }
 }
 
