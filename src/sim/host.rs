@@ -1,5 +1,5 @@
-//! The built-in simulated host behind `--simulate`: one Coral (by default one
-//! that has just lost power (boot loader at `1-4`, ready at `2-4` after 800 ms) and an
+//! The built-in simulated host behind `--simulate`: one Coral on xHCI port 4
+//! (boot loader at `1-4`, ready at `2-4` 800 ms after its reset) and an
 //! XCP-ng pool of one host with a running VM `frigate` (auto_poweron) whose
 //! XAPI scan sees the simulated USB bus, all on a virtual clock so a run is
 //! instant yet reports realistic times.
