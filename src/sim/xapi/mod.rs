@@ -11,8 +11,13 @@
 //! Time is passed in by the caller (`now`, a duration since an origin of the
 //! caller's choosing); the world never reads a clock itself.
 
+mod commands;
+mod output;
 mod runner;
+mod state;
+mod world;
 pub use runner::InProcessXe;
+pub use state::SimState;
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -238,6 +243,17 @@ pub struct PendingScan {
     pub due_ms: u64,
 }
 
+/// A VM power transition that completes at `due_ms`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingPower {
+    /// Which VM.
+    pub vm_uuid: String,
+    /// The state it reaches.
+    pub to: PowerState,
+    /// When.
+    pub due_ms: u64,
+}
+
 /// What an `xe` process would print and return.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct CliOutput {
@@ -276,6 +292,9 @@ pub struct World {
     pub vusbs: Vec<Vusb>,
     /// Scans in flight.
     pub pending_scans: Vec<PendingScan>,
+    /// VM power operations in flight (a clean shutdown or a start takes time).
+    #[serde(default)]
+    pub pending_power: Vec<PendingPower>,
     /// Injected faults.
     pub faults: Vec<Fault>,
     /// VM power transitions so far.
@@ -284,64 +303,6 @@ pub struct World {
     pub calls: Vec<CallRecord>,
     /// Counter for deterministic uuids.
     pub next_id: u64,
-}
-
-// ---------------------------------------------------------------------------
-// The API below is the contract other modules and tests build on. Bodies are
-// filled in by the simulator's implementation.
-// ---------------------------------------------------------------------------
-
-impl World {
-    /// An empty pool with these timings.
-    pub fn new(config: WorldConfig) -> Self {
-        World {
-            config,
-            ..World::default()
-        }
-    }
-
-    /// Add a host; returns its uuid.
-    pub fn add_host(&mut self, name_label: &str) -> String {
-        let _ = name_label;
-        todo!("sim::xapi::World::add_host")
-    }
-
-    /// Add a VM (not a template); `resident_on` must be given for a running or
-    /// paused VM. Returns its uuid.
-    pub fn add_vm(
-        &mut self,
-        name_label: &str,
-        power_state: PowerState,
-        resident_on: Option<&str>,
-    ) -> String {
-        let _ = (name_label, power_state, resident_on);
-        todo!("sim::xapi::World::add_vm")
-    }
-
-    /// Replace the USB devices physically present on a host, as udev would
-    /// report them; schedules the asynchronous scan that udev triggers.
-    pub fn set_usb_devices(&mut self, host_uuid: &str, devices: Vec<SimUsbDevice>, now: Duration) {
-        let _ = (host_uuid, devices, now);
-        todo!("sim::xapi::World::set_usb_devices")
-    }
-
-    /// Run a scan of `host_uuid` synchronously (test set-up: "xapi has started").
-    pub fn scan_now(&mut self, host_uuid: &str) {
-        let _ = host_uuid;
-        todo!("sim::xapi::World::scan_now")
-    }
-
-    /// Complete every scan due at or before `now`.
-    pub fn advance(&mut self, now: Duration) {
-        let _ = now;
-        todo!("sim::xapi::World::advance")
-    }
-
-    /// Run one `xe` command line (without the leading `xe`) at time `now`.
-    pub fn execute(&mut self, args: &[String], now: Duration) -> CallResult {
-        let _ = (args, now);
-        todo!("sim::xapi::World::execute")
-    }
 }
 
 /// The Coral as the DFU boot loader, as a scan sees it (USB 2, bcdUSB 2.10).
