@@ -1,1 +1,489 @@
-//! TODO: the DFU 1.1 download over `usb::UsbTransport`.
+//! The USB DFU 1.1 download as the Coral's boot loader expects it
+//! (coral-dfu.md), over the narrow [`UsbTransport`] trait: no I/O of its own.
+
+use crate::clock::Clock;
+use crate::ops::init::DownloadSummary;
+use crate::usb::{InterfaceInfo, UsbError, UsbTransport};
+use std::fmt;
+use std::time::Duration;
+
+/// bInterfaceClass of a DFU interface (application specific).
+pub const DFU_CLASS: u8 = 0xFE;
+/// bInterfaceSubClass of a DFU interface.
+pub const DFU_SUBCLASS: u8 = 0x01;
+/// Descriptor type of the DFU functional descriptor.
+pub const FUNCTIONAL_DESCRIPTOR: u8 = 0x21;
+
+/// Class request: host → device, interface recipient.
+pub const REQUEST_OUT: u8 = 0x21;
+/// Class request: device → host, interface recipient.
+pub const REQUEST_IN: u8 = 0xA1;
+/// DFU_DETACH.
+pub const DFU_DETACH: u8 = 0;
+/// DFU_DNLOAD.
+pub const DFU_DNLOAD: u8 = 1;
+/// DFU_UPLOAD.
+pub const DFU_UPLOAD: u8 = 2;
+/// DFU_GETSTATUS.
+pub const DFU_GETSTATUS: u8 = 3;
+/// DFU_CLRSTATUS.
+pub const DFU_CLRSTATUS: u8 = 4;
+/// DFU_GETSTATE.
+pub const DFU_GETSTATE: u8 = 5;
+/// DFU_ABORT.
+pub const DFU_ABORT: u8 = 6;
+
+/// wValue of DFU_DETACH (ms the device waits for the reset), as Google's runtime sends it.
+pub const DETACH_TIMEOUT_MS: u16 = 100;
+/// At most this many GETSTATUS polls while the device is busy with one block or manifesting.
+const MAX_BUSY_POLLS: u32 = 1000;
+
+/// DFU states (DFU 1.1, table 6.x).
+pub mod state {
+    /// appIDLE
+    pub const APP_IDLE: u8 = 0;
+    /// appDETACH
+    pub const APP_DETACH: u8 = 1;
+    /// dfuIDLE
+    pub const IDLE: u8 = 2;
+    /// dfuDNLOAD-SYNC
+    pub const DNLOAD_SYNC: u8 = 3;
+    /// dfuDNBUSY
+    pub const DNBUSY: u8 = 4;
+    /// dfuDNLOAD-IDLE
+    pub const DNLOAD_IDLE: u8 = 5;
+    /// dfuMANIFEST-SYNC
+    pub const MANIFEST_SYNC: u8 = 6;
+    /// dfuMANIFEST
+    pub const MANIFEST: u8 = 7;
+    /// dfuMANIFEST-WAIT-RESET
+    pub const MANIFEST_WAIT_RESET: u8 = 8;
+    /// dfuUPLOAD-IDLE
+    pub const UPLOAD_IDLE: u8 = 9;
+    /// dfuERROR
+    pub const ERROR: u8 = 10;
+}
+
+/// DFU status codes.
+pub mod status {
+    /// OK
+    pub const OK: u8 = 0;
+    /// errWRITE
+    pub const ERR_WRITE: u8 = 3;
+    /// errADDRESS
+    pub const ERR_ADDRESS: u8 = 8;
+    /// errSTALLEDPKT
+    pub const ERR_STALLEDPKT: u8 = 0x0F;
+}
+
+/// The spec's name of a state.
+pub fn state_name(state: u8) -> &'static str {
+    const NAMES: [&str; 11] = [
+        "appIDLE",
+        "appDETACH",
+        "dfuIDLE",
+        "dfuDNLOAD-SYNC",
+        "dfuDNBUSY",
+        "dfuDNLOAD-IDLE",
+        "dfuMANIFEST-SYNC",
+        "dfuMANIFEST",
+        "dfuMANIFEST-WAIT-RESET",
+        "dfuUPLOAD-IDLE",
+        "dfuERROR",
+    ];
+    NAMES
+        .get(state as usize)
+        .copied()
+        .unwrap_or("unknown state")
+}
+
+/// The spec's name of a status code.
+pub fn status_name(status: u8) -> &'static str {
+    const NAMES: [&str; 16] = [
+        "OK",
+        "errTARGET",
+        "errFILE",
+        "errWRITE",
+        "errERASE",
+        "errCHECK_ERASED",
+        "errPROG",
+        "errVERIFY",
+        "errADDRESS",
+        "errNOTDONE",
+        "errFIRMWARE",
+        "errVENDOR",
+        "errUSBR",
+        "errPOR",
+        "errUNKNOWN",
+        "errSTALLEDPKT",
+    ];
+    NAMES
+        .get(status as usize)
+        .copied()
+        .unwrap_or("unknown status")
+}
+
+/// The DFU interface and the block size its functional descriptor gives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DfuInterface {
+    /// bInterfaceNumber.
+    pub number: u8,
+    /// wTransferSize: the block size.
+    pub transfer_size: u16,
+}
+
+/// A DFU_GETSTATUS reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DfuStatus {
+    /// bStatus.
+    pub status: u8,
+    /// bwPollTimeout in ms.
+    pub poll_timeout_ms: u32,
+    /// bState.
+    pub state: u8,
+}
+
+impl fmt::Display for DfuStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "state {}, status {}",
+            state_name(self.state),
+            status_name(self.status)
+        )
+    }
+}
+
+/// A failed DFU step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DfuError {
+    /// A USB request failed.
+    Usb {
+        /// What we were doing, e.g. "DNLOAD block 17 of 43".
+        step: String,
+        /// The USB failure.
+        error: UsbError,
+    },
+    /// No interface of class FE/01 with a valid functional descriptor.
+    NoDfuInterface,
+    /// The device answered with an unexpected state or an error status.
+    Unexpected {
+        /// What we were doing.
+        step: String,
+        /// What it said.
+        status: DfuStatus,
+    },
+    /// A GETSTATUS reply shorter than 6 bytes.
+    ShortStatus {
+        /// What we were doing.
+        step: String,
+    },
+    /// The device stayed busy beyond [`MAX_BUSY_POLLS`] polls.
+    Stuck {
+        /// What we were doing.
+        step: String,
+    },
+    /// Fewer bytes read back than were sent.
+    ReadBackShort {
+        /// Bytes read back.
+        got: usize,
+        /// Image size.
+        expected: usize,
+    },
+    /// The read-back differs from the image.
+    ReadBackMismatch {
+        /// First differing offset.
+        offset: usize,
+    },
+}
+
+impl fmt::Display for DfuError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DfuError::Usb { step, error } => write!(f, "{step}: {error}"),
+            DfuError::NoDfuInterface => f.write_str(
+                "no DFU interface (class FE/01 with a functional descriptor) on the device",
+            ),
+            DfuError::Unexpected { step, status } => write!(f, "{step}: device reports {status}"),
+            DfuError::ShortStatus { step } => {
+                write!(f, "{step}: GETSTATUS reply shorter than 6 bytes")
+            }
+            DfuError::Stuck { step } => write!(
+                f,
+                "{step}: device stayed busy after {MAX_BUSY_POLLS} status polls"
+            ),
+            DfuError::ReadBackShort { got, expected } => write!(
+                f,
+                "read-back returned {got} bytes, the image has {expected}"
+            ),
+            DfuError::ReadBackMismatch { offset } => {
+                write!(f, "read-back differs from the image at byte {offset}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for DfuError {}
+
+/// Find the DFU interface and its block size. Depends on nothing in the
+/// functional descriptor but its type, length and wTransferSize.
+pub fn find_dfu_interface(interfaces: &[InterfaceInfo]) -> Result<DfuInterface, DfuError> {
+    interfaces
+        .iter()
+        .filter(|i| i.class == DFU_CLASS && i.subclass == DFU_SUBCLASS)
+        .find_map(|i| {
+            functional_transfer_size(&i.extra).map(|transfer_size| DfuInterface {
+                number: i.number,
+                transfer_size,
+            })
+        })
+        .ok_or(DfuError::NoDfuInterface)
+}
+
+/// wTransferSize from the functional descriptor among `extra` descriptors.
+fn functional_transfer_size(extra: &[u8]) -> Option<u16> {
+    let mut rest = extra;
+    while rest.len() >= 2 {
+        let len = rest[0] as usize;
+        if len < 2 || len > rest.len() {
+            return None;
+        }
+        if rest[1] == FUNCTIONAL_DESCRIPTOR && len >= 7 {
+            let size = u16::from_le_bytes([rest[5], rest[6]]);
+            return (size > 0).then_some(size);
+        }
+        rest = &rest[len..];
+    }
+    None
+}
+
+/// One firmware download over an open boot loader.
+pub struct Download<'a> {
+    transport: &'a mut dyn UsbTransport,
+    clock: &'a dyn Clock,
+    interface: DfuInterface,
+    summary: DownloadSummary,
+}
+
+impl<'a> Download<'a> {
+    /// Read the descriptors, find the DFU interface and claim it.
+    pub fn open(
+        transport: &'a mut dyn UsbTransport,
+        clock: &'a dyn Clock,
+    ) -> Result<Self, DfuError> {
+        let interfaces = transport.interfaces().map_err(|error| DfuError::Usb {
+            step: "reading the configuration descriptor".into(),
+            error,
+        })?;
+        let interface = find_dfu_interface(&interfaces)?;
+        transport
+            .claim_interface(interface.number)
+            .map_err(|error| DfuError::Usb {
+                step: format!("claiming interface {}", interface.number),
+                error,
+            })?;
+        log::debug!(
+            "DFU interface {}, block size {} bytes",
+            interface.number,
+            interface.transfer_size
+        );
+        Ok(Download {
+            transport,
+            clock,
+            interface,
+            summary: DownloadSummary {
+                transfer_size: interface.transfer_size,
+                ..DownloadSummary::default()
+            },
+        })
+    }
+
+    /// The block size in use.
+    pub fn transfer_size(&self) -> u16 {
+        self.interface.transfer_size
+    }
+
+    /// The whole download: recover, blocks, manifest, read-back. Returns the figures.
+    pub fn run(mut self, image: &[u8]) -> Result<DownloadSummary, DfuError> {
+        self.recover()?;
+        self.download(image)?;
+        self.verify(image)?;
+        Ok(self.summary)
+    }
+
+    /// GETSTATUS first; clear an error or abort a half-done transfer.
+    fn recover(&mut self) -> Result<(), DfuError> {
+        let step = "checking the boot loader's state";
+        let status = self.get_status(step)?;
+        match status.state {
+            state::IDLE => Ok(()),
+            state::ERROR => {
+                log::info!(
+                    "boot loader was in dfuERROR ({}); clearing it",
+                    status_name(status.status)
+                );
+                self.out(DFU_CLRSTATUS, 0, &[], "CLRSTATUS")
+            }
+            state::DNLOAD_SYNC | state::DNLOAD_IDLE | state::MANIFEST_SYNC | state::UPLOAD_IDLE => {
+                log::info!(
+                    "boot loader was mid-transfer ({}); aborting it",
+                    state_name(status.state)
+                );
+                self.out(DFU_ABORT, 0, &[], "ABORT")
+            }
+            _ => Err(DfuError::Unexpected {
+                step: step.into(),
+                status,
+            }),
+        }
+    }
+
+    fn download(&mut self, image: &[u8]) -> Result<(), DfuError> {
+        let size = self.interface.transfer_size as usize;
+        let blocks = image.len().div_ceil(size);
+        log::info!(
+            "uploading {} bytes in {blocks} blocks of {size}",
+            image.len()
+        );
+        let mut block: u16 = 0;
+        for (i, chunk) in image.chunks(size).enumerate() {
+            let step = format!("DNLOAD block {} of {blocks}", i + 1);
+            self.out(DFU_DNLOAD, block, chunk, &step)?;
+            self.wait_until(state::DNLOAD_IDLE, &step)?;
+            block = block.wrapping_add(1);
+        }
+        let step = "finishing the download (zero-length DNLOAD)";
+        self.out(DFU_DNLOAD, block, &[], step)?;
+        self.wait_until(state::IDLE, step)
+    }
+
+    /// GETSTATUS until `target`, waiting bwPollTimeout while the device is
+    /// busy (dfuDNBUSY, dfuDNLOAD-SYNC, manifesting); never waits when it is idle.
+    fn wait_until(&mut self, target: u8, step: &str) -> Result<(), DfuError> {
+        for _ in 0..MAX_BUSY_POLLS {
+            let status = self.get_status(step)?;
+            if status.status != status::OK {
+                return Err(DfuError::Unexpected {
+                    step: step.into(),
+                    status,
+                });
+            }
+            match status.state {
+                s if s == target => return Ok(()),
+                state::DNBUSY | state::DNLOAD_SYNC | state::MANIFEST_SYNC | state::MANIFEST => {
+                    self.clock
+                        .sleep(Duration::from_millis(status.poll_timeout_ms.into()));
+                }
+                _ => {
+                    return Err(DfuError::Unexpected {
+                        step: step.into(),
+                        status,
+                    })
+                }
+            }
+        }
+        Err(DfuError::Stuck { step: step.into() })
+    }
+
+    /// Read the image back with UPLOAD and compare.
+    fn verify(&mut self, image: &[u8]) -> Result<(), DfuError> {
+        let size = self.interface.transfer_size as usize;
+        let mut read = Vec::with_capacity(image.len() + size);
+        let mut block: u16 = 0;
+        loop {
+            let mut buf = vec![0u8; size];
+            let step = format!("UPLOAD block {block} (read-back)");
+            let n = self
+                .transport
+                .control_in(
+                    REQUEST_IN,
+                    DFU_UPLOAD,
+                    block,
+                    self.interface.number.into(),
+                    &mut buf,
+                )
+                .map_err(|error| DfuError::Usb { step, error })?;
+            self.summary.upload_requests += 1;
+            read.extend_from_slice(&buf[..n]);
+            if n < size {
+                break;
+            }
+            block = block.wrapping_add(1);
+        }
+        if read.len() < image.len() {
+            return Err(DfuError::ReadBackShort {
+                got: read.len(),
+                expected: image.len(),
+            });
+        }
+        if let Some(offset) = image.iter().zip(&read).position(|(a, b)| a != b) {
+            return Err(DfuError::ReadBackMismatch { offset });
+        }
+        log::info!("verified: read back {} bytes, image matches", read.len());
+        Ok(())
+    }
+
+    fn get_status(&mut self, step: &str) -> Result<DfuStatus, DfuError> {
+        let mut buf = [0u8; 6];
+        let n = self
+            .transport
+            .control_in(
+                REQUEST_IN,
+                DFU_GETSTATUS,
+                0,
+                self.interface.number.into(),
+                &mut buf,
+            )
+            .map_err(|error| DfuError::Usb {
+                step: format!("{step} (GETSTATUS)"),
+                error,
+            })?;
+        self.summary.getstatus_requests += 1;
+        if n < 6 {
+            return Err(DfuError::ShortStatus { step: step.into() });
+        }
+        let status = DfuStatus {
+            status: buf[0],
+            poll_timeout_ms: u32::from_le_bytes([buf[1], buf[2], buf[3], 0]),
+            state: buf[4],
+        };
+        log::trace!("GETSTATUS: {status}, poll {} ms", status.poll_timeout_ms);
+        Ok(status)
+    }
+
+    fn out(&mut self, request: u8, value: u16, data: &[u8], step: &str) -> Result<(), DfuError> {
+        self.transport
+            .control_out(
+                REQUEST_OUT,
+                request,
+                value,
+                self.interface.number.into(),
+                data,
+            )
+            .map_err(|error| DfuError::Usb {
+                step: step.to_string(),
+                error,
+            })?;
+        match request {
+            DFU_DNLOAD => {
+                self.summary.dnload_requests += 1;
+                self.summary.bytes += data.len();
+            }
+            _ => self.summary.other_requests += 1,
+        }
+        Ok(())
+    }
+}
+
+/// Ask a ready Coral (application mode) to go back to its boot loader:
+/// DFU_DETACH on interface 0; the caller then resets it.
+pub fn detach(transport: &mut dyn UsbTransport) -> Result<(), DfuError> {
+    transport
+        .claim_interface(0)
+        .and_then(|_| transport.control_out(REQUEST_OUT, DFU_DETACH, DETACH_TIMEOUT_MS, 0, &[]))
+        .map(|_| ())
+        .map_err(|error| DfuError::Usb {
+            step: "DFU_DETACH".into(),
+            error,
+        })
+}
