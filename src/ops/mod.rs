@@ -8,3 +8,4 @@ pub mod init;
 pub mod service;
 pub mod status;
 pub mod up;
+pub mod xapi_common;

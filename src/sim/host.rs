@@ -67,9 +67,12 @@ impl SimulatedHost {
         }
     }
 
-    /// The simulated XAPI world (to inspect records and power history).
+    /// The simulated XAPI world (to inspect records and power history),
+    /// with everything due by now (scans, power operations) completed.
     pub fn world(&self) -> Rc<RefCell<World>> {
-        self.xe.inner.world.clone()
+        let world = self.xe.inner.world.clone();
+        world.borrow_mut().advance(self.clock.now());
+        world
     }
 
     /// The simulated bus itself (fault knobs, recorded requests).

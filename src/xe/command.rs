@@ -1,10 +1,15 @@
 //! The one file that starts processes: the real `xe`.
-//!
-//! CONTRACT (bodies to be written).
 
-use super::{XeError, XeRunner};
-use std::path::PathBuf;
-use std::time::Duration;
+use super::{display_args, XeError, XeRunner};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where XCP-ng installs `xe` when it is not on PATH.
+pub const XE_FALLBACK: &str = "/opt/xensource/bin/xe";
+/// How often a running `xe` is checked for exit.
+const WAIT_POLL: Duration = Duration::from_millis(5);
 
 /// Runs the real `xe`: `$CORAL_XE`, else `xe` on PATH, else `/opt/xensource/bin/xe`.
 #[derive(Clone, Debug)]
@@ -16,13 +21,135 @@ pub struct XeCommand {
 impl XeCommand {
     /// Pick the executable as documented above.
     pub fn from_env() -> Self {
-        todo!("xe::command::XeCommand::from_env")
+        let program = std::env::var_os("CORAL_XE")
+            .map(PathBuf::from)
+            .or_else(|| find_on_path("xe"))
+            .unwrap_or_else(|| PathBuf::from(XE_FALLBACK));
+        XeCommand { program }
     }
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(name))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
 }
 
 impl XeRunner for XeCommand {
     fn run(&self, args: &[String], timeout: Duration) -> Result<String, XeError> {
-        let _ = (args, timeout);
-        todo!("xe::command::XeCommand::run")
+        log::debug!("xe {}", display_args(args));
+        let started = Instant::now();
+        let mut child = Command::new(&self.program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| XeError::Missing {
+                program: self.program.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        let stdout = reader(child.stdout.take());
+        let stderr = reader(child.stderr.take());
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if started.elapsed() >= timeout => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(XeError::TimedOut {
+                        args: args.to_vec(),
+                        after: timeout,
+                    });
+                }
+                Ok(None) => std::thread::sleep(WAIT_POLL),
+                Err(e) => {
+                    return Err(XeError::Missing {
+                        program: self.program.display().to_string(),
+                        reason: e.to_string(),
+                    })
+                }
+            }
+        };
+        let stdout = stdout.join().unwrap_or_default();
+        let stderr = stderr.join().unwrap_or_default();
+        log::trace!(
+            "xe {} took {:?}",
+            args.first().map(String::as_str).unwrap_or(""),
+            started.elapsed()
+        );
+        if status.success() {
+            Ok(stdout)
+        } else {
+            let message = if stderr.trim().is_empty() {
+                stdout
+            } else {
+                stderr
+            };
+            Err(XeError::Failed {
+                args: args.to_vec(),
+                status: status.code().unwrap_or(-1),
+                message: message.trim().to_string(),
+            })
+        }
+    }
+}
+
+/// Read a pipe to the end on its own thread (so a full pipe never blocks xe).
+fn reader<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(mut pipe) = pipe {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            text = String::from_utf8_lossy(&bytes).into_owned();
+        }
+        text
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_xe_is_a_missing_error() {
+        let xe = XeCommand {
+            program: "/nonexistent/xe".into(),
+        };
+        let err = xe
+            .run(&["vm-list".into()], Duration::from_secs(1))
+            .unwrap_err();
+        assert!(matches!(err, XeError::Missing { .. }), "{err}");
+        assert!(err.to_string().contains("CORAL_XE"));
+    }
+
+    #[test]
+    fn a_hanging_xe_is_killed_at_its_deadline() {
+        let xe = XeCommand {
+            program: "/bin/sleep".into(),
+        };
+        let err = xe
+            .run(&["5".into()], Duration::from_millis(100))
+            .unwrap_err();
+        assert!(matches!(err, XeError::TimedOut { .. }), "{err}");
+    }
+
+    #[test]
+    fn arguments_reach_xe_unchanged_without_a_shell() {
+        let xe = XeCommand {
+            program: "/bin/echo".into(),
+        };
+        let out = xe
+            .run(&["name-label=a b;$(reboot)".into()], Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(out, "name-label=a b;$(reboot)\n");
     }
 }
