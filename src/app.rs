@@ -9,7 +9,7 @@ use crate::cli::{
 use anyhow::Context;
 use coral::clock::{Clock, SystemClock};
 use coral::error::{fail, FailureKind};
-use coral::firmware::{self, FirmwareChoice, FirmwareImage, DEFAULT_INSTALL_DIR};
+use coral::firmware::{self, FirmwareChoice, FirmwareImage, FirmwareSource, DEFAULT_INSTALL_DIR};
 use coral::lock::{self, LockGuard, LockWait};
 use coral::ops::attach::{attach, AttachOptions};
 use coral::ops::detach::{detach, DetachOptions};
@@ -17,7 +17,7 @@ use coral::ops::init::{init, InitOptions, InitOutcome};
 use coral::ops::status::status;
 use coral::ops::up::{up, UpOptions};
 use coral::ops::{firmware_cmd, service};
-use coral::sim::host::SimulatedHost;
+use coral::sim::host::{stand_in_firmware, SimulatedHost};
 use coral::usb::rusb_backend::RusbBus;
 use coral::usb::{CoralState, UsbBus};
 use coral::xe::client::XeClient;
@@ -25,6 +25,7 @@ use coral::xe::command::XeCommand;
 use coral::xe::inventory::{this_host_uuid, DEFAULT_INVENTORY};
 use coral::xe::XeRunner;
 use simplelog::{ColorChoice, ConfigBuilder, LevelFilter, TermLogger, TerminalMode};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -45,7 +46,13 @@ pub fn init_logging(cli: &Cli) {
         .set_target_level(LevelFilter::Off)
         .set_location_level(LevelFilter::Off)
         .build();
-    let _ = TermLogger::init(level, config, TerminalMode::Stderr, ColorChoice::Auto);
+    // simplelog's "auto" only looks at TERM: colour only on a real terminal.
+    let colour = if std::io::stderr().is_terminal() {
+        ColorChoice::Auto
+    } else {
+        ColorChoice::Never
+    };
+    let _ = TermLogger::init(level, config, TerminalMode::Stderr, colour);
 }
 
 /// Run the chosen subcommand.
@@ -154,7 +161,7 @@ fn run_init(cli: &Cli, env: &Environment, args: &InitArgs) -> anyhow::Result<()>
         replug_timeout: seconds("--timeout", args.timeout)?,
     };
     let choice = firmware_choice(&args.firmware);
-    let mut load = || load_firmware(&choice);
+    let mut load = || load_firmware(&choice, env.is_simulated());
     if cli.dry_run {
         let image = load()?;
         log::info!(
@@ -236,7 +243,7 @@ fn run_up(cli: &Cli, env: &Environment, args: &UpArgs) -> anyhow::Result<()> {
         dry_run: cli.dry_run,
     };
     let choice = firmware_choice(&args.firmware);
-    let mut load = || load_firmware(&choice);
+    let mut load = || load_firmware(&choice, env.is_simulated());
     let (runner, host_uuid) = env.xapi()?;
     let xe = XeClient::new(runner.as_ref(), host_uuid, cli.dry_run);
     let _lock = take_lock(cli, env)?;
@@ -284,7 +291,14 @@ fn firmware_choice(args: &FirmwareArgs) -> FirmwareChoice {
     }
 }
 
-fn load_firmware(choice: &FirmwareChoice) -> anyhow::Result<FirmwareImage> {
+fn load_firmware(choice: &FirmwareChoice, simulated: bool) -> anyhow::Result<FirmwareImage> {
+    if simulated && firmware::nothing_configured(choice) {
+        log::warn!(
+            "simulation: no firmware configured, using a stand-in; a real run needs the image: {}",
+            firmware::how_to_get_one(&choice.install_dir)
+        );
+        return Ok(stand_in_firmware());
+    }
     let image = firmware::load(choice)?;
     log::info!(
         "firmware: {} ({} bytes, sha256 {}…)",
@@ -296,10 +310,11 @@ fn load_firmware(choice: &FirmwareChoice) -> anyhow::Result<FirmwareImage> {
 }
 
 fn image_name(image: &FirmwareImage) -> String {
-    image
-        .known_name
-        .clone()
-        .unwrap_or_else(|| "unknown image".to_string())
+    match (&image.known_name, &image.source) {
+        (Some(name), _) => name.clone(),
+        (None, FirmwareSource::Simulated) => "simulation stand-in".to_string(),
+        (None, _) => "unknown image".to_string(),
+    }
 }
 
 fn service_spec(args: &ServiceInstallArgs) -> anyhow::Result<service::ServiceSpec> {

@@ -1,9 +1,11 @@
 //! Firmware images: the manifest of known images (pinned SHA-256), where the
 //! image to upload comes from, and verification before any USB traffic.
 //!
-//! CONTRACT (bodies to be written): `manifest()`, `load()`.
 
-use std::path::PathBuf;
+use crate::error::{fail, FailureKind};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// Where an image came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -16,6 +18,8 @@ pub enum FirmwareSource {
     Installed(PathBuf),
     /// Embedded at build time (`CORAL_EMBED_FIRMWARE`).
     Embedded,
+    /// `--simulate` without any image: a stand-in the simulated Coral accepts.
+    Simulated,
 }
 
 /// A loaded image, checksummed.
@@ -58,9 +62,65 @@ pub struct ManifestEntry {
     pub url: String,
 }
 
+/// Largest image accepted at all (the real ones are ~11 KB).
+const MAX_IMAGE_BYTES: u64 = 1 << 20;
+
+/// Env var naming an image (after `--firmware`).
+pub const FIRMWARE_ENV: &str = "CORAL_FIRMWARE";
+
 /// The known images (the default image first).
 pub fn manifest() -> &'static [ManifestEntry] {
-    todo!("firmware::manifest")
+    static MANIFEST: OnceLock<Vec<ManifestEntry>> = OnceLock::new();
+    MANIFEST.get_or_init(|| {
+        include_str!("../firmware/manifest.txt")
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                Some(ManifestEntry {
+                    name: f.next()?.to_string(),
+                    size: f.next()?.parse().ok()?,
+                    sha256: f.next()?.to_string(),
+                    url: f.next()?.to_string(),
+                })
+            })
+            .collect()
+    })
+}
+
+/// The manifest entry with this SHA-256.
+pub fn known(sha256: &str) -> Option<&'static ManifestEntry> {
+    manifest().iter().find(|e| e.sha256 == sha256)
+}
+
+/// Lower-case hex SHA-256.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// The image embedded at build time, if any.
+fn embedded() -> Option<&'static [u8]> {
+    #[cfg(coral_embedded_firmware)]
+    {
+        Some(include_bytes!(concat!(
+            env!("OUT_DIR"),
+            "/embedded_firmware.bin"
+        )))
+    }
+    #[cfg(not(coral_embedded_firmware))]
+    {
+        None
+    }
+}
+
+/// What to say when no image is found anywhere.
+pub fn how_to_get_one(install_dir: &Path) -> String {
+    format!(
+        "no Coral firmware image found (--firmware, ${FIRMWARE_ENV}, {}/{}, none embedded); get one with `coral firmware fetch` (downloads the pinned image), or copy apex_latest_single_ep.bin here and run `coral firmware install FILE`",
+        install_dir.display(),
+        manifest().first().map(|e| e.name.as_str()).unwrap_or("apex_latest_single_ep.bin")
+    )
 }
 
 /// Load and verify the image to upload: `--firmware`, env `CORAL_FIRMWARE`,
@@ -68,6 +128,123 @@ pub fn manifest() -> &'static [ManifestEntry] {
 /// checksum is refused (`FailureKind::Firmware`) unless `allow_unknown`; no
 /// image at all → an error saying exactly how to get one.
 pub fn load(choice: &FirmwareChoice) -> anyhow::Result<FirmwareImage> {
-    let _ = choice;
-    todo!("firmware::load")
+    if let Some(path) = &choice.explicit {
+        return read_verified(
+            path,
+            FirmwareSource::Flag(path.clone()),
+            choice.allow_unknown,
+        );
+    }
+    if let Some(path) = std::env::var_os(FIRMWARE_ENV).filter(|p| !p.is_empty()) {
+        let path = PathBuf::from(path);
+        return read_verified(
+            &path,
+            FirmwareSource::Env(path.clone()),
+            choice.allow_unknown,
+        );
+    }
+    for entry in manifest() {
+        let path = choice.install_dir.join(&entry.name);
+        if path.exists() {
+            return read_verified(
+                &path,
+                FirmwareSource::Installed(path.clone()),
+                choice.allow_unknown,
+            );
+        }
+    }
+    if let Some(bytes) = embedded() {
+        return verify(
+            bytes.to_vec(),
+            FirmwareSource::Embedded,
+            "the embedded image",
+            false,
+        );
+    }
+    Err(fail(
+        FailureKind::Firmware,
+        how_to_get_one(&choice.install_dir),
+    ))
+}
+
+/// True when no source of an image is configured at all (no flag, no env,
+/// no installed copy, nothing embedded).
+pub fn nothing_configured(choice: &FirmwareChoice) -> bool {
+    choice.explicit.is_none()
+        && std::env::var_os(FIRMWARE_ENV).is_none_or(|p| p.is_empty())
+        && !manifest()
+            .iter()
+            .any(|e| choice.install_dir.join(&e.name).exists())
+        && embedded().is_none()
+}
+
+/// Read a file and verify it against the manifest.
+pub fn read_verified(
+    path: &Path,
+    source: FirmwareSource,
+    allow_unknown: bool,
+) -> anyhow::Result<FirmwareImage> {
+    let size = std::fs::metadata(path)
+        .map_err(|e| {
+            fail(
+                FailureKind::Firmware,
+                format!("cannot read firmware {}: {e}", path.display()),
+            )
+        })?
+        .len();
+    if size == 0 || size > MAX_IMAGE_BYTES {
+        return Err(fail(
+            FailureKind::Firmware,
+            format!(
+                "firmware {} has {size} bytes; a Coral image has about 11 KB: check the file",
+                path.display()
+            ),
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| {
+        fail(
+            FailureKind::Firmware,
+            format!("cannot read firmware {}: {e}", path.display()),
+        )
+    })?;
+    verify(bytes, source, &path.display().to_string(), allow_unknown)
+}
+
+fn verify(
+    bytes: Vec<u8>,
+    source: FirmwareSource,
+    what: &str,
+    allow_unknown: bool,
+) -> anyhow::Result<FirmwareImage> {
+    let sha256 = sha256_hex(&bytes);
+    let known_name = known(&sha256).map(|e| e.name.clone());
+    if known_name.is_none() {
+        if !allow_unknown {
+            return Err(fail(
+                FailureKind::Firmware,
+                format!(
+                    "firmware {what} (sha256 {sha256}) is not a known Coral image; use libedgetpu's apex_latest_single_ep.bin (`coral firmware fetch`) or pass --allow-unknown-firmware"
+                ),
+            ));
+        }
+        log::warn!("firmware {what} (sha256 {sha256}) is not in the manifest; uploading it anyway (--allow-unknown-firmware)");
+    }
+    Ok(FirmwareImage {
+        bytes,
+        sha256,
+        source,
+        known_name,
+    })
+}
+
+impl std::fmt::Display for FirmwareSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FirmwareSource::Flag(p) => write!(f, "--firmware {}", p.display()),
+            FirmwareSource::Env(p) => write!(f, "${FIRMWARE_ENV} = {}", p.display()),
+            FirmwareSource::Installed(p) => write!(f, "installed copy {}", p.display()),
+            FirmwareSource::Embedded => f.write_str("embedded in this binary"),
+            FirmwareSource::Simulated => f.write_str("simulation stand-in (not a real image)"),
+        }
+    }
 }

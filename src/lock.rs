@@ -1,10 +1,15 @@
-//! One `coral` run at a time: an exclusive `flock` on a lock file.
-//!
-//! CONTRACT (bodies to be written).
+//! One `coral` run at a time: an exclusive `flock` on a lock file, released
+//! when the process ends however it ends.
 
-use crate::clock::Clock;
+use crate::clock::{poll_until, Clock};
+use crate::error::{fail, FailureKind};
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
+
+/// How often a waiting run tries the lock again.
+const LOCK_POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// How to behave when another run holds the lock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,11 +23,86 @@ pub enum LockWait {
 /// Held lock; released on drop.
 #[derive(Debug)]
 pub struct LockGuard {
-    _file: std::fs::File,
+    _file: File,
 }
 
 /// Take the lock at `path`; `FailureKind::Busy` when it cannot be had.
 pub fn acquire(path: &Path, wait: LockWait, clock: &dyn Clock) -> anyhow::Result<LockGuard> {
-    let _ = (path, wait, clock);
-    todo!("lock::acquire")
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| {
+            fail(
+                FailureKind::Busy,
+                format!(
+                    "cannot open the lock file {}: {e}; run as root or set --lock-file",
+                    path.display()
+                ),
+            )
+        })?;
+    let try_lock = || match file.try_lock() {
+        Ok(()) => Ok(Some(())),
+        Err(TryLockError::WouldBlock) => Ok(None),
+        Err(TryLockError::Error(e)) => Err(fail(
+            FailureKind::Busy,
+            format!("cannot lock {}: {e}", path.display()),
+        )),
+    };
+    let got = match wait {
+        LockWait::NoWait => try_lock()?,
+        LockWait::UpTo(timeout) => match try_lock()? {
+            Some(()) => Some(()),
+            None => {
+                log::info!(
+                    "waiting for another coral run to finish (lock {}, up to {} s)",
+                    path.display(),
+                    timeout.as_secs()
+                );
+                poll_until(clock, timeout, LOCK_POLL_INTERVAL, try_lock)?
+            }
+        },
+    };
+    if got.is_none() {
+        let hint = match wait {
+            LockWait::NoWait => "rerun later or without --no-wait",
+            LockWait::UpTo(_) => "rerun later or raise --lock-timeout",
+        };
+        return Err(fail(
+            FailureKind::Busy,
+            format!("another coral run holds {}; {hint}", path.display()),
+        ));
+    }
+    let mut file = file;
+    let _ = file
+        .set_len(0)
+        .and_then(|_| writeln!(file, "{}", std::process::id()));
+    Ok(LockGuard { _file: file })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+
+    #[test]
+    fn a_second_holder_fails_fast_or_waits_for_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("coral.lock");
+        let clock = SystemClock::new();
+        let first = acquire(&path, LockWait::NoWait, &clock).unwrap();
+        let err = acquire(&path, LockWait::NoWait, &clock).unwrap_err();
+        assert_eq!(crate::error::exit_code_of(&err), 9);
+        assert!(err.to_string().contains("--no-wait"));
+        let err = acquire(&path, LockWait::UpTo(Duration::from_millis(120)), &clock).unwrap_err();
+        assert!(err.to_string().contains("--lock-timeout"));
+
+        let released = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop(first);
+        });
+        acquire(&path, LockWait::UpTo(Duration::from_secs(5)), &clock).unwrap();
+        released.join().unwrap();
+    }
 }

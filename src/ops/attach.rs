@@ -137,13 +137,16 @@ pub fn attach(
                 roll_back(xe, created.as_deref());
                 return Err(err.context(format!("starting {label} with the Coral failed; it stays halted")));
             }
-            report.say(format!("started {label}; it has the Coral"));
+            report.say(format!("{} {label}; it has the Coral", verb(xe, "started", "would start")));
         }
         "halted" => report.say(format!("{label} is halted; it gets the Coral when it starts (or pass --start)")),
         _ if opts.restart => {
             let vusb = created.clone().or_else(|| existing.map(|v| v.uuid.clone()));
             restart_with_coral(xe, &vm, &label, created.as_deref(), vusb.as_deref(), opts)?;
-            report.say(format!("restarted {label} once (clean shutdown, start); it has the Coral"));
+            report.say(format!(
+                "{} {label} once (clean shutdown, start); it has the Coral",
+                verb(xe, "restarted", "would restart")
+            ));
         }
         _ => report.say(format!(
             "{label} is running; XAPI attaches USB only at VM start, so the Coral arrives at its next start (restart now: `coral attach --vm {} --restart`)",
@@ -238,7 +241,19 @@ fn roll_back(xe: &XeClient, created: Option<&str>) {
     }
 }
 
-/// The first 8 characters of a uuid, for messages.
+/// The first 8 characters of a uuid, for messages (placeholders whole).
 pub fn short(uuid: &str) -> &str {
+    if uuid.starts_with('<') {
+        return uuid;
+    }
     uuid.get(..8).unwrap_or(uuid)
+}
+
+/// What was done, or in a dry run what would be.
+fn verb<'a>(xe: &XeClient, done: &'a str, planned: &'a str) -> &'a str {
+    if xe.dry_run() {
+        planned
+    } else {
+        done
+    }
 }

@@ -1,24 +1,135 @@
-//! `coral firmware show|install|fetch`.
-//!
-//! CONTRACT (bodies to be written). Each returns the text to print.
+//! `coral firmware show|install|fetch`. Each returns the text to print.
 
-use crate::firmware::FirmwareChoice;
-use std::path::Path;
+use crate::error::{fail, FailureKind};
+use crate::firmware::{self, FirmwareChoice, FirmwareSource};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Env var replacing the URL base of `fetch` (tests use a `file://` base).
+pub const URL_BASE_ENV: &str = "CORAL_FIRMWARE_URL_BASE";
 
 /// Which image would be used, from where, and its checksum.
 pub fn show(choice: &FirmwareChoice) -> anyhow::Result<String> {
-    let _ = choice;
-    todo!("ops::firmware_cmd::show")
+    let image = firmware::load(choice)?;
+    Ok(format!(
+        "image:  {}\nfrom:   {}\nsize:   {} bytes\nsha256: {}",
+        image
+            .known_name
+            .as_deref()
+            .unwrap_or("unknown (not in the manifest)"),
+        image.source,
+        image.bytes.len(),
+        image.sha256
+    ))
 }
 
 /// Verify `file` and install it atomically under `dir`.
 pub fn install(file: &Path, dir: &Path, allow_unknown: bool) -> anyhow::Result<String> {
-    let _ = (file, dir, allow_unknown);
-    todo!("ops::firmware_cmd::install")
+    let image = firmware::read_verified(
+        file,
+        FirmwareSource::Flag(file.to_path_buf()),
+        allow_unknown,
+    )?;
+    let name = match &image.known_name {
+        Some(name) => name.clone(),
+        None => file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "firmware.bin".into()),
+    };
+    let target = dir.join(&name);
+    write_atomically(dir, &target, &image.bytes)?;
+    Ok(format!(
+        "installed {} ({} bytes, sha256 {})",
+        target.display(),
+        image.bytes.len(),
+        image.sha256
+    ))
 }
 
 /// Download the pinned default image with `curl`, verify, install under `dir`.
 pub fn fetch(dir: &Path) -> anyhow::Result<String> {
-    let _ = dir;
-    todo!("ops::firmware_cmd::fetch")
+    let entry = firmware::manifest()
+        .first()
+        .ok_or_else(|| fail(FailureKind::Firmware, "the firmware manifest is empty"))?;
+    let url = match std::env::var(URL_BASE_ENV) {
+        Ok(base) => format!("{}/{}", base.trim_end_matches('/'), entry.name),
+        Err(_) => entry.url.clone(),
+    };
+    create_dir(dir)?;
+    let partial = dir.join(format!(".{}.part", entry.name));
+    log::info!("downloading {url}");
+    let result = Command::new("curl")
+        .args(["-fsSL", "--retry", "2", "--max-time", "120", "-o"])
+        .arg(&partial)
+        .arg(&url)
+        .output();
+    let downloaded = match result {
+        Ok(out) if out.status.success() => std::fs::read(&partial).ok(),
+        Ok(out) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(fail(
+                FailureKind::Firmware,
+                format!(
+                    "downloading {url} failed ({}); on a host without internet, fetch it elsewhere and run `coral firmware install FILE`",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            ));
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(fail(
+                FailureKind::Firmware,
+                format!("cannot run curl ({e}); download {url} elsewhere and run `coral firmware install FILE`"),
+            ));
+        }
+    };
+    let _ = std::fs::remove_file(&partial);
+    let bytes = downloaded.unwrap_or_default();
+    let sha256 = firmware::sha256_hex(&bytes);
+    if bytes.len() != entry.size || sha256 != entry.sha256 {
+        return Err(fail(
+            FailureKind::Firmware,
+            format!(
+                "the download from {url} is not the pinned image ({} bytes, sha256 {sha256}; expected {} bytes, {}); nothing was installed",
+                bytes.len(),
+                entry.size,
+                entry.sha256
+            ),
+        ));
+    }
+    let target = dir.join(&entry.name);
+    write_atomically(dir, &target, &bytes)?;
+    Ok(format!(
+        "installed {} ({} bytes, sha256 {sha256})",
+        target.display(),
+        bytes.len()
+    ))
+}
+
+fn create_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        fail(
+            FailureKind::Firmware,
+            format!("cannot create {}: {e}", dir.display()),
+        )
+    })
+}
+
+/// Write `<target>.tmp`, fsync, rename: readers see the old file or the new one.
+fn write_atomically(dir: &Path, target: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    create_dir(dir)?;
+    let tmp: PathBuf = target.with_extension("tmp");
+    let written = File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()))
+        .and_then(|_| std::fs::rename(&tmp, target));
+    written.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        fail(
+            FailureKind::Firmware,
+            format!("cannot install {}: {e}", target.display()),
+        )
+    })
 }

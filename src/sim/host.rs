@@ -10,6 +10,7 @@ use super::xapi::{
     WorldConfig,
 };
 use crate::clock::{Clock, VirtualClock};
+use crate::firmware::{FirmwareImage, FirmwareSource};
 use crate::usb::{CoralDevice, CoralState, UsbBus};
 use crate::xe::{XeError, XeRunner};
 use std::cell::RefCell;
@@ -151,4 +152,19 @@ fn as_xapi_devices(corals: &[CoralDevice]) -> Vec<SimUsbDevice> {
             CoralState::Ready => coral_ready_device(&c.path.to_string()),
         })
         .collect()
+}
+
+/// What `--simulate` uploads when no firmware is configured: a stand-in of
+/// the real image's size (the simulated Coral accepts any image), so a
+/// newcomer sees the whole procedure before getting the real one.
+pub fn stand_in_firmware() -> FirmwareImage {
+    let bytes: Vec<u8> = (0..10_783u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    FirmwareImage {
+        sha256: crate::firmware::sha256_hex(&bytes),
+        bytes,
+        source: FirmwareSource::Simulated,
+        known_name: None,
+    }
 }
