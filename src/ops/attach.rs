@@ -105,7 +105,8 @@ pub fn attach(
         xe.enable_passthrough(&pusb.uuid)?;
         report.changed = true;
         report.say(format!(
-            "enabled passthrough of the Coral at {} (PUSB {})",
+            "{} passthrough of the Coral at {} (PUSB {})",
+            verb(xe, "enabled", "would enable"),
             coral.path,
             short(&pusb.uuid)
         ));
@@ -123,7 +124,8 @@ pub fn attach(
             let uuid = xe.vusb_create(&pusb.group, &vm.uuid)?;
             report.changed = true;
             report.say(format!(
-                "created VUSB {} linking the Coral at {} to {label}",
+                "{} VUSB {} linking the Coral at {} to {label}",
+                verb(xe, "created", "would create"),
                 short(&uuid),
                 coral.path
             ));
