@@ -1,11 +1,19 @@
-//! The one file that talks to libusb (through rusb).
-//!
-//! CONTRACT (bodies to be written).
+//! The one file that talks to libusb (through rusb). Every listing and every
+//! open starts from a fresh `rusb::Context` (never the global one, which
+//! panics when libusb cannot start, and which a statically linked libusb
+//! does not keep up to date across a re-enumeration).
 
-use super::{CoralDevice, UsbBus, UsbError, UsbTransport};
+use super::{
+    CoralDevice, CoralState, InterfaceInfo, PortPath, ResetOutcome, UsbBus, UsbError, UsbId,
+    UsbTransport,
+};
+use rusb::{Context, DeviceHandle, UsbContext};
+use std::time::Duration;
 
-/// The host's real USB bus. Every call creates a fresh `rusb::Context`
-/// (never the global one), so re-enumerated devices are seen.
+/// Deadline of one control transfer.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The host's real USB bus.
 #[derive(Debug, Default)]
 pub struct RusbBus;
 
@@ -16,13 +24,137 @@ impl RusbBus {
     }
 }
 
+/// A fresh libusb context; tried twice, as creating one can fail while the
+/// bus is changing.
+fn context() -> Result<Context, UsbError> {
+    Context::new().or_else(|_| Context::new()).map_err(|e| match e {
+        rusb::Error::Access => UsbError::Access,
+        other => UsbError::Other(format!("libusb cannot start: {other}")),
+    })
+}
+
+fn map_error(error: rusb::Error) -> UsbError {
+    match error {
+        rusb::Error::NoDevice | rusb::Error::NotFound => UsbError::NoDevice,
+        rusb::Error::Pipe => UsbError::Stall,
+        rusb::Error::Timeout => UsbError::Timeout,
+        rusb::Error::Access => UsbError::Access,
+        rusb::Error::Busy => UsbError::Busy,
+        other => UsbError::Other(other.to_string()),
+    }
+}
+
+fn coral_of(device: &rusb::Device<Context>) -> Option<CoralDevice> {
+    let descriptor = device.device_descriptor().ok()?;
+    let state = CoralState::from_id(UsbId {
+        vendor: descriptor.vendor_id(),
+        product: descriptor.product_id(),
+    })?;
+    let ports = device.port_numbers().ok()?;
+    if ports.is_empty() {
+        return None;
+    }
+    Some(CoralDevice {
+        path: PortPath::new(device.bus_number(), ports),
+        address: device.address(),
+        state,
+    })
+}
+
 impl UsbBus for RusbBus {
     fn list_corals(&self) -> Result<Vec<CoralDevice>, UsbError> {
-        todo!("usb::rusb_backend::list_corals")
+        let context = context()?;
+        let devices = context.devices().map_err(map_error)?;
+        let mut corals: Vec<CoralDevice> = devices.iter().filter_map(|d| coral_of(&d)).collect();
+        corals.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(corals)
     }
 
     fn open(&self, device: &CoralDevice) -> Result<Box<dyn UsbTransport>, UsbError> {
-        let _ = device;
-        todo!("usb::rusb_backend::open")
+        let context = context()?;
+        let found = context
+            .devices()
+            .map_err(map_error)?
+            .iter()
+            .find(|d| coral_of(d).as_ref() == Some(device))
+            .ok_or(UsbError::NoDevice)?;
+        let handle = found.open().map_err(map_error)?;
+        Ok(Box::new(RusbTransport { handle }))
+    }
+}
+
+/// An open Coral.
+struct RusbTransport {
+    handle: DeviceHandle<Context>,
+}
+
+impl UsbTransport for RusbTransport {
+    fn interfaces(&self) -> Result<Vec<InterfaceInfo>, UsbError> {
+        let config = self
+            .handle
+            .device()
+            .active_config_descriptor()
+            .or_else(|_| self.handle.device().config_descriptor(0))
+            .map_err(map_error)?;
+        Ok(config
+            .interfaces()
+            .flat_map(|interface| interface.descriptors())
+            .map(|d| InterfaceInfo {
+                number: d.interface_number(),
+                alt_setting: d.setting_number(),
+                class: d.class_code(),
+                subclass: d.sub_class_code(),
+                protocol: d.protocol_code(),
+                extra: d.extra().to_vec(),
+            })
+            .collect())
+    }
+
+    fn claim_interface(&mut self, number: u8) -> Result<(), UsbError> {
+        if let Ok(true) = self.handle.kernel_driver_active(number) {
+            self.handle.detach_kernel_driver(number).map_err(map_error)?;
+        }
+        self.handle.claim_interface(number).map_err(map_error)
+    }
+
+    fn control_in(
+        &mut self,
+        request_type: u8,
+        request: u8,
+        value: u16,
+        index: u16,
+        buf: &mut [u8],
+    ) -> Result<usize, UsbError> {
+        let n = self
+            .handle
+            .read_control(request_type, request, value, index, buf, CONTROL_TIMEOUT)
+            .map_err(map_error)?;
+        log::trace!("control in {request_type:#04x}/{request} value {value} -> {n} bytes");
+        Ok(n)
+    }
+
+    fn control_out(
+        &mut self,
+        request_type: u8,
+        request: u8,
+        value: u16,
+        index: u16,
+        data: &[u8],
+    ) -> Result<usize, UsbError> {
+        let n = self
+            .handle
+            .write_control(request_type, request, value, index, data, CONTROL_TIMEOUT)
+            .map_err(map_error)?;
+        log::trace!("control out {request_type:#04x}/{request} value {value}: {n} bytes");
+        Ok(n)
+    }
+
+    fn reset(self: Box<Self>) -> Result<ResetOutcome, UsbError> {
+        match self.handle.reset() {
+            Ok(()) => Ok(ResetOutcome::SameDevice),
+            // The device left the bus to come back with other descriptors.
+            Err(rusb::Error::NotFound | rusb::Error::NoDevice) => Ok(ResetOutcome::Reenumerating),
+            Err(other) => Err(map_error(other)),
+        }
     }
 }
