@@ -1,0 +1,420 @@
+#!/usr/bin/python3
+"""A Google Coral USB Accelerator emulated with umockdev, for end-to-end tests.
+
+Run as:  umockdev-wrapper /usr/bin/python3 coral_emulator.py [options] -- COMMAND...
+
+Builds a umockdev testbed holding the Coral (DFU boot loader 1a6e:089a, or the
+ready 18d1:9302), runs COMMAND inside it, answers its usbfs ioctls, and when
+COMMAND exits writes a JSON result (--result) and exits with COMMAND's status.
+
+The boot loader follows DFU 1.1 as strictly as the project's in-process
+simulator: a request that is invalid in the current state stalls and leaves
+the device in dfuERROR/errSTALLEDPKT. After a complete, manifested download a
+USB reset makes it leave the bus and come back, --reenumerate-ms later, as
+18d1:9302 at --ready-path (the SuperSpeed bus on xHCI). Written by the coral
+project from the DFU 1.1 spec, coral-dfu.md and usb-emulation.md.
+"""
+import argparse
+import errno
+import json
+import os
+import shutil
+import struct
+import sys
+import time
+
+import gi
+
+gi.require_version("UMockdev", "1.0")
+from gi.repository import GLib, UMockdev  # noqa: E402
+
+# usbfs ioctls (x86-64)
+SUBMITURB = 0x8038550A
+DISCARDURB = 0x550B
+REAPURB = 0x4008550C
+REAPURBNDELAY = 0x4008550D
+CLAIMINTERFACE = 0x8004550F
+RELEASEINTERFACE = 0x80045510
+SETINTERFACE = 0x80085504
+SETCONFIGURATION = 0x80045505
+GETDRIVER = 0x41045508
+IOCTL = 0xC0105512
+RESET = 0x5514
+CLEAR_HALT = 0x80045515
+GET_CAPABILITIES = 0x8004551A
+DISCONNECT_CLAIM = 0x8108551B
+GET_SPEED = 0x551F
+CONNECTINFO = 0x40085511
+
+# DFU
+DETACH, DNLOAD, UPLOAD, GETSTATUS, CLRSTATUS, GETSTATE, ABORT = range(7)
+APP_IDLE, APP_DETACH, IDLE, DNLOAD_SYNC, DNBUSY, DNLOAD_IDLE, MANIFEST_SYNC = range(7)
+MANIFEST, MANIFEST_WAIT_RESET, UPLOAD_IDLE, ERROR = 7, 8, 9, 10
+ERR_STALLEDPKT = 0x0F
+
+BOOTLOADER = {"vid": 0x1A6E, "pid": 0x089A, "bcd_usb": 0x0210, "vendor": "Global Unichip Corp.",
+              "version": "2.10", "speed": "480", "xapi_speed": "480.000", "class": 0xFE}
+READY = {"vid": 0x18D1, "pid": 0x9302, "bcd_usb": 0x0310, "vendor": "Google Inc.",
+         "version": "3.10", "speed": "5000", "xapi_speed": "5000.000", "class": 0xFF}
+
+
+def device_descriptor(ident):
+    return struct.pack("<BBHBBBBHHHBBBB", 18, 1, ident["bcd_usb"], 0, 0, 0,
+                       9 if ident is READY else 64, ident["vid"], ident["pid"], 0x0100, 1, 2, 0, 1)
+
+
+def config_descriptor(ident, transfer_size):
+    if ident is BOOTLOADER:
+        interface = struct.pack("<BBBBBBBBB", 9, 4, 0, 0, 0, 0xFE, 0x01, 0x02, 0)
+        functional = struct.pack("<BBBHHH", 9, 0x21, 0x0B, 255, transfer_size, 0x0110)
+        body = interface + functional
+    else:
+        interface = struct.pack("<BBBBBBBBB", 9, 4, 0, 0, 4, 0xFF, 0xFF, 0xFF, 0)
+        eps = b"".join(struct.pack("<BBBBHB", 7, 5, ep, attr, size, 0)
+                       for ep, attr, size in ((0x01, 2, 1024), (0x81, 2, 1024), (0x82, 2, 1024), (0x83, 3, 64)))
+        body = interface + eps
+    header = struct.pack("<BBHBBBBB", 9, 2, 9 + len(body), 1, 1, 0, 0x80, 250)
+    return header + body
+
+
+class Emulator:
+    def __init__(self, opts):
+        self.opts = opts
+        self.tb = UMockdev.Testbed.new()
+        self.hubs = {}
+        self.requests = []
+        self.received = bytearray()
+        self.flashed = b""
+        self.events = []
+        self.devices = {}  # name -> dict(state)
+        self.pending = []  # URBs to reap
+        self.handlers = {}
+        self.next_devnum = 5
+        self.t0 = time.monotonic()
+
+    def log(self, what):
+        self.events.append({"t_ms": round((time.monotonic() - self.t0) * 1000, 1), "event": what})
+
+    # -- devices ---------------------------------------------------------------
+    def hub(self, bus):
+        if bus not in self.hubs:
+            hub = self.tb.add_device(
+                "usb", "usb%d" % bus, None,
+                ["busnum", "%d\n" % bus, "devnum", "1\n", "speed", "5000\n", "bConfigurationValue", "1\n"],
+                ["SUBSYSTEM", "usb", "DEVTYPE", "usb_device", "BUSNUM", "%03d" % bus, "DEVNUM", "001"])
+            hub_device = struct.pack("<BBHBBBBHHHBBBB", 18, 1, 0x0300, 9, 0, 3, 9, 0x1D6B, 3, 0x0600, 3, 2, 1, 1)
+            hub_config = struct.pack("<BBHBBBBB", 9, 2, 25, 1, 1, 0, 0xE0, 0) + \
+                struct.pack("<BBBBBBBBB", 9, 4, 0, 0, 1, 9, 0, 0, 0) + struct.pack("<BBBBHB", 7, 5, 0x81, 3, 4, 12)
+            self.tb.set_attribute_binary(hub, "descriptors", hub_device + hub_config)
+            self.hubs[bus] = hub
+        return self.hubs[bus]
+
+    def plug(self, path, ident, faults=True):
+        bus = int(path.split("-")[0])
+        devnum = self.next_devnum
+        self.next_devnum += 1
+        node = "/dev/bus/usb/%03d/%03d" % (bus, devnum)
+        descriptors = device_descriptor(ident) + config_descriptor(ident, self.opts.transfer_size)
+        dev = {"path": path, "ident": ident, "devnum": devnum, "node": node, "syspath": None,
+               "gone": False, "state": IDLE, "status": 0, "next_block": 0, "manifested": False,
+               "upload_block": 0, "detach": False, "faults": faults}
+        # The node file and its ioctl handler exist before the device is added.
+        node_file = self.tb.get_root_dir() + node
+        os.makedirs(os.path.dirname(node_file), exist_ok=True)
+        open(node_file, "w").close()
+        dev["node_file"] = node_file
+        handler = UMockdev.IoctlBase()
+        handler.connect("handle-ioctl", self.on_ioctl, dev)
+        self.tb.attach_ioctl(node, handler)
+        self.handlers[node] = handler
+        syspath = self.tb.add_device(
+            "usb", path, self.hub(bus),
+            ["busnum", "%d\n" % bus, "devnum", "%d\n" % devnum, "speed", ident["speed"] + "\n",
+             "dev", "189:%d\n" % ((bus - 1) * 128 + devnum - 1),
+             "bConfigurationValue", "1\n", "manufacturer", ident["vendor"] + "\n", "product", "\n",
+             "idVendor", "%04x\n" % ident["vid"], "idProduct", "%04x\n" % ident["pid"]],
+            ["SUBSYSTEM", "usb", "DEVTYPE", "usb_device", "BUSNUM", "%03d" % bus,
+             "DEVNUM", "%03d" % devnum, "DEVNAME", node, "PRODUCT",
+             "%x/%x/100" % (ident["vid"], ident["pid"])])
+        self.tb.set_attribute_binary(syspath, "descriptors", descriptors)
+        dev["syspath"] = syspath
+        self.devices[path] = dev
+        self.tb.uevent(syspath, "add")
+        self.log("add %s %04x:%04x devnum %d" % (path, ident["vid"], ident["pid"], devnum))
+        self.write_bus()
+        return dev
+
+    def unplug(self, dev):
+        dev["gone"] = True
+        self.tb.uevent(dev["syspath"], "remove")
+        self.tb.remove_device(dev["syspath"])
+        self.tb.detach_ioctl(dev["node"])
+        try:
+            os.remove(dev["node_file"])
+        except OSError:
+            pass
+        self.devices.pop(dev["path"], None)
+        self.log("remove %s" % dev["path"])
+        self.write_bus()
+
+    def write_bus(self):
+        if not self.opts.bus_file:
+            return
+        items = []
+        for dev in sorted(self.devices.values(), key=lambda d: d["path"]):
+            ident = dev["ident"]
+            items.append({"path": dev["path"], "vendor_id": "%04x" % ident["vid"],
+                          "product_id": "%04x" % ident["pid"], "vendor_desc": ident["vendor"],
+                          "product_desc": "", "serial": "", "version": ident["version"],
+                          "speed": ident["xapi_speed"], "interface_classes": [ident["class"]]})
+        tmp = self.opts.bus_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(items, f)
+        os.replace(tmp, self.opts.bus_file)
+
+    def reenumerate(self, dev, ident, path):
+        self.unplug(dev)
+        if self.opts.no_reenumerate and ident is READY:
+            return
+
+        def back():
+            self.plug(path, ident, faults=False)
+            return False
+        GLib.timeout_add(self.opts.reenumerate_ms, back)
+
+    # -- ioctls ----------------------------------------------------------------
+    def on_ioctl(self, handler, client, dev):
+        try:
+            return self.ioctl(client, dev)
+        except Exception as exc:  # never let an exception reach umockdev
+            sys.stderr.write("coral_emulator: ioctl handler error: %r\n" % (exc,))
+            client.complete(-1, errno.EIO)
+            return True
+
+    def ioctl(self, client, dev):
+        req = client.get_request()
+        if dev["gone"]:
+            client.complete(-1, errno.ENODEV)
+            return True
+        if req == SUBMITURB:
+            return self.submit(client, dev)
+        if req in (REAPURB, REAPURBNDELAY):
+            if not self.pending:
+                client.complete(-1, errno.EAGAIN)
+                return True
+            urb = self.pending.pop(0)
+            client.get_arg().resolve(0, 8).set_ptr(0, urb)
+            client.complete(0, 0)
+            return True
+        if req == GET_CAPABILITIES:
+            client.get_arg().resolve(0, 4).update(0, list(struct.pack("<I", 0)))
+            client.complete(0, 0)
+            return True
+        if req == GET_SPEED:
+            client.complete(5 if dev["ident"] is READY else 3, 0)
+            return True
+        if req in (CLAIMINTERFACE, RELEASEINTERFACE, SETINTERFACE, SETCONFIGURATION, CLEAR_HALT,
+                   DISCONNECT_CLAIM, DISCARDURB):
+            client.complete(0, 0)
+            return True
+        if req in (GETDRIVER, IOCTL):
+            client.complete(-1, errno.ENODATA)
+            return True
+        if req == CONNECTINFO:
+            client.get_arg().resolve(0, 8).update(0, list(struct.pack("<IB3x", dev["devnum"], 0)))
+            client.complete(0, 0)
+            return True
+        if req == RESET:
+            return self.reset(client, dev)
+        sys.stderr.write("coral_emulator: unhandled ioctl %#x\n" % req)
+        client.complete(-1, errno.ENOTTY)
+        return True
+
+    def submit(self, client, dev):
+        # The ioctl argument is the pointer to the client's struct usbdevfs_urb.
+        urb = client.get_arg().resolve(0, 56)
+        raw = bytes(urb.retrieve())
+        urb_type, endpoint = raw[0], raw[1]
+        length = struct.unpack_from("<i", raw, 24)[0]
+        if urb_type != 2 or endpoint != 0:  # only control transfers
+            client.complete(-1, errno.EINVAL)
+            return True
+        buf = urb.resolve(16, length)
+        data_in = bytes(buf.retrieve())
+        setup = data_in[:8]
+        rtype, request, value, index, wlength = struct.unpack("<BBHHH", setup)
+        data_out = data_in[8:8 + wlength] if rtype & 0x80 == 0 else b""
+        self.requests.append({"type": rtype, "request": request, "value": value, "index": index,
+                              "length": wlength})
+        result = self.control(dev, rtype, request, value, index, wlength, data_out)
+        if result == "vanish":
+            client.complete(-1, errno.ENODEV)
+            self.unplug(dev)
+            return True
+        if result is None:  # stall
+            urb.update(4, list(struct.pack("<i", -errno.EPIPE)))
+            urb.update(28, list(struct.pack("<i", 0)))
+        else:
+            if rtype & 0x80:
+                buf.update(8, list(result))
+                actual = len(result)
+            else:
+                actual = len(data_out)
+            urb.update(4, list(struct.pack("<i", 0)))
+            urb.update(28, list(struct.pack("<i", actual)))
+        self.pending.append(urb)
+        client.complete(0, 0)
+        return True
+
+    def stall(self, dev):
+        dev["state"] = ERROR
+        dev["status"] = ERR_STALLEDPKT
+        return None
+
+    def control(self, dev, rtype, request, value, index, wlength, data):
+        # Standard requests: GET_DESCRIPTOR / GET_STATUS on the device are answered.
+        if rtype == 0x80 and request == 6:
+            kind = value >> 8
+            if kind == 1:
+                return device_descriptor(dev["ident"])[:wlength]
+            if kind == 2:
+                return config_descriptor(dev["ident"], self.opts.transfer_size)[:wlength]
+            return None
+        if dev["ident"] is READY:
+            if rtype == 0x21 and request == DETACH and index == 0 and wlength == 0:
+                dev["detach"] = True
+                return b""
+            return None
+        if index != 0 or rtype not in (0x21, 0xA1):
+            return self.stall(dev)
+        state = dev["state"]
+        if rtype == 0xA1 and request == GETSTATUS and wlength == 6:
+            if state == DNLOAD_SYNC:
+                dev["state"] = DNLOAD_IDLE
+            elif state == MANIFEST_SYNC:
+                dev["state"] = IDLE
+                dev["manifested"] = True
+                dev["next_block"] = 0
+                self.flashed = bytes(self.received)
+            return struct.pack("<B3sBB", dev["status"], b"\0\0\0", dev["state"], 0)
+        if rtype == 0xA1 and request == GETSTATE and wlength == 1:
+            return bytes([state])
+        if rtype == 0x21 and request == DNLOAD and state in (IDLE, DNLOAD_IDLE):
+            if wlength > self.opts.transfer_size or value != dev["next_block"]:
+                return self.stall(dev)
+            if wlength == 0:
+                if state != DNLOAD_IDLE:
+                    return self.stall(dev)
+                dev["state"] = MANIFEST_SYNC
+                return b""
+            if dev["faults"] and self.opts.vanish_at_block == value:
+                self.log("vanish at block %d" % value)
+                return "vanish"
+            if dev["faults"] and self.opts.stall_at_block == value:
+                return self.stall(dev)
+            if state == IDLE:
+                self.received = bytearray()
+            self.received += data
+            dev["next_block"] = (value + 1) & 0xFFFF
+            dev["state"] = DNLOAD_SYNC
+            return b""
+        if rtype == 0xA1 and request == UPLOAD and wlength <= self.opts.transfer_size:
+            starting = state == IDLE and value == 0
+            continuing = state == UPLOAD_IDLE and value == dev["upload_block"]
+            if not (starting or continuing):
+                return self.stall(dev)
+            memory = bytearray(self.flashed)
+            if dev["faults"] and self.opts.corrupt_readback and memory:
+                memory[len(memory) // 2] ^= 0xFF
+            start = min(value * wlength, len(memory))
+            chunk = bytes(memory[start:start + wlength])
+            if len(chunk) < wlength:
+                dev["state"] = IDLE
+                dev["upload_block"] = 0
+            else:
+                dev["state"] = UPLOAD_IDLE
+                dev["upload_block"] = (value + 1) & 0xFFFF
+            return chunk
+        if rtype == 0x21 and request == CLRSTATUS and state == ERROR:
+            dev.update(state=IDLE, status=0, next_block=0)
+            return b""
+        if rtype == 0x21 and request == ABORT and state in (IDLE, DNLOAD_SYNC, DNLOAD_IDLE,
+                                                             MANIFEST_SYNC, UPLOAD_IDLE):
+            dev.update(state=IDLE, status=0, next_block=0)
+            return b""
+        return self.stall(dev)
+
+    def reset(self, client, dev):
+        self.log("reset %s" % dev["path"])
+        if dev["ident"] is BOOTLOADER and dev["manifested"]:
+            client.complete(-1, errno.ENODEV)
+            self.reenumerate(dev, READY, self.opts.ready_path)
+        elif dev["ident"] is READY and dev["detach"]:
+            client.complete(-1, errno.ENODEV)
+            self.reenumerate(dev, BOOTLOADER, self.opts.path)
+        else:
+            dev.update(state=IDLE, status=0, next_block=0)
+            client.complete(0, 0)
+        return True
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--state", choices=["uninitialized", "ready", "none"], default="uninitialized")
+    parser.add_argument("--path", default="1-4", help="boot loader port path")
+    parser.add_argument("--ready-path", default="2-4", help="port path after re-enumeration")
+    parser.add_argument("--transfer-size", type=int, default=256)
+    parser.add_argument("--reenumerate-ms", type=int, default=100)
+    parser.add_argument("--vanish-at-block", type=int)
+    parser.add_argument("--stall-at-block", type=int)
+    parser.add_argument("--no-reenumerate", action="store_true")
+    parser.add_argument("--corrupt-readback", action="store_true")
+    parser.add_argument("--second-coral", metavar="PATH", help="another uninitialized Coral")
+    parser.add_argument("--bus-file", help="JSON list of present devices, for the fake xe")
+    parser.add_argument("--result", help="write the JSON result here")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    opts = parser.parse_args()
+    command = opts.command[1:] if opts.command[:1] == ["--"] else opts.command
+    if not command:
+        parser.error("no command to run")
+
+    emu = Emulator(opts)
+    if opts.state == "uninitialized":
+        emu.plug(opts.path, BOOTLOADER)
+    elif opts.state == "ready":
+        emu.plug(opts.ready_path, READY)
+    else:
+        emu.write_bus()
+    if opts.second_coral:
+        emu.plug(opts.second_coral, BOOTLOADER, faults=False)
+
+    loop = GLib.MainLoop()
+    status = {"code": None}
+    # The testbed sets UMOCKDEV_DIR in the C environment (os.environ is a snapshot).
+    envp = [e for e in GLib.get_environ() if not e.startswith("UMOCKDEV_DIR=")]
+    envp.append("UMOCKDEV_DIR=" + emu.tb.get_root_dir())
+    pid, _, _, _ = GLib.spawn_async(command, envp=envp,
+                                    flags=GLib.SpawnFlags.SEARCH_PATH | GLib.SpawnFlags.DO_NOT_REAP_CHILD
+                                    | GLib.SpawnFlags.CHILD_INHERITS_STDIN)
+
+    def exited(pid_, wait_status):
+        status["code"] = os.waitstatus_to_exitcode(wait_status) if hasattr(os, "waitstatus_to_exitcode") \
+            else wait_status >> 8
+        loop.quit()
+    GLib.child_watch_add(GLib.PRIORITY_DEFAULT, pid, exited)
+    loop.run()
+
+    if opts.result:
+        present = [{"path": d["path"], "id": "%04x:%04x" % (d["ident"]["vid"], d["ident"]["pid"]),
+                    "devnum": d["devnum"]} for d in emu.devices.values()]
+        with open(opts.result, "w") as f:
+            json.dump({"exit": status["code"], "requests": emu.requests, "received": emu.flashed.hex(),
+                       "received_any": bytes(emu.received).hex(), "devices": present,
+                       "events": emu.events}, f, indent=1)
+    shutil.rmtree(emu.tb.get_root_dir(), ignore_errors=True)
+    code = status["code"]
+    sys.exit(code if code is not None and code >= 0 else 128)
+
+
+if __name__ == "__main__":
+    main()
