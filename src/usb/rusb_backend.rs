@@ -27,10 +27,12 @@ impl RusbBus {
 /// A fresh libusb context; tried twice, as creating one can fail while the
 /// bus is changing.
 fn context() -> Result<Context, UsbError> {
-    Context::new().or_else(|_| Context::new()).map_err(|e| match e {
-        rusb::Error::Access => UsbError::Access,
-        other => UsbError::Other(format!("libusb cannot start: {other}")),
-    })
+    Context::new()
+        .or_else(|_| Context::new())
+        .map_err(|e| match e {
+            rusb::Error::Access => UsbError::Access,
+            other => UsbError::Other(format!("libusb cannot start: {other}")),
+        })
 }
 
 fn map_error(error: rusb::Error) -> UsbError {
@@ -112,7 +114,9 @@ impl UsbTransport for RusbTransport {
 
     fn claim_interface(&mut self, number: u8) -> Result<(), UsbError> {
         if let Ok(true) = self.handle.kernel_driver_active(number) {
-            self.handle.detach_kernel_driver(number).map_err(map_error)?;
+            self.handle
+                .detach_kernel_driver(number)
+                .map_err(map_error)?;
         }
         self.handle.claim_interface(number).map_err(map_error)
     }

@@ -16,6 +16,7 @@ project from the DFU 1.1 spec, coral-dfu.md and usb-emulation.md.
 """
 import argparse
 import errno
+import gc
 import json
 import os
 import shutil
@@ -90,6 +91,7 @@ class Emulator:
         self.pending = []  # URBs to reap
         self.handlers = {}
         self.next_devnum = 5
+        self.reenumerating = 0
         self.t0 = time.monotonic()
 
     def log(self, what):
@@ -177,8 +179,11 @@ class Emulator:
         if self.opts.no_reenumerate and ident is READY:
             return
 
+        self.reenumerating += 1
+
         def back():
             self.plug(path, ident, faults=False)
+            self.reenumerating -= 1
             return False
         GLib.timeout_add(self.opts.reenumerate_ms, back)
 
@@ -309,8 +314,11 @@ class Emulator:
                 return b""
             if dev["faults"] and self.opts.vanish_at_block == value:
                 self.log("vanish at block %d" % value)
+                if self.opts.replug_ms is not None:
+                    GLib.timeout_add(self.opts.replug_ms, lambda: self.plug(dev["path"], BOOTLOADER, faults=False) and False)
                 return "vanish"
             if dev["faults"] and self.opts.stall_at_block == value:
+                dev["faults"] = False  # a one-off: the rerun goes through
                 return self.stall(dev)
             if state == IDLE:
                 self.received = bytearray()
@@ -366,7 +374,8 @@ def main():
     parser.add_argument("--transfer-size", type=int, default=256)
     parser.add_argument("--reenumerate-ms", type=int, default=100)
     parser.add_argument("--vanish-at-block", type=int)
-    parser.add_argument("--stall-at-block", type=int)
+    parser.add_argument("--replug-ms", type=int, help="after vanishing, come back as a fresh boot loader")
+    parser.add_argument("--stall-at-block", type=int, help="stall this block once")
     parser.add_argument("--no-reenumerate", action="store_true")
     parser.add_argument("--corrupt-readback", action="store_true")
     parser.add_argument("--second-coral", metavar="PATH", help="another uninitialized Coral")
@@ -398,9 +407,9 @@ def main():
                                     | GLib.SpawnFlags.CHILD_INHERITS_STDIN)
 
     def exited(pid_, wait_status):
-        status["code"] = os.waitstatus_to_exitcode(wait_status) if hasattr(os, "waitstatus_to_exitcode") \
-            else wait_status >> 8
-        loop.quit()
+        status["code"] = os.waitstatus_to_exitcode(wait_status)
+        # Let a re-enumeration already under way complete (e.g. after dfu-util -R).
+        GLib.timeout_add(opts.reenumerate_ms + 50 if emu.reenumerating else 0, lambda: loop.quit() or False)
     GLib.child_watch_add(GLib.PRIORITY_DEFAULT, pid, exited)
     loop.run()
 
@@ -411,9 +420,14 @@ def main():
             json.dump({"exit": status["code"], "requests": emu.requests, "received": emu.flashed.hex(),
                        "received_any": bytes(emu.received).hex(), "devices": present,
                        "events": emu.events}, f, indent=1)
-    shutil.rmtree(emu.tb.get_root_dir(), ignore_errors=True)
+    root = emu.tb.get_root_dir()
+    emu.tb = None  # the testbed removes its directory when finalized
+    gc.collect()
+    shutil.rmtree(root, ignore_errors=True)
     code = status["code"]
-    sys.exit(code if code is not None and code >= 0 else 128)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if code is not None and code >= 0 else 128)
 
 
 if __name__ == "__main__":

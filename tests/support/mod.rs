@@ -1,0 +1,243 @@
+//! End-to-end harness: runs the built `coral` binary (or `$CORAL_TEST_BIN`,
+//! e.g. the release build) through the real libusb against the
+//! umockdev-emulated Coral (`tests/emulator/coral_emulator.py`), with a fake
+//! `xe` on PATH (`coral-xe-sim`) whose USB scan follows the emulated bus.
+#![allow(dead_code)]
+
+use coral::sim::xapi::{SimState, World};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tempfile::TempDir;
+
+/// The binary under test.
+pub fn coral_bin() -> PathBuf {
+    std::env::var_os("CORAL_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_coral")))
+}
+
+/// The fake `xe`.
+pub fn xe_sim_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_coral-xe-sim"))
+}
+
+/// A firmware image from ../shared/firmware, or None (with the reason printed).
+pub fn shared_firmware(name: &str) -> Option<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/firmware")
+        .join(name);
+    if path.exists() {
+        Some(path)
+    } else {
+        eprintln!("skipped: {} is absent", path.display());
+        None
+    }
+}
+
+/// True when umockdev and its Python bindings are installed (CI installs them).
+pub fn umockdev_available() -> bool {
+    let ok = Command::new("/usr/bin/python3")
+        .args(["-c", "import gi; gi.require_version('UMockdev', '1.0')"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+        && Path::new("/usr/bin/umockdev-wrapper").exists();
+    if !ok {
+        eprintln!("skipped: umockdev is not installed (scripts/test.sh installs it)");
+    }
+    ok
+}
+
+/// What one emulated run produced.
+pub struct Run {
+    /// Exit status of the command.
+    pub status: Option<i32>,
+    /// Its stdout.
+    pub stdout: String,
+    /// Its stderr.
+    pub stderr: String,
+    /// The emulator's record: requests, bytes received, devices, events.
+    pub result: Value,
+}
+
+impl Run {
+    /// Control requests as (bmRequestType, bRequest).
+    pub fn requests(&self) -> Vec<(u64, u64)> {
+        self.result["requests"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|r| {
+                        (
+                            r["type"].as_u64().unwrap_or(0),
+                            r["request"].as_u64().unwrap_or(0),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// How many requests with this bRequest and direction.
+    pub fn count(&self, request_type: u64, request: u64) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| **r == (request_type, request))
+            .count()
+    }
+
+    /// The image the boot loader received in its last complete download.
+    pub fn received(&self) -> Vec<u8> {
+        hex::decode(self.result["received"].as_str().unwrap_or("")).unwrap_or_default()
+    }
+
+    /// Devices present at the end, as (path, "vid:pid").
+    pub fn devices(&self) -> Vec<(String, String)> {
+        self.result["devices"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|d| {
+                        (
+                            d["path"].as_str().unwrap_or("").to_string(),
+                            d["id"].as_str().unwrap_or("").to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The lines coral printed as its error (`coral: …`).
+    pub fn error_lines(&self) -> Vec<&str> {
+        self.stderr
+            .lines()
+            .filter(|l| l.starts_with("coral: "))
+            .collect()
+    }
+}
+
+/// An emulated Coral with `emulator_args`, running `command` inside it.
+pub fn emulate(emulator_args: &[String], command: &[String], env: &[(String, String)]) -> Run {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let result = dir.path().join("result.json");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/emulator/coral_emulator.py");
+    let mut cmd = Command::new("umockdev-wrapper");
+    cmd.arg("/usr/bin/python3")
+        .arg(&script)
+        .args(emulator_args)
+        .arg("--result")
+        .arg(&result)
+        .arg("--")
+        .args(command)
+        .current_dir(dir.path())
+        .env_remove("CORAL_FIRMWARE")
+        .env(
+            "CORAL_FIRMWARE_DIR",
+            dir.path().join("no-installed-firmware"),
+        )
+        .env("CORAL_LOCK", dir.path().join("coral.lock"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run the emulator");
+    let result = std::fs::read_to_string(&result)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null);
+    Run {
+        status: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        result,
+    }
+}
+
+/// `coral <args>` under an emulated Coral.
+pub fn coral_under(emulator_args: &[&str], coral_args: &[&str], env: &[(String, String)]) -> Run {
+    let mut command = vec![coral_bin().display().to_string()];
+    command.extend(coral_args.iter().map(|s| s.to_string()));
+    let emulator: Vec<String> = emulator_args.iter().map(|s| s.to_string()).collect();
+    emulate(&emulator, &command, env)
+}
+
+/// A fake XCP-ng pool behind a fake `xe` on PATH.
+pub struct FakeXapi {
+    dir: TempDir,
+    /// The state file.
+    pub state: PathBuf,
+    /// The bus file the emulator writes and the fake xe reads.
+    pub bus: PathBuf,
+    /// This host's uuid (the inventory).
+    pub host_uuid: String,
+}
+
+impl FakeXapi {
+    /// A pool from `world`, whose time starts now; `host_uuid` is this host.
+    pub fn new(world: World, host_uuid: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("xapi.json");
+        SimState::starting_now(world)
+            .save(&state)
+            .expect("save the world");
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        std::os::unix::fs::symlink(xe_sim_bin(), bin.join("xe")).unwrap();
+        std::fs::write(
+            dir.path().join("xensource-inventory"),
+            format!("PRIMARY_DISK='/dev/sda'\nINSTALLATION_UUID='{host_uuid}'\n"),
+        )
+        .unwrap();
+        FakeXapi {
+            bus: dir.path().join("usb-bus.json"),
+            state,
+            host_uuid: host_uuid.to_string(),
+            dir,
+        }
+    }
+
+    /// Environment for coral: `xe` on PATH, the state, the bus, the inventory.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let path = format!(
+            "{}:{}",
+            self.dir.path().join("bin").display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        vec![
+            ("PATH".into(), path),
+            (
+                "CORAL_XE_SIM_STATE".into(),
+                self.state.display().to_string(),
+            ),
+            ("CORAL_XE_SIM_USB".into(), self.bus.display().to_string()),
+            ("CORAL_XE_SIM_HOST".into(), self.host_uuid.clone()),
+            (
+                "CORAL_INVENTORY".into(),
+                self.dir
+                    .path()
+                    .join("xensource-inventory")
+                    .display()
+                    .to_string(),
+            ),
+        ]
+    }
+
+    /// Emulator arguments that make it write the bus file.
+    pub fn bus_args(&self) -> Vec<String> {
+        vec!["--bus-file".into(), self.bus.display().to_string()]
+    }
+
+    /// The pool now, with everything due by now completed.
+    pub fn world(&self) -> World {
+        let mut state = SimState::load(&self.state).expect("load the world");
+        let now = state.now();
+        state.world.advance(now);
+        state.world
+    }
+
+    /// Where to put scratch files.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
