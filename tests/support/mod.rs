@@ -241,3 +241,74 @@ impl FakeXapi {
         self.dir.path()
     }
 }
+
+/// Fast timings for tests (the fake xe sleeps them in real time).
+pub fn fast_config() -> coral::sim::xapi::WorldConfig {
+    coral::sim::xapi::WorldConfig {
+        scan_delay_ms: 150,
+        shutdown_ms: 200,
+        start_ms: 100,
+        ack_timeout_ms: 500,
+        shutdown_timeout_ms: 2_000,
+        call_ms: 0,
+    }
+}
+
+/// A one-host pool (plus a second member) with VM `name` in `power`, and
+/// XAPI's view of the USB devices `present` (as its start-up scan saw them).
+pub fn pool(
+    config: coral::sim::xapi::WorldConfig,
+    name: &str,
+    power: coral::sim::xapi::PowerState,
+    present: Vec<coral::sim::xapi::SimUsbDevice>,
+) -> (World, String, String) {
+    let mut world = World::new(config);
+    let host = world.add_host("xcp-a");
+    let other = world.add_host("xcp-b");
+    let running = matches!(power, coral::sim::xapi::PowerState::Running);
+    let vm = world.add_vm(name, power, running.then_some(host.as_str()));
+    world.add_vm("frigate-old", coral::sim::xapi::PowerState::Halted, None);
+    world.set_usb_devices(&host, present, std::time::Duration::ZERO);
+    world.scan_now(&host);
+    // The other member has a Coral of its own that must never be touched.
+    world.set_usb_devices(
+        &other,
+        vec![coral::sim::xapi::coral_ready_device("2-4")],
+        std::time::Duration::ZERO,
+    );
+    world.scan_now(&other);
+    world.pending_scans.clear();
+    (world, host, vm)
+}
+
+/// Commands that change nothing.
+pub const READ_COMMANDS: &[&str] = &[
+    "pusb-list",
+    "usb-group-list",
+    "vusb-list",
+    "vm-list",
+    "host-list",
+    "pusb-param-get",
+    "vusb-param-get",
+    "vm-param-get",
+];
+
+/// The VUSBs of `vm` and whether each links the group of this host's ready Coral at `path`.
+pub fn vusbs_on_ready_group(world: &World, host: &str, vm: &str, path: &str) -> Vec<(bool, bool)> {
+    let group = world
+        .pusbs
+        .iter()
+        .find(|p| p.host_uuid == host && p.device.path == path && p.device.product_id == "9302")
+        .map(|p| p.usb_group_uuid.clone());
+    world
+        .vusbs
+        .iter()
+        .filter(|v| v.vm_uuid == vm)
+        .map(|v| {
+            (
+                Some(&v.usb_group_uuid) == group.as_ref(),
+                v.currently_attached,
+            )
+        })
+        .collect()
+}

@@ -1,0 +1,259 @@
+//! `coral attach` / `detach` / `status` end to end: the built binary, the
+//! emulated ready Coral and a fake `xe` on PATH; asserts the final XAPI
+//! records, the VM power history and the xe calls made.
+
+mod support;
+
+use coral::sim::xapi::{coral_ready_device, Fault, FaultKind, PowerState};
+use support::*;
+
+fn ready_pool(name: &str, power: PowerState) -> (FakeXapi, String, String) {
+    let (world, host, vm) = pool(fast_config(), name, power, vec![coral_ready_device("2-4")]);
+    (FakeXapi::new(world, &host), host, vm)
+}
+
+fn attach(xapi: &FakeXapi, args: &[&str]) -> Run {
+    let mut emulator = vec!["--state".to_string(), "ready".to_string()];
+    emulator.extend(xapi.bus_args());
+    let mut command = vec![coral_bin().display().to_string()];
+    command.extend(args.iter().map(|s| s.to_string()));
+    emulate(&emulator, &command, &xapi.env())
+}
+
+#[test]
+fn attach_to_a_halted_vm_links_the_ready_group_without_power_transitions() {
+    if !umockdev_available() {
+        return;
+    }
+    let (xapi, host, vm) = ready_pool("frigate", PowerState::Halted);
+    let run = attach(&xapi, &["attach", "--vm", "frigate"]);
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    let world = xapi.world();
+    assert_eq!(
+        vusbs_on_ready_group(&world, &host, &vm, "2-4"),
+        vec![(true, false)]
+    );
+    assert!(world
+        .pusbs
+        .iter()
+        .filter(|p| p.host_uuid == host)
+        .all(|p| p.passthrough_enabled));
+    assert!(
+        world
+            .pusbs
+            .iter()
+            .filter(|p| p.host_uuid != host)
+            .all(|p| !p.passthrough_enabled),
+        "other host untouched"
+    );
+    assert!(world.power_history.is_empty());
+    assert!(world.calls.len() <= 8, "{} xe calls", world.calls.len());
+    assert!(
+        run.stdout.contains("gets the Coral when it starts"),
+        "{}",
+        run.stdout
+    );
+
+    // Run twice: the second run changes nothing and says so.
+    let calls_before = world.calls.len();
+    let again = attach(&xapi, &["attach", "--vm", "frigate"]);
+    assert_eq!(again.status, Some(0), "{}", again.stderr);
+    let world = xapi.world();
+    assert_eq!(
+        vusbs_on_ready_group(&world, &host, &vm, "2-4").len(),
+        1,
+        "no duplicate VUSB"
+    );
+    assert!(world.calls[calls_before..]
+        .iter()
+        .all(|c| READ_COMMANDS.contains(&c.args[0].as_str())));
+    assert!(
+        again.stdout.contains("already has the Coral's VUSB"),
+        "{}",
+        again.stdout
+    );
+}
+
+#[test]
+fn attach_to_a_running_vm_with_restart_restarts_it_exactly_once() {
+    if !umockdev_available() {
+        return;
+    }
+    let (xapi, host, vm) = ready_pool("frigate", PowerState::Running);
+    let run = attach(&xapi, &["attach", "--vm", "frigate", "--restart"]);
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    let world = xapi.world();
+    assert_eq!(
+        vusbs_on_ready_group(&world, &host, &vm, "2-4"),
+        vec![(true, true)]
+    );
+    let history: Vec<_> = world.power_history.iter().map(|e| (e.from, e.to)).collect();
+    assert_eq!(
+        history,
+        vec![
+            (PowerState::Running, PowerState::Halted),
+            (PowerState::Halted, PowerState::Running)
+        ]
+    );
+    assert!(!world
+        .calls
+        .iter()
+        .any(|c| c.args.iter().any(|a| a == "force=true")));
+
+    // Steady state: attached and running → at most 4 calls, no writes.
+    let before = world.calls.len();
+    let steady = attach(&xapi, &["attach", "--vm", "frigate"]);
+    assert_eq!(steady.status, Some(0), "{}", steady.stderr);
+    let world = xapi.world();
+    let calls = &world.calls[before..];
+    assert!(calls.len() <= 4, "{calls:?}");
+    assert!(
+        calls
+            .iter()
+            .all(|c| READ_COMMANDS.contains(&c.args[0].as_str())),
+        "{calls:?}"
+    );
+    assert!(steady.stdout.contains("nothing to do"), "{}", steady.stdout);
+}
+
+#[test]
+fn a_name_with_spaces_quotes_and_shell_characters_is_matched_exactly() {
+    if !umockdev_available() {
+        return;
+    }
+    let name = "cam \"front\", $(reboot); ü 'x'";
+    let (xapi, host, vm) = ready_pool(name, PowerState::Halted);
+    let run = attach(&xapi, &["attach", "--vm", name]);
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert_eq!(
+        vusbs_on_ready_group(&xapi.world(), &host, &vm, "2-4").len(),
+        1
+    );
+
+    let prefix = attach(&xapi, &["attach", "--vm", "cam"]);
+    assert_eq!(
+        prefix.status,
+        Some(8),
+        "a prefix never matches: {}",
+        prefix.stderr
+    );
+    assert!(
+        prefix.stderr.contains("VM 'cam' not found on this pool"),
+        "{}",
+        prefix.stderr
+    );
+}
+
+#[test]
+fn a_clean_shutdown_that_hangs_leaves_the_vm_running_and_no_stray_vusb() {
+    if !umockdev_available() {
+        return;
+    }
+    let (mut world, host, vm) = pool(
+        fast_config(),
+        "frigate",
+        PowerState::Running,
+        vec![coral_ready_device("2-4")],
+    );
+    world.faults.push(Fault {
+        command: "vm-shutdown".into(),
+        nth: None,
+        kind: FaultKind::Hang,
+    });
+    let xapi = FakeXapi::new(world, &host);
+    let run = attach(
+        &xapi,
+        &[
+            "attach",
+            "--vm",
+            "frigate",
+            "--restart",
+            "--shutdown-timeout",
+            "1",
+        ],
+    );
+    assert_eq!(run.status, Some(8), "{}", run.stderr);
+    assert_eq!(run.error_lines().len(), 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("did not shut down cleanly"),
+        "{}",
+        run.stderr
+    );
+    let world = xapi.world();
+    assert_eq!(world.vm(&vm).unwrap().power_state, PowerState::Running);
+    assert!(world.power_history.is_empty());
+    assert!(
+        vusbs_on_ready_group(&world, &host, &vm, "2-4").is_empty(),
+        "rolled back"
+    );
+}
+
+#[test]
+fn detach_unplugs_and_destroys_and_status_shows_each_step() {
+    if !umockdev_available() {
+        return;
+    }
+    let (xapi, host, vm) = ready_pool("frigate", PowerState::Running);
+    let run = attach(&xapi, &["attach", "--vm", "frigate"]);
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    let status = attach(&xapi, &["status", "--json"]);
+    assert_eq!(status.status, Some(0), "{}", status.stderr);
+    let json: serde_json::Value = serde_json::from_str(&status.stdout).expect("JSON");
+    assert_eq!(json["schema"], 1);
+    assert_eq!(json["corals"][0]["path"], "2-4");
+    assert_eq!(json["corals"][0]["vm_name"], "frigate");
+    assert_eq!(json["corals"][0]["pending_restart"], true);
+
+    let run = attach(&xapi, &["detach", "--vm", "frigate"]);
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert!(vusbs_on_ready_group(&xapi.world(), &host, &vm, "2-4").is_empty());
+    let table = attach(&xapi, &["status"]);
+    assert!(
+        table.stdout.contains("Coral 2-4: ready"),
+        "{}",
+        table.stdout
+    );
+    assert!(
+        table.stdout.lines().all(|l| l.chars().count() <= 80),
+        "{}",
+        table.stdout
+    );
+}
+
+#[test]
+fn xe_missing_or_no_inventory_is_exit_7() {
+    if !umockdev_available() {
+        return;
+    }
+    let (xapi, _, _) = ready_pool("frigate", PowerState::Halted);
+    let mut env = xapi.env();
+    env.push(("CORAL_XE".into(), "/nonexistent/xe".into()));
+    let run = emulate(
+        &["--state".into(), "ready".into()],
+        &[
+            coral_bin().display().to_string(),
+            "attach".into(),
+            "--vm".into(),
+            "frigate".into(),
+        ],
+        &env,
+    );
+    assert_eq!(run.status, Some(7), "{}", run.stderr);
+    assert!(run.stderr.contains("CORAL_XE"), "{}", run.stderr);
+
+    let mut env = xapi.env();
+    env.retain(|(k, _)| k != "CORAL_INVENTORY");
+    env.push(("CORAL_INVENTORY".into(), "/nonexistent/inventory".into()));
+    let run = emulate(
+        &["--state".into(), "ready".into()],
+        &[
+            coral_bin().display().to_string(),
+            "attach".into(),
+            "--vm".into(),
+            "frigate".into(),
+        ],
+        &env,
+    );
+    assert_eq!(run.status, Some(7), "{}", run.stderr);
+    assert!(run.stderr.contains("XCP-ng dom0"), "{}", run.stderr);
+}

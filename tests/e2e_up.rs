@@ -1,0 +1,318 @@
+//! `coral up` end to end: the emulated Coral after a power loss, a fake
+//! XAPI whose asynchronous scan follows the emulated bus (the boot loader's
+//! PUSB, group and VUSB vanish; a new 18d1:9302 PUSB and group appear), and
+//! the VM power history.
+
+mod support;
+
+use coral::sim::xapi::{
+    coral_bootloader_device, coral_ready_device, Fault, FaultKind, PowerState, World,
+};
+use support::*;
+
+fn power_loss(power: PowerState) -> (FakeXapi, String, String) {
+    power_loss_with(fast_config(), power)
+}
+
+fn power_loss_with(
+    config: coral::sim::xapi::WorldConfig,
+    power: PowerState,
+) -> (FakeXapi, String, String) {
+    let (world, host, vm) = pool(
+        config,
+        "frigate",
+        power,
+        vec![coral_bootloader_device("1-4")],
+    );
+    (FakeXapi::new(world, &host), host, vm)
+}
+
+fn up(xapi: &FakeXapi, emulator: &[&str], args: &[&str]) -> Run {
+    let fw = shared_firmware("apex_latest_single_ep.bin").expect("checked by the caller");
+    let mut emulator: Vec<String> = emulator.iter().map(|s| s.to_string()).collect();
+    emulator.extend(xapi.bus_args());
+    let mut command = vec![
+        coral_bin().display().to_string(),
+        "up".into(),
+        "--vm".into(),
+        "frigate".into(),
+    ];
+    command.extend(args.iter().map(|s| s.to_string()));
+    command.extend(["--firmware".to_string(), fw.display().to_string()]);
+    emulate(&emulator, &command, &xapi.env())
+}
+
+fn ready() -> bool {
+    umockdev_available() && shared_firmware("apex_latest_single_ep.bin").is_some()
+}
+
+fn no_bootloader_records(world: &World, host: &str) {
+    assert!(
+        !world
+            .pusbs
+            .iter()
+            .any(|p| p.host_uuid == host && p.device.product_id == "089a"),
+        "XAPI's rescan removed the boot loader's PUSB"
+    );
+}
+
+#[test]
+fn power_loss_with_the_vm_halted_needs_zero_power_transitions() {
+    if !ready() {
+        return;
+    }
+    let (xapi, host, vm) = power_loss(PowerState::Halted);
+    let run = up(&xapi, &[], &[]);
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert_eq!(
+        run.devices(),
+        vec![("2-4".to_string(), "18d1:9302".to_string())]
+    );
+    let world = xapi.world();
+    assert_eq!(
+        vusbs_on_ready_group(&world, &host, &vm, "2-4"),
+        vec![(true, false)]
+    );
+    assert!(world.power_history.is_empty(), "{:?}", world.power_history);
+    no_bootloader_records(&world, &host);
+    let summary = run.stdout.lines().last().unwrap_or_default();
+    assert!(
+        summary
+            .starts_with("up: firmware uploaded, Coral ready at 2-4; passed through to the VM ("),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn vm_running_with_restart_gets_exactly_one_clean_restart() {
+    if !ready() {
+        return;
+    }
+    let (xapi, host, vm) = power_loss(PowerState::Running);
+    let run = up(&xapi, &[], &["--restart"]);
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    let world = xapi.world();
+    assert_eq!(
+        vusbs_on_ready_group(&world, &host, &vm, "2-4"),
+        vec![(true, true)]
+    );
+    let history: Vec<_> = world.power_history.iter().map(|e| (e.from, e.to)).collect();
+    assert_eq!(
+        history,
+        vec![
+            (PowerState::Running, PowerState::Halted),
+            (PowerState::Halted, PowerState::Running)
+        ]
+    );
+}
+
+#[test]
+fn vm_running_without_restart_is_left_running_with_the_vusb_pending() {
+    if !ready() {
+        return;
+    }
+    let (xapi, host, vm) = power_loss(PowerState::Running);
+    let run = up(&xapi, &[], &[]);
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    let world = xapi.world();
+    assert_eq!(
+        vusbs_on_ready_group(&world, &host, &vm, "2-4"),
+        vec![(true, false)]
+    );
+    assert!(world.power_history.is_empty());
+    assert!(
+        run.stdout.contains("arrives at its next start"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn steady_state_touches_no_usb_and_writes_nothing() {
+    if !ready() {
+        return;
+    }
+    let (xapi, host, vm) = power_loss(PowerState::Halted);
+    assert_eq!(up(&xapi, &[], &["--start"]).status, Some(0));
+    let before = xapi.world().calls.len();
+    let run = up(&xapi, &["--state", "ready"], &[]);
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert!(
+        run.requests().is_empty(),
+        "no USB request: {:?}",
+        run.requests()
+    );
+    let world = xapi.world();
+    let calls = &world.calls[before..];
+    assert!(calls.len() <= 4, "{calls:?}");
+    assert!(
+        calls
+            .iter()
+            .all(|c| READ_COMMANDS.contains(&c.args[0].as_str())),
+        "{calls:?}"
+    );
+    assert_eq!(
+        vusbs_on_ready_group(&world, &host, &vm, "2-4"),
+        vec![(true, true)]
+    );
+    assert!(run.stdout.contains("up: nothing to do"), "{}", run.stdout);
+}
+
+#[test]
+fn two_concurrent_runs_serialize_on_the_lock() {
+    if !ready() {
+        return;
+    }
+    let (xapi, host, vm) = power_loss(PowerState::Halted);
+    let fw = shared_firmware("apex_latest_single_ep.bin").unwrap();
+    let coral = coral_bin().display().to_string();
+    let script = format!(
+        "'{coral}' up --vm frigate --firmware '{fw}' > a.out 2>&1 & a=$!; '{coral}' up --vm frigate --firmware '{fw}' > b.out 2>&1; b=$?; wait $a; echo \"a=$? b=$b\"; cat a.out b.out >&2",
+        fw = fw.display()
+    );
+    let mut emulator = xapi.bus_args();
+    emulator.push("--reenumerate-ms".into());
+    emulator.push("300".into());
+    let run = emulate(
+        &emulator,
+        &["/bin/sh".into(), "-c".into(), script],
+        &xapi.env(),
+    );
+    assert!(
+        run.stdout.contains("a=0 b=0"),
+        "{}\n{}",
+        run.stdout,
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("waiting for another coral run"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(run.count(0x21, 1), 44, "the firmware was uploaded once");
+    assert_eq!(
+        vusbs_on_ready_group(&xapi.world(), &host, &vm, "2-4"),
+        vec![(true, false)],
+        "exactly one VUSB"
+    );
+}
+
+#[test]
+fn a_device_vanishing_during_upload_changes_nothing_in_xapi() {
+    if !ready() {
+        return;
+    }
+    let (xapi, host, vm) = power_loss(PowerState::Running);
+    let run = up(&xapi, &["--vanish-at-block", "10"], &["--restart"]);
+    assert_eq!(run.status, Some(5), "{}", run.stderr);
+    assert_eq!(run.error_lines().len(), 1, "{}", run.stderr);
+    let world = xapi.world();
+    assert!(world.vusbs.is_empty());
+    assert!(world.power_history.is_empty());
+    assert_eq!(world.vm(&vm).unwrap().power_state, PowerState::Running);
+    let _ = host;
+}
+
+#[test]
+fn an_xapi_scan_slower_than_the_deadline_is_a_timeout_with_nothing_changed() {
+    if !ready() {
+        return;
+    }
+    let mut config = fast_config();
+    config.scan_delay_ms = 60_000;
+    let (xapi, host, vm) = power_loss_with(config, PowerState::Running);
+    let run = up(&xapi, &[], &["--restart", "--scan-timeout", "1"]);
+    assert_eq!(run.status, Some(6), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("XAPI did not list the Coral at 2-4 within 1 s"),
+        "{}",
+        run.stderr
+    );
+    let world = xapi.world();
+    assert!(vusbs_on_ready_group(&world, &host, &vm, "2-4").is_empty());
+    assert!(world.power_history.is_empty());
+    let scans = world
+        .calls
+        .iter()
+        .filter(|c| c.args[0] == "pusb-scan")
+        .count();
+    assert_eq!(scans, 1, "one scan kick, then polling");
+}
+
+#[test]
+fn a_shutdown_that_is_never_acknowledged_leaves_the_vm_running() {
+    if !ready() {
+        return;
+    }
+    let (mut world, host, vm) = pool(
+        fast_config(),
+        "frigate",
+        PowerState::Running,
+        vec![coral_bootloader_device("1-4")],
+    );
+    world.vm_mut(&vm).unwrap().guest_shutdown = coral::sim::xapi::GuestShutdown::NeverAcknowledges;
+    let xapi = FakeXapi::new(world, &host);
+    let run = up(&xapi, &[], &["--restart"]);
+    assert_eq!(run.status, Some(8), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("did not shut down cleanly"),
+        "{}",
+        run.stderr
+    );
+    let world = xapi.world();
+    assert_eq!(world.vm(&vm).unwrap().power_state, PowerState::Running);
+    assert!(world.power_history.is_empty());
+    assert!(
+        vusbs_on_ready_group(&world, &host, &vm, "2-4").is_empty(),
+        "no stray VUSB"
+    );
+
+    // The rerun, with a guest that cooperates now, converges.
+    let mut state = coral::sim::xapi::SimState::load(&xapi.state).unwrap();
+    state.world.vm_mut(&vm).unwrap().guest_shutdown = coral::sim::xapi::GuestShutdown::Cooperates;
+    state.save(&xapi.state).unwrap();
+    let run = up(&xapi, &["--state", "ready"], &["--restart"]);
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert_eq!(
+        vusbs_on_ready_group(&xapi.world(), &host, &vm, "2-4"),
+        vec![(true, true)]
+    );
+}
+
+#[test]
+fn a_start_that_fails_with_the_coral_starts_the_vm_without_it() {
+    if !ready() {
+        return;
+    }
+    let (mut world, host, vm) = pool(
+        fast_config(),
+        "frigate",
+        PowerState::Running,
+        vec![coral_ready_device("2-4")],
+    );
+    world.faults.push(Fault {
+        command: "vm-start".into(),
+        nth: Some(1),
+        kind: FaultKind::Fail {
+            code: "INTERNAL_ERROR".into(),
+            params: vec!["usb reset failed".into()],
+        },
+    });
+    let xapi = FakeXapi::new(world, &host);
+    let run = up(&xapi, &["--state", "ready"], &["--restart"]);
+    assert_eq!(run.status, Some(7), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("started again without it"),
+        "{}",
+        run.stderr
+    );
+    let world = xapi.world();
+    assert_eq!(
+        world.vm(&vm).unwrap().power_state,
+        PowerState::Running,
+        "never left down"
+    );
+    assert!(world.vusbs.is_empty(), "no stray VUSB");
+}
