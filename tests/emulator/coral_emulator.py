@@ -108,6 +108,10 @@ class Emulator:
             hub_config = struct.pack("<BBHBBBBB", 9, 2, 25, 1, 1, 0, 0xE0, 0) + \
                 struct.pack("<BBBBBBBBB", 9, 4, 0, 0, 1, 9, 0, 0, 0) + struct.pack("<BBBBHB", 7, 5, 0x81, 3, 4, 12)
             self.tb.set_attribute_binary(hub, "descriptors", hub_device + hub_config)
+            # Its usbfs node exists as on a real host (a static libusb looks for /dev/bus/usb).
+            node_file = "%s/dev/bus/usb/%03d/001" % (self.tb.get_root_dir(), bus)
+            os.makedirs(os.path.dirname(node_file), exist_ok=True)
+            open(node_file, "w").close()
             self.hubs[bus] = hub
         return self.hubs[bus]
 
@@ -388,6 +392,8 @@ def main():
         parser.error("no command to run")
 
     emu = Emulator(opts)
+    for bus in (1, 2):  # an xHCI controller: a USB 2 and a SuperSpeed root hub
+        emu.hub(bus)
     if opts.state == "uninitialized":
         emu.plug(opts.path, BOOTLOADER)
     elif opts.state == "ready":
