@@ -94,6 +94,8 @@ impl World {
     /// Replace the USB devices physically present on a host, as udev would
     /// report them; schedules the asynchronous scan that udev triggers.
     pub fn set_usb_devices(&mut self, host_uuid: &str, devices: Vec<SimUsbDevice>, now: Duration) {
+        // Scans due before the change saw the old hardware.
+        self.advance(now);
         if let Some(host) = self.hosts.iter_mut().find(|h| h.uuid == host_uuid) {
             host.usb_devices = devices;
         }
