@@ -13,7 +13,10 @@
 //! saved; a hanging call sleeps until it is killed.
 
 use anyhow::Context;
-use coral::sim::xapi::{SimState, SimUsbDevice};
+use coral::sim::xapi::{
+    coral_bootloader_device, coral_ready_device, PowerState, SimState, SimUsbDevice, Vusb, World,
+    WorldConfig,
+};
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -22,6 +25,28 @@ use std::time::Duration;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--sim-setup") {
+        return match setup(&args[1..]) {
+            Ok(host) => {
+                println!("{host}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("coral-xe-sim --sim-setup: {err:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    if args.first().map(String::as_str) == Some("--sim-settle") {
+        // Complete everything due by now (a VM start still "in flight") and save.
+        return match settle() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("coral-xe-sim --sim-settle: {err:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     match run(&args) {
         Ok((stdout, stderr, status, duration)) => {
             if duration == Duration::MAX {
@@ -64,6 +89,74 @@ fn run(args: &[String]) -> anyhow::Result<(String, String, i32, Duration)> {
     drop(lock);
     let out = result.output;
     Ok((out.stdout, out.stderr, out.status, result.duration))
+}
+
+/// `--sim-setup [--vm-power halted|running] [--coral bootloader|ready|attached]
+/// [--call-ms N] [--scan-ms N] [--shutdown-ms N] [--start-ms N]`: write a
+/// one-host pool with VM `frigate` to `CORAL_XE_SIM_STATE` (for benchmarks
+/// and demos); prints the host uuid.
+fn setup(args: &[String]) -> anyhow::Result<String> {
+    let state_path = PathBuf::from(
+        std::env::var_os("CORAL_XE_SIM_STATE").context("CORAL_XE_SIM_STATE is not set")?,
+    );
+    let mut config = WorldConfig::default();
+    let mut power = PowerState::Halted;
+    let mut coral = "bootloader".to_string();
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        let number = || {
+            value
+                .parse::<u64>()
+                .with_context(|| format!("{flag} {value}"))
+        };
+        match flag.as_str() {
+            "--vm-power" if value == "running" => power = PowerState::Running,
+            "--vm-power" if value == "halted" => power = PowerState::Halted,
+            "--coral" => coral = value.clone(),
+            "--call-ms" => config.call_ms = number()?,
+            "--scan-ms" => config.scan_delay_ms = number()?,
+            "--shutdown-ms" => config.shutdown_ms = number()?,
+            "--start-ms" => config.start_ms = number()?,
+            _ => anyhow::bail!("unknown option {flag} {value}"),
+        }
+    }
+    let mut world = World::new(config);
+    let host = world.add_host("xcp-bench");
+    let running = power == PowerState::Running;
+    let vm = world.add_vm("frigate", power, running.then_some(host.as_str()));
+    let device = match coral.as_str() {
+        "bootloader" => coral_bootloader_device("1-4"),
+        "ready" | "attached" => coral_ready_device("2-4"),
+        other => anyhow::bail!("--coral {other}: bootloader, ready or attached"),
+    };
+    world.set_usb_devices(&host, vec![device], Duration::ZERO);
+    world.scan_now(&host);
+    world.pending_scans.clear();
+    if coral == "attached" {
+        let pusb = world.pusbs[0].clone();
+        world.pusbs[0].passthrough_enabled = true;
+        let uuid = world.new_uuid();
+        world.vusbs.push(Vusb {
+            uuid,
+            vm_uuid: vm,
+            usb_group_uuid: pusb.usb_group_uuid,
+            currently_attached: running,
+            other_config: Default::default(),
+        });
+    }
+    SimState::starting_now(world).save(&state_path)?;
+    Ok(host)
+}
+
+fn settle() -> anyhow::Result<()> {
+    let state_path = PathBuf::from(
+        std::env::var_os("CORAL_XE_SIM_STATE").context("CORAL_XE_SIM_STATE is not set")?,
+    );
+    let mut state = SimState::load(&state_path)?;
+    let now = state.now();
+    state.world.advance(now);
+    state.save(&state_path)
 }
 
 /// Tell XAPI about a changed USB bus, as udev would.

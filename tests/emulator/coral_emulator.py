@@ -92,6 +92,7 @@ class Emulator:
         self.handlers = {}
         self.next_devnum = 5
         self.reenumerating = 0
+        self.handler_ms = 0.0
         self.t0 = time.monotonic()
 
     def log(self, what):
@@ -193,12 +194,15 @@ class Emulator:
 
     # -- ioctls ----------------------------------------------------------------
     def on_ioctl(self, handler, client, dev):
+        started = time.monotonic()
         try:
             return self.ioctl(client, dev)
         except Exception as exc:  # never let an exception reach umockdev
             sys.stderr.write("coral_emulator: ioctl handler error: %r\n" % (exc,))
             client.complete(-1, errno.EIO)
             return True
+        finally:
+            self.handler_ms += (time.monotonic() - started) * 1000
 
     def ioctl(self, client, dev):
         req = client.get_request()
@@ -253,6 +257,8 @@ class Emulator:
         setup = data_in[:8]
         rtype, request, value, index, wlength = struct.unpack("<BBHHH", setup)
         data_out = data_in[8:8 + wlength] if rtype & 0x80 == 0 else b""
+        if not self.requests:
+            self.log("first request")
         self.requests.append({"type": rtype, "request": request, "value": value, "index": index,
                               "length": wlength})
         result = self.control(dev, rtype, request, value, index, wlength, data_out)
@@ -408,11 +414,13 @@ def main():
     # The testbed sets UMOCKDEV_DIR in the C environment (os.environ is a snapshot).
     envp = [e for e in GLib.get_environ() if not e.startswith("UMOCKDEV_DIR=")]
     envp.append("UMOCKDEV_DIR=" + emu.tb.get_root_dir())
+    emu.log("spawn")
     pid, _, _, _ = GLib.spawn_async(command, envp=envp,
                                     flags=GLib.SpawnFlags.SEARCH_PATH | GLib.SpawnFlags.DO_NOT_REAP_CHILD
                                     | GLib.SpawnFlags.CHILD_INHERITS_STDIN)
 
     def exited(pid_, wait_status):
+        emu.log("exit")
         status["code"] = os.waitstatus_to_exitcode(wait_status)
         # Let a re-enumeration already under way complete (e.g. after dfu-util -R).
         GLib.timeout_add(opts.reenumerate_ms + 50 if emu.reenumerating else 0, lambda: loop.quit() or False)
@@ -425,7 +433,7 @@ def main():
         with open(opts.result, "w") as f:
             json.dump({"exit": status["code"], "requests": emu.requests, "received": emu.flashed.hex(),
                        "received_any": bytes(emu.received).hex(), "devices": present,
-                       "events": emu.events}, f, indent=1)
+                       "events": emu.events, "handler_ms": round(emu.handler_ms, 1)}, f, indent=1)
     root = emu.tb.get_root_dir()
     emu.tb = None  # the testbed removes its directory when finalized
     gc.collect()

@@ -101,7 +101,7 @@ impl World {
         let call_ms = self.config.call_ms;
         let (output, extra_ms) = match fault {
             Some(FaultKind::Hang) => {
-                self.record(args, now, 0);
+                self.record(args, now, 0, u64::MAX);
                 return CallResult {
                     output: CliOutput::default(),
                     duration: Duration::MAX,
@@ -131,18 +131,19 @@ impl World {
                 self.failure_delay(&command, args),
             ),
         };
-        self.record(args, now, output.status);
+        self.record(args, now, output.status, call_ms + extra_ms);
         CallResult {
             output,
             duration: Duration::from_millis(call_ms + extra_ms),
         }
     }
 
-    fn record(&mut self, args: &[String], now: Duration, status: i32) {
+    fn record(&mut self, args: &[String], now: Duration, status: i32, duration_ms: u64) {
         self.calls.push(CallRecord {
             at_ms: ms(now),
             args: args.to_vec(),
             status,
+            duration_ms,
         });
     }
 

@@ -174,6 +174,9 @@ pub struct CallRecord {
     pub args: Vec<String>,
     /// Its exit status.
     pub status: i32,
+    /// How long it took in simulated time (`u64::MAX`: it hung).
+    #[serde(default)]
+    pub duration_ms: u64,
 }
 
 /// An injected fault: make a matching call fail or hang.

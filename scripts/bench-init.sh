@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Benchmark of `coral init` on the umockdev-emulated Coral (see scripts/bench.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --quiet --release --bins
+exec /usr/bin/python3 scripts/bench.py init "${1:-10}"
