@@ -15,10 +15,11 @@ quick=false
 step() { printf '\n==> %s\n' "$*"; }
 
 # Debian packages the tests use: umockdev (emulated USB device), gi bindings
-# for the emulator, libusb headers for rusb, dfu-util (an independent DFU
-# host), systemd (systemd-analyze verify), rpm (listing the package), time.
+# for the emulator, libusb headers for rusb (debug builds link the system
+# libusb), dfu-util (an independent DFU host), systemd (systemd-analyze
+# verify), rpm (listing the package), binutils (objdump), curl (firmware fetch).
 packages=(umockdev gir1.2-umockdev-1.0 python3-gi libusb-1.0-0-dev pkg-config
-          dfu-util systemd rpm time binutils curl)
+          dfu-util systemd rpm binutils curl)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -46,16 +47,15 @@ step "cargo test (unit, simulators, end-to-end through libusb + umockdev + fake 
 cargo test --quiet 2>&1 | tee target/test-debug.log
 $quick && exit 0
 
-if [[ -x scripts/check-service.sh ]]; then
-    step "systemd-analyze verify of the generated unit"
-    scripts/check-service.sh
-fi
+step "systemd-analyze verify of the generated unit"
+scripts/check-service.sh
 
-if [[ -x scripts/release.sh ]]; then
-    step "release build for glibc 2.17 (cargo-zigbuild, static libusb) + RPM"
-    scripts/release.sh --rpm
-    scripts/check-release.sh build/release/coral
+step "firmware embedded at build time (CORAL_EMBED_FIRMWARE)"
+scripts/check-embed.sh
 
-    step "end-to-end suite against the release binary"
-    CORAL_TEST_BIN="$PWD/build/release/coral" cargo test --quiet --test 'e2e_*' 2>&1 | tee target/test-release.log
-fi
+step "release build for glibc 2.17 (cargo-zigbuild, static libusb) + RPM"
+scripts/release.sh --rpm
+scripts/check-release.sh build/release/coral
+
+step "end-to-end suite against the release binary"
+CORAL_TEST_BIN="$PWD/build/release/coral" cargo test --quiet --test 'e2e_*' 2>&1 | tee target/test-release.log

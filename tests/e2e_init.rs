@@ -287,3 +287,31 @@ fn dfu_util_an_independent_dfu_host_accepts_the_emulated_coral() {
         vec![("2-4".to_string(), "18d1:9302".to_string())]
     );
 }
+
+#[test]
+fn force_sends_a_ready_coral_back_to_dfu_and_reflashes_it() {
+    if !umockdev_available() {
+        return;
+    }
+    let Some(image_path) = shared_firmware("apex_latest_single_ep.bin") else {
+        return;
+    };
+    let image = std::fs::read(&image_path).unwrap();
+    let fw = firmware_arg(&image_path);
+    let run = coral_under(
+        &["--state", "ready"],
+        &["init", "--force", "--firmware", &fw],
+        &[],
+    );
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert_eq!(
+        run.requests()[0],
+        (DFU_OUT, 0),
+        "DFU_DETACH on interface 0 first"
+    );
+    assert_eq!(run.received(), image);
+    assert_eq!(
+        run.devices(),
+        vec![("2-4".to_string(), "18d1:9302".to_string())]
+    );
+}

@@ -235,7 +235,7 @@ fn power_operations_take_time_attach_vusbs_and_fail_like_xapi() {
     assert!(r
         .output
         .stderr
-        .starts_with("VM didn't acknowledge the need to shut down."));
+        .starts_with("VM didn't acknowledge the need to shutdown."));
     assert_eq!(w.vm(&vm).unwrap().power_state, PowerState::Running);
 }
 

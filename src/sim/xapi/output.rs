@@ -76,7 +76,7 @@ fn describe(code: &str) -> Option<&'static str> {
         "TOO_MANY_VUSBS" => "The VM has too many VUSBs.",
         "USB_GROUP_CONFLICT" => "USB_groups are currently restricted to contain no more than one VUSB.",
         "USB_ALREADY_ATTACHED" => "The USB device is currently attached to a VM.",
-        "VM_FAILED_SHUTDOWN_ACKNOWLEDGMENT" => "VM didn't acknowledge the need to shut down.",
+        "VM_FAILED_SHUTDOWN_ACKNOWLEDGMENT" => "VM didn't acknowledge the need to shutdown.",
         "VM_SHUTDOWN_TIMEOUT" => "VM failed to shutdown before the timeout expired",
         "INTERNAL_ERROR" => "The server failed to handle your request, due to an internal error.  The given message may give details useful for debugging the problem.",
         _ => return None,

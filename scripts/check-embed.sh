@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Build-time embedding: CORAL_EMBED_FIRMWARE with a known image gives a
+# binary that needs no firmware file; an unknown image fails the build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+image=../shared/firmware/apex_latest_single_ep.bin
+if [[ ! -f $image ]]; then
+    echo "check-embed: skipped, $image is absent"
+    exit 0
+fi
+export CARGO_TARGET_DIR="$PWD/target/embed"
+CORAL_EMBED_FIRMWARE="$PWD/$image" cargo build --quiet --bin coral
+out=$(CORAL_FIRMWARE_DIR=/nonexistent "$CARGO_TARGET_DIR/debug/coral" firmware show)
+echo "$out"
+grep -q "from:   embedded in this binary" <<<"$out" || { echo "check-embed: image not embedded" >&2; exit 1; }
+bogus=$(mktemp)
+trap 'rm -f "$bogus"' EXIT
+head -c 10783 /dev/zero > "$bogus"
+if CORAL_EMBED_FIRMWARE="$bogus" cargo build --quiet --bin coral 2>/dev/null; then
+    echo "check-embed: an unknown image was embedded" >&2
+    exit 1
+fi
+echo "check-embed: ok (known image embedded, unknown image refused by build.rs)"
