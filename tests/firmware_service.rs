@@ -3,19 +3,10 @@
 
 use assert_cmd::Command;
 use coral::firmware::{self, FirmwareChoice, FirmwareSource};
-use std::path::{Path, PathBuf};
+mod support;
 
-fn shared(name: &str) -> Option<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/firmware")
-        .join(name);
-    if path.exists() {
-        Some(path)
-    } else {
-        eprintln!("skipped: {} is absent", path.display());
-        None
-    }
-}
+use std::path::Path;
+use support::shared_firmware;
 
 fn coral() -> Command {
     let mut cmd = Command::cargo_bin("coral").unwrap();
@@ -27,7 +18,7 @@ fn coral() -> Command {
 #[test]
 fn the_real_images_pass_the_manifest_and_a_modified_one_does_not() {
     for entry in firmware::manifest() {
-        let Some(path) = shared(&entry.name) else {
+        let Some(path) = shared_firmware(&entry.name) else {
             return;
         };
         let choice = FirmwareChoice {
@@ -63,10 +54,10 @@ fn the_real_images_pass_the_manifest_and_a_modified_one_does_not() {
 
 #[test]
 fn the_image_comes_from_flag_then_env_then_installed_copy() {
-    let Some(single) = shared("apex_latest_single_ep.bin") else {
+    let Some(single) = shared_firmware("apex_latest_single_ep.bin") else {
         return;
     };
-    let Some(multi) = shared("apex_latest_multi_ep.bin") else {
+    let Some(multi) = shared_firmware("apex_latest_multi_ep.bin") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -131,7 +122,7 @@ fn no_image_anywhere_says_how_to_get_one() {
 
 #[test]
 fn fetch_verifies_and_leaves_nothing_half_written() {
-    let Some(single) = shared("apex_latest_single_ep.bin") else {
+    let Some(single) = shared_firmware("apex_latest_single_ep.bin") else {
         return;
     };
     let served = tempfile::tempdir().unwrap();

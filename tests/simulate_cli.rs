@@ -1,7 +1,9 @@
 //! The `--simulate` front door: what a newcomer sees from the built binary.
 
 use assert_cmd::Command;
-use std::path::PathBuf;
+mod support;
+
+use support::shared_firmware;
 
 fn coral() -> Command {
     let mut cmd = Command::cargo_bin("coral").expect("coral binary");
@@ -18,20 +20,11 @@ fn coral() -> Command {
     cmd
 }
 
-fn shared_image() -> Option<PathBuf> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/firmware/apex_latest_single_ep.bin");
-    if path.exists() {
-        Some(path)
-    } else {
-        eprintln!("skipped: {} is absent", path.display());
-        None
-    }
-}
-
 #[test]
 fn simulated_up_with_restart_recovers_the_coral_and_restarts_once() {
-    let Some(image) = shared_image() else { return };
+    let Some(image) = shared_firmware("apex_latest_single_ep.bin") else {
+        return;
+    };
     let out = coral()
         .args([
             "--simulate",

@@ -2,6 +2,8 @@
 //! power-loss scenarios of the issue, asserting device state, XAPI records
 //! and the VM power history.
 
+mod support;
+
 use coral::clock::VirtualClock;
 use coral::firmware::{FirmwareImage, FirmwareSource};
 use coral::ops::attach::AttachOptions;
@@ -14,18 +16,7 @@ use coral::usb::CoralState;
 use coral::xe::client::XeClient;
 use std::rc::Rc;
 use std::time::Duration;
-
-/// xe commands that change nothing.
-const READ_COMMANDS: &[&str] = &[
-    "pusb-list",
-    "usb-group-list",
-    "vusb-list",
-    "vm-list",
-    "host-list",
-    "pusb-param-get",
-    "vusb-param-get",
-    "vm-param-get",
-];
+use support::READ_COMMANDS;
 
 fn image() -> FirmwareImage {
     let bytes: Vec<u8> = (0..10_783u32).map(|i| (i * 7 % 251) as u8).collect();
