@@ -88,7 +88,15 @@ pub fn wait_for_pusb(
     if xe.dry_run() {
         return Ok(None);
     }
+    let started = clock.now();
     let found = poll_until(clock, timeout, SCAN_POLL_INTERVAL, || find_pusb(xe, coral))?;
+    if found.is_some() {
+        log::debug!(
+            "XAPI listed the Coral at {} after {:.1} ms of scan wait",
+            coral.path,
+            (clock.now() - started).as_secs_f64() * 1000.0
+        );
+    }
     found.map(Some).ok_or_else(|| {
         fail(
             FailureKind::Timeout,

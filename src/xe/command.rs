@@ -44,7 +44,7 @@ fn is_executable(path: &Path) -> bool {
 
 impl XeRunner for XeCommand {
     fn run(&self, args: &[String], timeout: Duration) -> Result<String, XeError> {
-        log::debug!("xe {}", display_args(args));
+        log::trace!("xe {}", display_args(args));
         let started = Instant::now();
         let mut child = Command::new(&self.program)
             .args(args)
@@ -80,10 +80,10 @@ impl XeRunner for XeCommand {
         };
         let stdout = stdout.join().unwrap_or_default();
         let stderr = stderr.join().unwrap_or_default();
-        log::trace!(
-            "xe {} took {:?}",
+        log::debug!(
+            "xe {} answered in {:.1} ms",
             args.first().map(String::as_str).unwrap_or(""),
-            started.elapsed()
+            started.elapsed().as_secs_f64() * 1000.0
         );
         if status.success() {
             Ok(stdout)
