@@ -92,8 +92,27 @@ class Emulator:
         self.handlers = {}
         self.next_devnum = 5
         self.reenumerating = 0
+        self.command_running = False
         self.handler_ms = 0.0
         self.t0 = time.monotonic()
+
+    def uevent(self, syspath, action):
+        """Send a uevent. While the command runs, its libusb opens and closes
+        udev monitors all the time, and umockdev aborts the sender when a
+        listener's socket vanishes between finding and connecting to it: so
+        send from a short-lived child, whose abort costs only that event."""
+        if not self.command_running:
+            self.tb.uevent(syspath, action)
+            return
+        pid = os.fork()
+        if pid == 0:
+            try:
+                self.tb.uevent(syspath, action)
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            self.log("uevent %s lost (a listener went away while it was sent)" % action)
 
     def log(self, what):
         self.events.append({"t_ms": round((time.monotonic() - self.t0) * 1000, 1), "event": what})
@@ -146,14 +165,14 @@ class Emulator:
         self.tb.set_attribute_binary(syspath, "descriptors", descriptors)
         dev["syspath"] = syspath
         self.devices[path] = dev
-        self.tb.uevent(syspath, "add")
+        self.uevent(syspath, "add")
         self.log("add %s %04x:%04x devnum %d" % (path, ident["vid"], ident["pid"], devnum))
         self.write_bus()
         return dev
 
     def unplug(self, dev):
         dev["gone"] = True
-        self.tb.uevent(dev["syspath"], "remove")
+        self.uevent(dev["syspath"], "remove")
         self.tb.remove_device(dev["syspath"])
         self.tb.detach_ioctl(dev["node"])
         try:
@@ -415,12 +434,14 @@ def main():
     envp = [e for e in GLib.get_environ() if not e.startswith("UMOCKDEV_DIR=")]
     envp.append("UMOCKDEV_DIR=" + emu.tb.get_root_dir())
     emu.log("spawn")
+    emu.command_running = True
     pid, _, _, _ = GLib.spawn_async(command, envp=envp,
                                     flags=GLib.SpawnFlags.SEARCH_PATH | GLib.SpawnFlags.DO_NOT_REAP_CHILD
                                     | GLib.SpawnFlags.CHILD_INHERITS_STDIN)
 
     def exited(pid_, wait_status):
         emu.log("exit")
+        emu.command_running = False
         status["code"] = os.waitstatus_to_exitcode(wait_status)
         # Let a re-enumeration already under way complete (e.g. after dfu-util -R).
         GLib.timeout_add(opts.reenumerate_ms + 50 if emu.reenumerating else 0, lambda: loop.quit() or False)
