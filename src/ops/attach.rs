@@ -39,6 +39,8 @@ pub struct AttachReport {
     pub lines: Vec<String>,
     /// True when something was changed in XAPI or the VM's power state.
     pub changed: bool,
+    /// The VM runs without the Coral; it gets it at its next start.
+    pub pending_restart: bool,
 }
 
 impl AttachReport {
@@ -137,11 +139,18 @@ pub fn attach(
         "halted" if opts.start => {
             if let Err(err) = xe.vm_start(&vm.uuid) {
                 roll_back(xe, created.as_deref());
-                return Err(err.context(format!("starting {label} with the Coral failed; it stays halted")));
+                return Err(err.context(format!(
+                    "starting {label} with the Coral failed; it stays halted"
+                )));
             }
-            report.say(format!("{} {label}; it has the Coral", verb(xe, "started", "would start")));
+            report.say(format!(
+                "{} {label}; it has the Coral",
+                verb(xe, "started", "would start")
+            ));
         }
-        "halted" => report.say(format!("{label} is halted; it gets the Coral when it starts (or pass --start)")),
+        "halted" => report.say(format!(
+            "{label} is halted; it gets the Coral when it starts (or pass --start)"
+        )),
         _ if opts.restart => {
             let vusb = created.clone().or_else(|| existing.map(|v| v.uuid.clone()));
             restart_with_coral(xe, &vm, &label, created.as_deref(), vusb.as_deref(), opts)?;
@@ -150,10 +159,13 @@ pub fn attach(
                 verb(xe, "restarted", "would restart")
             ));
         }
-        _ => report.say(format!(
+        _ => {
+            report.pending_restart = true;
+            report.say(format!(
             "{label} is running; XAPI attaches USB only at VM start, so the Coral arrives at its next start (restart now: `coral attach --vm {} --restart`)",
             vm.uuid
-        )),
+        ))
+        }
     }
     Ok(report)
 }

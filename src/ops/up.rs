@@ -41,6 +41,9 @@ impl fmt::Display for UpReport {
             done.push(format!("firmware uploaded, Coral ready at {}", after.path));
         }
         match &self.attach {
+            Some(report) if report.pending_restart => done.push(
+                "passed through; the running VM gets the Coral at its next start (--restart does it now)".to_string(),
+            ),
             Some(report) if report.changed => done.push("passed through to the VM".to_string()),
             Some(_) => {}
             None => done.push("dry run stopped before attach (the Coral is not ready)".to_string()),
