@@ -92,7 +92,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Where USB and XAPI access go: the real host, or the built-in simulation.
 enum Environment {
-    Real { usb: RusbBus, clock: SystemClock },
+    Real {
+        usb: RusbBus,
+        clock: SystemClock,
+        xe: XeCommand,
+    },
     Simulated(Box<SimulatedHost>),
 }
 
@@ -106,6 +110,7 @@ impl Environment {
             Environment::Real {
                 usb: RusbBus::new(),
                 clock: SystemClock::new(),
+                xe: XeCommand::from_env(),
             }
         }
     }
@@ -125,32 +130,20 @@ impl Environment {
     }
 
     /// The `xe` runner and this host's uuid.
-    fn xapi(&self) -> anyhow::Result<(Box<dyn XeRunner + '_>, String)> {
+    fn xapi(&self) -> anyhow::Result<(&dyn XeRunner, String)> {
         match self {
-            Environment::Real { .. } => {
+            Environment::Real { xe, .. } => {
                 let inventory = std::env::var_os("CORAL_INVENTORY")
                     .map(PathBuf::from)
                     .unwrap_or_else(|| PathBuf::from(DEFAULT_INVENTORY));
-                let host_uuid = this_host_uuid(&inventory)?;
-                Ok((Box::new(XeCommand::from_env()), host_uuid))
+                Ok((xe, this_host_uuid(&inventory)?))
             }
-            Environment::Simulated(host) => {
-                Ok((Box::new(ByRef(host.xe())), host.host_uuid().to_string()))
-            }
+            Environment::Simulated(host) => Ok((host.xe(), host.host_uuid().to_string())),
         }
     }
 
     fn is_simulated(&self) -> bool {
         matches!(self, Environment::Simulated(_))
-    }
-}
-
-/// Lends a borrowed runner as a boxed one.
-struct ByRef<'a>(&'a dyn XeRunner);
-
-impl XeRunner for ByRef<'_> {
-    fn run(&self, args: &[String], timeout: Duration) -> Result<String, coral::xe::XeError> {
-        self.0.run(args, timeout)
     }
 }
 
@@ -196,7 +189,7 @@ fn run_init(cli: &Cli, env: &Environment, args: &InitArgs) -> anyhow::Result<()>
 fn run_attach(cli: &Cli, env: &Environment, args: &AttachArgs) -> anyhow::Result<()> {
     let opts = attach_options(&args.vm, args.device.device.clone())?;
     let (runner, host_uuid) = env.xapi()?;
-    let xe = XeClient::new(runner.as_ref(), host_uuid, cli.dry_run);
+    let xe = XeClient::new(runner, host_uuid, cli.dry_run);
     let _lock = take_lock(cli, env)?;
     let report = attach(env.usb(), &xe, env.clock(), &opts)?;
     print_planned(&xe);
@@ -209,7 +202,7 @@ fn run_detach(cli: &Cli, env: &Environment, args: &DetachArgs) -> anyhow::Result
         device: args.device.device.clone(),
     };
     let (runner, host_uuid) = env.xapi()?;
-    let xe = XeClient::new(runner.as_ref(), host_uuid, cli.dry_run);
+    let xe = XeClient::new(runner, host_uuid, cli.dry_run);
     let _lock = take_lock(cli, env)?;
     let text = detach(env.usb(), &xe, &opts)?;
     print_planned(&xe);
@@ -227,7 +220,7 @@ fn run_status(env: &Environment, args: &StatusArgs) -> anyhow::Result<()> {
     };
     let client = xapi
         .as_ref()
-        .map(|(runner, host)| XeClient::new(runner.as_ref(), host.clone(), false));
+        .map(|(runner, host)| XeClient::new(*runner, host.clone(), false));
     let report = status(env.usb(), client.as_ref())?;
     if args.json {
         print(serde_json::to_string_pretty(&report)?)
@@ -245,7 +238,7 @@ fn run_up(cli: &Cli, env: &Environment, args: &UpArgs) -> anyhow::Result<()> {
     let choice = firmware_choice(&args.firmware);
     let mut load = || load_firmware(&choice, env.is_simulated());
     let (runner, host_uuid) = env.xapi()?;
-    let xe = XeClient::new(runner.as_ref(), host_uuid, cli.dry_run);
+    let xe = XeClient::new(runner, host_uuid, cli.dry_run);
     let _lock = take_lock(cli, env)?;
     let report = up(env.usb(), &xe, env.clock(), &mut load, &opts)?;
     print_planned(&xe);
