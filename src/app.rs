@@ -4,7 +4,7 @@
 
 use crate::cli::{
     AttachArgs, Cli, Command, DetachArgs, FirmwareArgs, FirmwareCommand, InitArgs, ServiceCommand,
-    ServiceInstallArgs, StatusArgs, UpArgs, VmArgs,
+    ServiceInstallArgs, StatusArgs, UpArgs, VmArgs, WatchArgs,
 };
 use anyhow::Context;
 use coral::clock::{Clock, SystemClock};
@@ -70,6 +70,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Detach(args) => run_detach(&cli, &env, args),
         Command::Status(args) => run_status(&env, args),
         Command::Up(args) => run_up(&cli, &env, args),
+        Command::Watch(args) => run_watch(&cli, &env, args),
         Command::Firmware(FirmwareCommand::Show(args)) => {
             print(firmware_cmd::show(&firmware_choice(args))?)
         }
@@ -246,6 +247,100 @@ fn run_up(cli: &Cli, env: &Environment, args: &UpArgs) -> anyhow::Result<()> {
         println!("{attach}");
     }
     print(report.to_string())
+}
+
+fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<()> {
+    use crate::watch_runtime::{CancellableClock, HostWakeups, SimulatedWakeups};
+    use coral::mapping_state::StateStore;
+    use coral::ops::watch::{watch, LockAttempt, Mapping, Wakeups, WatchEnv, WatchOptions};
+
+    let Some(vm) = args.vm.clone() else {
+        return Err(fail(
+            FailureKind::Other,
+            "coral watch needs --vm UUID|NAME (the VM that keeps the Coral)",
+        ));
+    };
+    let opts = WatchOptions {
+        mappings: vec![Mapping {
+            vm,
+            device: args.device.device.clone(),
+            start: args.start,
+            restart: args.restart,
+        }],
+        max_restarts_per_hour: args.max_restarts_per_hour,
+        usb_poll: coral::ops::watch::DEFAULT_USB_POLL,
+        xapi_check: seconds("--xapi-check", args.xapi_check)?,
+        recovery: UpOptions {
+            replug_timeout: seconds("--timeout", args.timeout)?,
+            attach: AttachOptions {
+                vm: String::new(),
+                device: None,
+                start: args.start,
+                restart: args.restart,
+                force_shutdown: false,
+                shutdown_timeout: seconds("--shutdown-timeout", args.shutdown_timeout)?,
+                scan_timeout: seconds("--scan-timeout", args.scan_timeout)?,
+            },
+            dry_run: cli.dry_run,
+        },
+    };
+    let choice = firmware_choice(&args.firmware);
+    let mut load = || load_firmware(&choice, env.is_simulated());
+    let (runner, host_uuid) = env.xapi()?;
+    let xe = XeClient::new(runner, host_uuid, cli.dry_run);
+    let state = match env {
+        Environment::Simulated(_) => StateStore::in_dir(
+            &std::env::temp_dir().join(format!("coral-simulate-{}", std::process::id())),
+        ),
+        Environment::Real { .. } => StateStore::from_env(),
+    };
+    let lock_file = cli.lock.lock_file.clone();
+    let simulated_or_dry = env.is_simulated() || cli.dry_run;
+    let lock = move || {
+        if simulated_or_dry {
+            return Ok(LockAttempt::Held(None));
+        }
+        Ok(match lock::try_acquire(&lock_file)? {
+            Some(guard) => LockAttempt::Held(Some(guard)),
+            None => LockAttempt::Busy,
+        })
+    };
+    let (wakeups, clock): (Box<dyn Wakeups + '_>, Box<dyn Clock + '_>) = match env {
+        Environment::Simulated(host) => (
+            Box::new(SimulatedWakeups::new(host)),
+            Box::new(ClockRef(host.clock())),
+        ),
+        Environment::Real { .. } => {
+            let wakeups = HostWakeups::start()?;
+            let clock = CancellableClock::new(wakeups.stop_flag());
+            (Box::new(wakeups), Box::new(clock))
+        }
+    };
+    let mut watch_env = WatchEnv {
+        usb: env.usb(),
+        xe: &xe,
+        clock: clock.as_ref(),
+        load_firmware: &mut load,
+        lock: &lock,
+        state: &state,
+    };
+    watch(&mut watch_env, wakeups.as_ref(), &opts);
+    if env.is_simulated() {
+        let _ = std::fs::remove_dir_all(state.path().parent().unwrap_or(state.path()));
+    }
+    Ok(())
+}
+
+/// A borrowed clock as a boxed one.
+struct ClockRef<'a>(&'a dyn Clock);
+
+impl Clock for ClockRef<'_> {
+    fn now(&self) -> Duration {
+        self.0.now()
+    }
+    fn sleep(&self, duration: Duration) {
+        self.0.sleep(duration)
+    }
 }
 
 /// The lock serializes every run that may change something; dry runs and the

@@ -48,6 +48,8 @@ pub enum Command {
     /// Which firmware image would be used; install or fetch one.
     #[command(subcommand)]
     Firmware(FirmwareCommand),
+    /// Keep the Coral with its VM: recover it whenever it drops (a long-running service).
+    Watch(WatchArgs),
     /// The boot-time systemd service that runs `coral up`.
     #[command(subcommand)]
     Service(ServiceCommand),
@@ -264,4 +266,46 @@ pub struct ServiceInstallArgs {
 
     #[command(flatten)]
     pub root: ServiceRootArgs,
+}
+
+/// Options of `coral watch`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct WatchArgs {
+    /// The VM that keeps the Coral (uuid or exact name-label).
+    #[arg(long, value_name = "UUID|NAME")]
+    pub vm: Option<String>,
+
+    #[command(flatten)]
+    pub device: DeviceArgs,
+
+    #[command(flatten)]
+    pub firmware: FirmwareArgs,
+
+    /// Start the VM after a recovery if it is halted.
+    #[arg(long)]
+    pub start: bool,
+
+    /// Allow restarting the running VM (clean shutdown, start) so it gets the Coral back.
+    #[arg(long)]
+    pub restart: bool,
+
+    /// With --restart: at most this many restarts per VM per hour.
+    #[arg(long, value_name = "N", default_value_t = coral::ops::watch::DEFAULT_MAX_RESTARTS_PER_HOUR)]
+    pub max_restarts_per_hour: u32,
+
+    /// Seconds between XAPI health checks (USB changes are noticed at once).
+    #[arg(long, value_name = "SECS", default_value_t = coral::ops::watch::DEFAULT_XAPI_CHECK.as_secs_f64())]
+    pub xapi_check: f64,
+
+    /// Seconds to wait for the Coral to come back as 18d1:9302 after the reset.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub timeout: f64,
+
+    /// Seconds to wait for a clean shutdown (restarts only).
+    #[arg(long, value_name = "SECS", default_value_t = 180.0)]
+    pub shutdown_timeout: f64,
+
+    /// Seconds to wait for XAPI to list the ready Coral.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    pub scan_timeout: f64,
 }

@@ -17,6 +17,7 @@ pub mod dfu;
 pub mod error;
 pub mod firmware;
 pub mod lock;
+pub mod mapping_state;
 pub mod ops;
 pub mod sim;
 pub mod usb;

@@ -81,6 +81,36 @@ pub fn acquire(path: &Path, wait: LockWait, clock: &dyn Clock) -> anyhow::Result
     Ok(LockGuard { _file: file })
 }
 
+/// Take the lock if it is free now; `Ok(None)` when another run holds it
+/// (for `coral watch`, which tries again later instead of waiting).
+pub fn try_acquire(path: &Path) -> anyhow::Result<Option<LockGuard>> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| {
+            fail(
+                FailureKind::Busy,
+                format!("cannot open the lock file {}: {e}", path.display()),
+            )
+        })?;
+    match file.try_lock() {
+        Ok(()) => {
+            let mut file = file;
+            let _ = file
+                .set_len(0)
+                .and_then(|_| writeln!(file, "{}", std::process::id()));
+            Ok(Some(LockGuard { _file: file }))
+        }
+        Err(TryLockError::WouldBlock) => Ok(None),
+        Err(TryLockError::Error(e)) => Err(fail(
+            FailureKind::Busy,
+            format!("cannot lock {}: {e}", path.display()),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

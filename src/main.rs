@@ -2,6 +2,7 @@
 
 mod app;
 mod cli;
+mod watch_runtime;
 
 use clap::Parser;
 use std::process::ExitCode;

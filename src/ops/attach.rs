@@ -41,6 +41,8 @@ pub struct AttachReport {
     pub changed: bool,
     /// The VM runs without the Coral; it gets it at its next start.
     pub pending_restart: bool,
+    /// The running VM was restarted (clean shutdown, start) to get the Coral.
+    pub restarted: bool,
 }
 
 impl AttachReport {
@@ -154,6 +156,8 @@ pub fn attach(
         _ if opts.restart => {
             let vusb = created.clone().or_else(|| existing.map(|v| v.uuid.clone()));
             restart_with_coral(xe, &vm, &label, created.as_deref(), vusb.as_deref(), opts)?;
+            report.changed = true;
+            report.restarted = !xe.dry_run();
             report.say(format!(
                 "{} {label} once (clean shutdown, start); it has the Coral",
                 verb(xe, "restarted", "would restart")

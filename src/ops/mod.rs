@@ -8,4 +8,5 @@ pub mod init;
 pub mod service;
 pub mod status;
 pub mod up;
+pub mod watch;
 pub mod xapi_common;

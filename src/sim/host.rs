@@ -101,6 +101,12 @@ impl SimulatedHost {
         &self.host_uuid
     }
 
+    /// Tell XAPI about the bus as it is now, as udev does at the moment a
+    /// device arrives or leaves (its scan then runs asynchronously).
+    pub fn udev_event(&self) {
+        self.xe.sync_bus();
+    }
+
     /// One line saying what is simulated, for the log.
     pub fn describe(&self) -> String {
         let corals = self
@@ -127,8 +133,9 @@ struct BusSyncedXe {
     last_seen: RefCell<Option<Vec<CoralDevice>>>,
 }
 
-impl XeRunner for BusSyncedXe {
-    fn run(&self, args: &[String], timeout: Duration) -> Result<String, XeError> {
+impl BusSyncedXe {
+    /// A change on the bus since the last look reaches the world now.
+    fn sync_bus(&self) {
         let now_present = self.bus.snapshot();
         let changed = self.last_seen.borrow().as_ref() != Some(&now_present);
         if changed {
@@ -139,6 +146,12 @@ impl XeRunner for BusSyncedXe {
             );
             *self.last_seen.borrow_mut() = Some(now_present);
         }
+    }
+}
+
+impl XeRunner for BusSyncedXe {
+    fn run(&self, args: &[String], timeout: Duration) -> Result<String, XeError> {
+        self.sync_bus();
         self.inner.run(args, timeout)
     }
 }

@@ -162,3 +162,60 @@ impl UsbTransport for RusbTransport {
         }
     }
 }
+
+/// Calls `notify` whenever libusb reports a Coral (either identity) arriving
+/// or leaving, from a thread of its own. Returns false when this libusb has
+/// no hotplug support or cannot start; the caller then relies on listings.
+pub fn spawn_hotplug_listener(notify: std::sync::Arc<dyn Fn() + Send + Sync>) -> bool {
+    if !rusb::has_hotplug() {
+        return false;
+    }
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("usb-hotplug".into())
+        .spawn(move || {
+            let registered = context().ok().and_then(|context| {
+                let registrations: Vec<_> = [super::UNINITIALIZED_ID, super::READY_ID]
+                    .iter()
+                    .filter_map(|id| {
+                        rusb::HotplugBuilder::new()
+                            .vendor_id(id.vendor)
+                            .product_id(id.product)
+                            .register(
+                                &context,
+                                Box::new(CoralHotplug {
+                                    notify: notify.clone(),
+                                }),
+                            )
+                            .ok()
+                    })
+                    .collect();
+                (registrations.len() == 2).then_some((context, registrations))
+            });
+            let _ = ready_tx.send(registered.is_some());
+            if let Some((context, _registrations)) = registered {
+                loop {
+                    if context.handle_events(Some(Duration::from_secs(1))).is_err() {
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+            }
+        })
+        .is_ok();
+    spawned && ready_rx.recv().unwrap_or(false)
+}
+
+/// Forwards hotplug callbacks; never touches the device (libusb forbids
+/// synchronous calls inside the callback).
+struct CoralHotplug {
+    notify: std::sync::Arc<dyn Fn() + Send + Sync>,
+}
+
+impl rusb::Hotplug<Context> for CoralHotplug {
+    fn device_arrived(&mut self, _device: rusb::Device<Context>) {
+        (self.notify)();
+    }
+    fn device_left(&mut self, _device: rusb::Device<Context>) {
+        (self.notify)();
+    }
+}

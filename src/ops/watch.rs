@@ -1,0 +1,492 @@
+//! `coral watch`: keep every Coral → VM mapping healthy for as long as the
+//! host runs. A Coral that resets, vanishes or falls back to its boot
+//! loader (coral-dfu.md, "Field facts") loses its PUSB, group and VUSB in
+//! XAPI; the watcher notices and runs the `coral up` procedure again.
+//!
+//! What it reacts to:
+//! - a USB change (a hotplug event, or a listing that differs from the last
+//!   one): every mapping is checked at once;
+//! - a periodic XAPI check (`xapi_check`), which finds a PUSB or VUSB that
+//!   went without a USB change on this host (rare: XAPI removes them only
+//!   when its scan sees the device changed or gone).
+//!
+//! What it never does: restart a running VM unless the mapping allows it
+//! (and then at most `max_restarts_per_hour` times per VM), hard-stop a VM,
+//! touch a mapping an admin paused with `coral detach`, or run while another
+//! `coral` run holds the lock.
+
+use super::attach::AttachOptions;
+use super::up::{up, UpOptions, UpReport};
+use super::xapi_common::{find_pusb, resolve_vm};
+use crate::clock::Clock;
+use crate::firmware::FirmwareImage;
+use crate::lock::LockGuard;
+use crate::mapping_state::StateStore;
+use crate::usb::{select_one, CoralDevice, CoralState, UsbBus};
+use crate::xe::client::XeClient;
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// The window of the restart rate limit.
+pub const RESTART_WINDOW: Duration = Duration::from_secs(3600);
+/// Default restarts allowed per VM per [`RESTART_WINDOW`].
+pub const DEFAULT_MAX_RESTARTS_PER_HOUR: u32 = 2;
+/// Default interval of the USB listing that backs up hotplug events.
+pub const DEFAULT_USB_POLL: Duration = Duration::from_secs(2);
+/// Default interval of the XAPI health check.
+pub const DEFAULT_XAPI_CHECK: Duration = Duration::from_secs(60);
+/// First retry delay after a failed recovery; doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest retry delay after repeated failures.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// One Coral → VM mapping to keep healthy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    /// The VM: uuid (from the config) or exact name-label (from `--vm`).
+    pub vm: String,
+    /// The Coral's port chain; None: the only Coral on this host.
+    pub device: Option<String>,
+    /// Start the VM after recovery if it is halted.
+    pub start: bool,
+    /// Restart the running VM so it gets the Coral back (opt-in, rate-limited).
+    pub restart: bool,
+}
+
+/// How the watcher behaves.
+#[derive(Clone, Debug)]
+pub struct WatchOptions {
+    /// The mappings.
+    pub mappings: Vec<Mapping>,
+    /// Restarts allowed per VM per hour (for mappings that allow restarts).
+    pub max_restarts_per_hour: u32,
+    /// Interval of the USB listing that backs up hotplug events.
+    pub usb_poll: Duration,
+    /// Interval of the XAPI health check.
+    pub xapi_check: Duration,
+    /// Deadlines of the recovery (the `coral up` options; vm, device,
+    /// start and restart are taken from each mapping).
+    pub recovery: UpOptions,
+}
+
+/// Why the watcher woke up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// libusb or udev reported a device arriving or leaving.
+    UsbChanged,
+    /// The wait timed out.
+    Timeout,
+    /// SIGTERM or SIGINT: exit now.
+    Stop,
+}
+
+/// Where wake-ups come from: hotplug events and signals (real), or a script (tests).
+pub trait Wakeups {
+    /// Wait up to `timeout` for an event.
+    fn wait(&self, timeout: Duration) -> Wake;
+}
+
+/// What the watcher needs from the host.
+pub struct WatchEnv<'a> {
+    /// This host's USB.
+    pub usb: &'a dyn UsbBus,
+    /// XAPI for this host.
+    pub xe: &'a XeClient<'a>,
+    /// Time.
+    pub clock: &'a dyn Clock,
+    /// The firmware image, loaded when a Coral needs it.
+    pub load_firmware: &'a mut dyn FnMut() -> anyhow::Result<FirmwareImage>,
+    /// Tries the lock shared with `coral up`, `attach` and `detach`.
+    pub lock: &'a dyn Fn() -> anyhow::Result<LockAttempt>,
+    /// Pauses and the record of actions.
+    pub state: &'a StateStore,
+}
+
+/// The outcome of trying the shared lock.
+pub enum LockAttempt {
+    /// Held until dropped (None: nothing to hold, e.g. in a simulation).
+    Held(Option<LockGuard>),
+    /// Another `coral` run holds it; the watcher tries again later.
+    Busy,
+}
+
+/// What the watcher knows about one mapping.
+#[derive(Debug)]
+struct Tracked {
+    mapping: Mapping,
+    /// The VM's uuid and name once resolved.
+    vm: Option<(String, String)>,
+    /// When restarts happened (for the rate limit).
+    restarts: VecDeque<Duration>,
+    /// Failed recoveries in a row.
+    failures: u32,
+    /// No recovery before this time (backoff after failures).
+    retry_at: Duration,
+    /// The last problem logged, so a lasting condition is logged once.
+    last_note: Option<String>,
+}
+
+/// The health of a mapping whose Coral is ready.
+#[derive(Debug, PartialEq, Eq)]
+enum Health {
+    /// The VM has the Coral (or gets it at its next start while halted).
+    Healthy,
+    /// The PUSB or the VM's VUSB is gone: run the recovery.
+    Broken(String),
+    /// The VUSB exists and the VM runs without it.
+    PendingRestart,
+    /// Another VM holds the Coral: not the watcher's to change.
+    HeldByOther(String),
+}
+
+/// The watcher: one [`Tracked`] per mapping.
+pub struct Watcher {
+    tracked: Vec<Tracked>,
+    max_restarts_per_hour: u32,
+    recovery: UpOptions,
+}
+
+impl Watcher {
+    /// A watcher for `opts.mappings`.
+    pub fn new(opts: &WatchOptions) -> Self {
+        Watcher {
+            tracked: opts
+                .mappings
+                .iter()
+                .map(|m| Tracked {
+                    mapping: m.clone(),
+                    vm: None,
+                    restarts: VecDeque::new(),
+                    failures: 0,
+                    retry_at: Duration::ZERO,
+                    last_note: None,
+                })
+                .collect(),
+            max_restarts_per_hour: opts.max_restarts_per_hour,
+            recovery: opts.recovery.clone(),
+        }
+    }
+
+    /// Check every mapping once. `usb_changed`: the bus changed since the
+    /// last check; `xapi_due`: the periodic XAPI check is due. A failure is
+    /// logged and retried later with backoff; it never ends the watcher.
+    pub fn check(&mut self, env: &mut WatchEnv, usb_changed: bool, xapi_due: bool) {
+        let corals = match env.usb.list_corals() {
+            Ok(corals) => corals,
+            Err(e) => {
+                log::warn!("watch: listing USB devices failed ({e}); trying again shortly");
+                return;
+            }
+        };
+        let several_mappings = self.tracked.len() > 1;
+        for index in 0..self.tracked.len() {
+            self.check_one(env, index, &corals, usb_changed, xapi_due, several_mappings);
+        }
+    }
+
+    fn check_one(
+        &mut self,
+        env: &mut WatchEnv,
+        index: usize,
+        corals: &[CoralDevice],
+        usb_changed: bool,
+        xapi_due: bool,
+        several_mappings: bool,
+    ) {
+        let now = env.clock.now();
+        let retry_due = self.tracked[index].failures > 0 && now >= self.tracked[index].retry_at;
+        if now < self.tracked[index].retry_at && !usb_changed {
+            return;
+        }
+        let Some((vm_uuid, vm_name)) = self.resolve(env, index) else {
+            return;
+        };
+        if env.state.is_paused(&vm_uuid) {
+            self.note(index, format!("VM '{vm_name}': paused by `coral detach`; `coral attach --vm {vm_uuid}` resumes it"), log::Level::Info);
+            return;
+        }
+        let device = self.tracked[index].mapping.device.clone();
+        let coral = match (device.as_deref(), several_mappings) {
+            (None, true) => {
+                self.note(index, format!("VM '{vm_name}': several mappings, so each needs its Coral's port (`coral service install --vm {vm_uuid} --device PATH`)"), log::Level::Error);
+                return;
+            }
+            _ => select_one(corals, device.as_deref()).ok(),
+        };
+        let Some(coral) = coral else {
+            self.note(
+                index,
+                format!(
+                    "VM '{vm_name}': its Coral{} is not on this host's USB; waiting for it",
+                    device.map(|d| format!(" at {d}")).unwrap_or_default()
+                ),
+                log::Level::Warn,
+            );
+            return;
+        };
+        match coral.state {
+            CoralState::Uninitialized => {
+                let reason = format!(
+                    "the Coral at {} is in its boot loader (1a6e:089a)",
+                    coral.path
+                );
+                self.recover(env, index, &reason, &coral);
+            }
+            CoralState::Ready if usb_changed || xapi_due || retry_due => {
+                match self.health(env, &coral, &vm_uuid) {
+                    Ok(Health::Healthy) => {
+                        let tracked = &mut self.tracked[index];
+                        tracked.failures = 0;
+                        if tracked.last_note.take().is_some() {
+                            log::info!("watch: VM '{vm_name}' has its Coral at {}", coral.path);
+                        }
+                    }
+                    Ok(Health::Broken(reason)) => self.recover(env, index, &reason, &coral),
+                    Ok(Health::PendingRestart) => self.pending_restart(env, index, &coral),
+                    Ok(Health::HeldByOther(other)) => {
+                        self.note(
+                            index,
+                            format!("VM '{vm_name}': the Coral at {} is passed through to VM '{other}'; left alone", coral.path),
+                            log::Level::Warn,
+                        );
+                    }
+                    Err(e) => self.failed(env, index, &format!("checking XAPI: {e:#}")),
+                }
+            }
+            CoralState::Ready => {}
+        }
+    }
+
+    /// The mapping's VM uuid and name, resolved once XAPI answers.
+    fn resolve(&mut self, env: &mut WatchEnv, index: usize) -> Option<(String, String)> {
+        if let Some(vm) = &self.tracked[index].vm {
+            return Some(vm.clone());
+        }
+        match resolve_vm(env.xe, &self.tracked[index].mapping.vm) {
+            Ok(vm) => {
+                let resolved = (vm.uuid.clone(), vm.name.clone());
+                self.tracked[index].vm = Some(resolved.clone());
+                Some(resolved)
+            }
+            Err(e) => {
+                let spec = self.tracked[index].mapping.vm.clone();
+                self.failed(env, index, &format!("looking up VM '{spec}': {e:#}"));
+                None
+            }
+        }
+    }
+
+    /// Read the Coral's PUSB and VUSB: 2 `xe` calls, 3 when the VUSB is not attached.
+    fn health(&self, env: &WatchEnv, coral: &CoralDevice, vm_uuid: &str) -> anyhow::Result<Health> {
+        let Some(pusb) = find_pusb(env.xe, coral)? else {
+            return Ok(Health::Broken(format!(
+                "XAPI lists no PUSB for the Coral at {}",
+                coral.path
+            )));
+        };
+        let vusbs = env.xe.vusbs_of_group(&pusb.group)?;
+        if let Some(other) = vusbs.iter().find(|v| v.vm_uuid != vm_uuid) {
+            return Ok(Health::HeldByOther(other.vm_name.clone()));
+        }
+        let Some(vusb) = vusbs.first() else {
+            return Ok(Health::Broken(format!(
+                "the Coral at {} has no VUSB for the VM",
+                coral.path
+            )));
+        };
+        if vusb.attached {
+            return Ok(Health::Healthy);
+        }
+        Ok(match env.xe.power_state(vm_uuid)?.as_str() {
+            "running" => Health::PendingRestart,
+            _ => Health::Healthy,
+        })
+    }
+
+    /// The VM runs without its Coral: restart it if the mapping allows and
+    /// the rate limit has room, else say once what would do it.
+    fn pending_restart(&mut self, env: &mut WatchEnv, index: usize, coral: &CoralDevice) {
+        let (vm_uuid, vm_name) = self.tracked[index].vm.clone().unwrap_or_default();
+        if self.restart_allowed(env.clock.now(), index) {
+            let reason = format!("VM '{vm_name}' runs without the Coral at {}", coral.path);
+            self.recover(env, index, &reason, coral);
+        } else {
+            self.warn_pending(env, index, &vm_uuid, &vm_name);
+        }
+    }
+
+    fn warn_pending(&mut self, env: &WatchEnv, index: usize, vm_uuid: &str, vm_name: &str) {
+        let why = if self.tracked[index].mapping.restart {
+            format!(
+                "restart limit of {} per hour reached",
+                self.max_restarts_per_hour
+            )
+        } else {
+            "restarts not allowed for this mapping".to_string()
+        };
+        let line = format!("pending restart: VM '{vm_name}' gets its Coral at its next start ({why}); now: `coral attach --vm {vm_uuid} --restart`");
+        if self.note(index, line.clone(), log::Level::Warn) {
+            record(env.state, vm_uuid, vm_name, &line, true);
+        }
+    }
+
+    fn restart_allowed(&mut self, now: Duration, index: usize) -> bool {
+        let tracked = &mut self.tracked[index];
+        while tracked
+            .restarts
+            .front()
+            .is_some_and(|at| now.saturating_sub(*at) >= RESTART_WINDOW)
+        {
+            tracked.restarts.pop_front();
+        }
+        tracked.mapping.restart && (tracked.restarts.len() as u32) < self.max_restarts_per_hour
+    }
+
+    /// Run the `coral up` procedure for one mapping, under the lock.
+    fn recover(&mut self, env: &mut WatchEnv, index: usize, reason: &str, coral: &CoralDevice) {
+        let (vm_uuid, vm_name) = self.tracked[index].vm.clone().unwrap_or_default();
+        let restart = self.restart_allowed(env.clock.now(), index);
+        let _lock = match (env.lock)() {
+            Ok(LockAttempt::Held(guard)) => guard,
+            Ok(LockAttempt::Busy) => {
+                log::info!("watch: another coral run holds the lock; checking VM '{vm_name}' again after it");
+                self.tracked[index].retry_at = env.clock.now() + FIRST_BACKOFF;
+                self.tracked[index].failures = self.tracked[index].failures.max(1);
+                return;
+            }
+            Err(e) => return self.failed(env, index, &format!("{e:#}")),
+        };
+        // The lock may have waited for a `coral detach`: look at the pause again.
+        if env.state.is_paused(&vm_uuid) {
+            return;
+        }
+        log::warn!("watch: {reason}; recovering VM '{vm_name}'");
+        let mapping = &self.tracked[index].mapping;
+        let opts = UpOptions {
+            attach: AttachOptions {
+                vm: vm_uuid.clone(),
+                device: Some(coral.path.to_string()),
+                start: mapping.start,
+                restart,
+                force_shutdown: false,
+                ..self.recovery.attach.clone()
+            },
+            dry_run: false,
+            ..self.recovery.clone()
+        };
+        // One journal line per action: the procedure's own steps are details
+        // (shown with -v); its warnings and errors still show.
+        let level = log::max_level();
+        if level == log::LevelFilter::Info {
+            log::set_max_level(log::LevelFilter::Warn);
+        }
+        let outcome = up(env.usb, env.xe, env.clock, env.load_firmware, &opts);
+        log::set_max_level(level);
+        match outcome {
+            Ok(report) => self.recovered(env, index, &report),
+            Err(e) => self.failed(env, index, &format!("recovery failed: {e:#}")),
+        }
+    }
+
+    fn recovered(&mut self, env: &mut WatchEnv, index: usize, report: &UpReport) {
+        let now = env.clock.now();
+        let (vm_uuid, vm_name) = self.tracked[index].vm.clone().unwrap_or_default();
+        let tracked = &mut self.tracked[index];
+        tracked.failures = 0;
+        tracked.retry_at = Duration::ZERO;
+        tracked.last_note = None;
+        if report.attach.as_ref().is_some_and(|a| a.restarted) {
+            tracked.restarts.push_back(now);
+        }
+        let line = format!("VM '{vm_name}': {report}");
+        log::info!("watch: {line}");
+        record(env.state, &vm_uuid, &vm_name, &line, true);
+        if report.attach.as_ref().is_some_and(|a| a.pending_restart) {
+            self.warn_pending(env, index, &vm_uuid, &vm_name);
+        }
+    }
+
+    fn failed(&mut self, env: &mut WatchEnv, index: usize, what: &str) {
+        let now = env.clock.now();
+        let tracked = &mut self.tracked[index];
+        tracked.failures += 1;
+        let backoff = FIRST_BACKOFF
+            .saturating_mul(1 << tracked.failures.saturating_sub(1).min(10))
+            .min(MAX_BACKOFF);
+        tracked.retry_at = now + backoff;
+        let (vm_uuid, vm_name) = tracked
+            .vm
+            .clone()
+            .unwrap_or_else(|| (tracked.mapping.vm.clone(), tracked.mapping.vm.clone()));
+        let line = format!(
+            "VM '{vm_name}': {what}; retrying in {} s",
+            backoff.as_secs()
+        );
+        log::error!("watch: {line}");
+        record(env.state, &vm_uuid, &vm_name, &line, false);
+    }
+
+    /// Log a lasting condition once (again only when it changes); true when logged.
+    fn note(&mut self, index: usize, line: String, level: log::Level) -> bool {
+        let tracked = &mut self.tracked[index];
+        if tracked.last_note.as_deref() == Some(line.as_str()) {
+            return false;
+        }
+        log::log!(level, "watch: {line}");
+        tracked.last_note = Some(line);
+        true
+    }
+}
+
+fn record(state: &StateStore, vm_uuid: &str, vm_name: &str, line: &str, ok: bool) {
+    if let Err(e) = state.record_action(vm_uuid, vm_name, line, ok) {
+        log::warn!(
+            "cannot record the watcher's action in {}: {e}",
+            state.path().display()
+        );
+    }
+}
+
+/// Watch until a stop is requested: check at start, on every USB change,
+/// and when the periodic XAPI check is due. Returns when `wakeups` says Stop.
+pub fn watch(env: &mut WatchEnv, wakeups: &dyn Wakeups, opts: &WatchOptions) {
+    let mut watcher = Watcher::new(opts);
+    log::info!(
+        "watch: keeping {} mapping(s) healthy (USB events, XAPI check every {} s)",
+        opts.mappings.len(),
+        opts.xapi_check.as_secs()
+    );
+    let mut last_seen = env.usb.list_corals().ok();
+    watcher.check(env, true, true);
+    let mut next_xapi_check = env.clock.now() + opts.xapi_check;
+    loop {
+        let now = env.clock.now();
+        let timeout = opts.usb_poll.min(next_xapi_check.saturating_sub(now));
+        let wake = wakeups.wait(timeout);
+        if wake == Wake::Stop {
+            log::info!("watch: stopping");
+            return;
+        }
+        let seen = env.usb.list_corals().ok();
+        let usb_changed = wake == Wake::UsbChanged || (seen.is_some() && seen != last_seen);
+        if seen.is_some() {
+            last_seen = seen;
+        }
+        let xapi_due = env.clock.now() >= next_xapi_check;
+        if usb_changed || xapi_due || watcher.retry_pending(env.clock.now()) {
+            watcher.check(env, usb_changed, xapi_due);
+        }
+        if xapi_due {
+            next_xapi_check = env.clock.now() + opts.xapi_check;
+        }
+    }
+}
+
+impl Watcher {
+    /// True when a failed mapping's retry time has come.
+    fn retry_pending(&self, now: Duration) -> bool {
+        self.tracked
+            .iter()
+            .any(|t| t.failures > 0 && now >= t.retry_at)
+    }
+}

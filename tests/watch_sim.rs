@@ -1,0 +1,463 @@
+//! `coral watch` against the in-process simulated Coral and XAPI pool, on
+//! virtual time: a Coral that falls back to its boot loader while the VM
+//! runs, each power policy, the restart rate limit, a paused mapping, two
+//! Corals of which one drops, and a lock held by another run. Each test
+//! asserts XAPI records, the VM power history and the USB traffic.
+
+use coral::clock::VirtualClock;
+use coral::firmware::{FirmwareImage, FirmwareSource};
+use coral::mapping_state::StateStore;
+use coral::ops::attach::AttachOptions;
+use coral::ops::up::UpOptions;
+use coral::ops::watch::{watch, LockAttempt, Mapping, Wake, Wakeups, WatchEnv, WatchOptions};
+use coral::sim::coral::{SimBus, SimCoralConfig};
+use coral::sim::host::SimulatedHost;
+use coral::sim::xapi::{PowerState, World, WorldConfig};
+use coral::usb::CoralState;
+use coral::xe::client::XeClient;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::time::Duration;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn image() -> FirmwareImage {
+    let bytes: Vec<u8> = (0..10_783u32).map(|i| (i * 7 % 251) as u8).collect();
+    FirmwareImage {
+        sha256: "test".into(),
+        bytes,
+        source: FirmwareSource::Flag("test.bin".into()),
+        known_name: Some("apex_latest_single_ep.bin".into()),
+    }
+}
+
+/// A host whose Corals (xHCI ports `ports`) are ready and each passed
+/// through to its own VM `cam-<port>` in `power`, as after a good boot.
+struct Scenario {
+    host: SimulatedHost,
+    vms: Vec<String>,
+    state_dir: tempfile::TempDir,
+}
+
+fn scenario(ports: &[u8], power: PowerState) -> Scenario {
+    let clock = Rc::new(VirtualClock::new());
+    let bus = Rc::new(SimBus::new(clock.clone()));
+    for port in ports {
+        bus.add_coral(SimCoralConfig::xhci(*port), CoralState::Ready);
+    }
+    let mut world = World::new(WorldConfig::default());
+    let host_uuid = world.add_host("xcp-1");
+    let resident = (power == PowerState::Running).then_some(host_uuid.as_str());
+    let vms: Vec<String> = ports
+        .iter()
+        .map(|p| world.add_vm(&format!("cam-{p}"), power, resident))
+        .collect();
+    let host = SimulatedHost::from_parts(clock, bus, world, host_uuid);
+    // Pass each Coral through, as `coral up` did at boot.
+    {
+        let world = host.world();
+        let mut world = world.borrow_mut();
+        for (port, vm) in ports.iter().zip(&vms) {
+            let path = format!("2-{port}");
+            let pusb = world
+                .pusbs
+                .iter_mut()
+                .find(|p| p.device.path == path)
+                .expect("XAPI lists the ready Coral");
+            pusb.passthrough_enabled = true;
+            let group = pusb.usb_group_uuid.clone();
+            let uuid = world.new_uuid();
+            world.vusbs.push(coral::sim::xapi::Vusb {
+                uuid,
+                vm_uuid: vm.clone(),
+                usb_group_uuid: group,
+                currently_attached: power == PowerState::Running,
+                other_config: Default::default(),
+            });
+        }
+    }
+    Scenario {
+        host,
+        vms,
+        state_dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+fn mapping(port: u8, vm: &str, restart: bool) -> Mapping {
+    Mapping {
+        vm: vm.to_string(),
+        device: Some(format!("1-{port}")),
+        start: false,
+        restart,
+    }
+}
+
+fn options(mappings: Vec<Mapping>, max_restarts_per_hour: u32) -> WatchOptions {
+    WatchOptions {
+        mappings,
+        max_restarts_per_hour,
+        usb_poll: Duration::from_secs(2),
+        xapi_check: MINUTE,
+        recovery: UpOptions {
+            replug_timeout: Duration::from_secs(30),
+            attach: AttachOptions {
+                vm: String::new(),
+                device: None,
+                start: false,
+                restart: false,
+                force_shutdown: false,
+                shutdown_timeout: Duration::from_secs(180),
+                scan_timeout: Duration::from_secs(30),
+            },
+            dry_run: false,
+        },
+    }
+}
+
+type Step = (Duration, Box<dyn Fn(&SimulatedHost)>);
+
+/// Wake-ups from a script: at each step's time something happens on the
+/// host (a Coral drops) and the watcher hears a USB event; the watch ends at `end`.
+struct Script<'a> {
+    host: &'a SimulatedHost,
+    steps: RefCell<VecDeque<Step>>,
+    end: Duration,
+    wakes: Cell<u32>,
+}
+
+impl<'a> Script<'a> {
+    fn new(host: &'a SimulatedHost, steps: Vec<Step>, end: Duration) -> Self {
+        Script {
+            host,
+            steps: RefCell::new(steps.into()),
+            end,
+            wakes: Cell::new(0),
+        }
+    }
+}
+
+impl Wakeups for Script<'_> {
+    fn wait(&self, timeout: Duration) -> Wake {
+        self.wakes.set(self.wakes.get() + 1);
+        let clock = self.host.clock();
+        let now = clock.now();
+        let due = self
+            .steps
+            .borrow()
+            .front()
+            .is_some_and(|(at, _)| *at <= now + timeout);
+        if due {
+            let (at, action) = self.steps.borrow_mut().pop_front().unwrap();
+            clock.sleep(at.saturating_sub(now));
+            action(self.host);
+            return Wake::UsbChanged;
+        }
+        if now + timeout >= self.end {
+            clock.sleep(self.end.saturating_sub(now));
+            return Wake::Stop;
+        }
+        clock.sleep(timeout);
+        Wake::Timeout
+    }
+}
+
+/// Coral `index` browns out: it comes back as its boot loader.
+fn drop_coral(index: usize) -> Box<dyn Fn(&SimulatedHost)> {
+    Box::new(move |host: &SimulatedHost| {
+        host.sim_bus().replug(index);
+        host.udev_event();
+    })
+}
+
+/// Run the watcher over `script` with the lock free unless `lock_busy_until`.
+fn run_watch(s: &Scenario, opts: &WatchOptions, script: &Script, lock_busy_until: Duration) -> u32 {
+    let xe = XeClient::new(s.host.xe(), s.host.host_uuid().to_string(), false);
+    let loads = Cell::new(0);
+    let mut load = || {
+        loads.set(loads.get() + 1);
+        Ok(image())
+    };
+    let state = StateStore::in_dir(s.state_dir.path());
+    let clock = s.host.clock();
+    let lock = || {
+        Ok(if clock.now() < lock_busy_until {
+            LockAttempt::Busy
+        } else {
+            LockAttempt::Held(None)
+        })
+    };
+    let mut env = WatchEnv {
+        usb: s.host.bus(),
+        xe: &xe,
+        clock,
+        load_firmware: &mut load,
+        lock: &lock,
+        state: &state,
+    };
+    watch(&mut env, script, opts);
+    loads.get()
+}
+
+/// The VM's VUSBs, each as (on the ready Coral's current group, attached).
+fn vusbs_of(s: &Scenario, vm: &str, ready_path: &str) -> Vec<(bool, bool)> {
+    let world = s.host.world();
+    let world = world.borrow();
+    let group = world
+        .pusbs
+        .iter()
+        .find(|p| p.device.path == ready_path && p.device.product_id == "9302")
+        .map(|p| p.usb_group_uuid.clone());
+    world
+        .vusbs
+        .iter()
+        .filter(|v| v.vm_uuid == vm)
+        .map(|v| {
+            (
+                Some(&v.usb_group_uuid) == group.as_ref(),
+                v.currently_attached,
+            )
+        })
+        .collect()
+}
+
+fn transitions(s: &Scenario, vm: &str) -> Vec<(PowerState, PowerState)> {
+    let world = s.host.world();
+    let world = world.borrow();
+    world
+        .power_history
+        .iter()
+        .filter(|e| e.vm_uuid == vm)
+        .map(|e| (e.from, e.to))
+        .collect()
+}
+
+fn coral_states(s: &Scenario) -> Vec<(String, CoralState)> {
+    s.host
+        .bus()
+        .list_corals()
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.path.to_string(), c.state))
+        .collect()
+}
+
+#[test]
+fn a_coral_that_drops_while_its_vm_is_halted_is_reinitialized_and_reattached_without_a_restart() {
+    let s = scenario(&[4], PowerState::Halted);
+    let opts = options(vec![mapping(4, &s.vms[0], true)], 2);
+    let script = Script::new(&s.host, vec![(MINUTE, drop_coral(0))], 3 * MINUTE);
+    let loads = run_watch(&s, &opts, &script, Duration::ZERO);
+
+    assert_eq!(loads, 1, "firmware loaded for the one recovery");
+    assert_eq!(coral_states(&s), vec![("2-4".into(), CoralState::Ready)]);
+    assert_eq!(vusbs_of(&s, &s.vms[0], "2-4"), vec![(true, false)]);
+    assert!(
+        transitions(&s, &s.vms[0]).is_empty(),
+        "a halted VM is not started"
+    );
+    let states = StateStore::in_dir(s.state_dir.path()).load().unwrap();
+    let last = &states.mappings[&s.vms[0]];
+    assert_eq!(last.last_action_ok, Some(true));
+    assert!(
+        last.last_action
+            .as_deref()
+            .unwrap()
+            .contains("firmware uploaded"),
+        "{last:?}"
+    );
+}
+
+#[test]
+fn a_running_vm_is_restarted_once_when_its_mapping_allows_it() {
+    let s = scenario(&[4], PowerState::Running);
+    let opts = options(vec![mapping(4, &s.vms[0], true)], 2);
+    let script = Script::new(&s.host, vec![(MINUTE, drop_coral(0))], 5 * MINUTE);
+    run_watch(&s, &opts, &script, Duration::ZERO);
+
+    assert_eq!(vusbs_of(&s, &s.vms[0], "2-4"), vec![(true, true)]);
+    assert_eq!(
+        transitions(&s, &s.vms[0]),
+        vec![
+            (PowerState::Running, PowerState::Halted),
+            (PowerState::Halted, PowerState::Running)
+        ]
+    );
+}
+
+#[test]
+fn a_running_vm_is_never_restarted_when_its_mapping_does_not_allow_it() {
+    let s = scenario(&[4], PowerState::Running);
+    let opts = options(vec![mapping(4, &s.vms[0], false)], 2);
+    let script = Script::new(&s.host, vec![(MINUTE, drop_coral(0))], 5 * MINUTE);
+    run_watch(&s, &opts, &script, Duration::ZERO);
+
+    // The VUSB is back on the new group, attached at the VM's next start.
+    assert_eq!(vusbs_of(&s, &s.vms[0], "2-4"), vec![(true, false)]);
+    assert!(transitions(&s, &s.vms[0]).is_empty());
+    let world = s.host.world();
+    assert!(
+        !world
+            .borrow()
+            .calls
+            .iter()
+            .any(|c| c.args[0] == "vm-shutdown"),
+        "no shutdown was even tried"
+    );
+}
+
+#[test]
+fn restarts_stop_at_the_hourly_limit_and_resume_after_the_hour() {
+    let s = scenario(&[4], PowerState::Running);
+    let opts = options(vec![mapping(4, &s.vms[0], true)], 1);
+    let script = Script::new(
+        &s.host,
+        vec![
+            (MINUTE, drop_coral(0)),
+            (10 * MINUTE, drop_coral(0)),
+            (70 * MINUTE, drop_coral(0)),
+        ],
+        80 * MINUTE,
+    );
+    run_watch(&s, &opts, &script, Duration::ZERO);
+
+    // Minute 1: restarted. Minute 10: over the limit, so the VM runs on
+    // without the Coral (pending restart). Minute 61: the first restart has
+    // left the window, and the periodic check restarts the pending VM.
+    // Minute 70: over the limit again; the VM waits for its next start.
+    let world = s.host.world();
+    let shutdowns: Vec<u64> = world
+        .borrow()
+        .power_history
+        .iter()
+        .filter(|e| e.vm_uuid == s.vms[0] && e.from == PowerState::Running)
+        .map(|e| e.at_ms / 60_000)
+        .collect();
+    assert_eq!(shutdowns, vec![1, 61]);
+    assert_eq!(vusbs_of(&s, &s.vms[0], "2-4"), vec![(true, false)]);
+    let states = StateStore::in_dir(s.state_dir.path()).load().unwrap();
+    let last = states.mappings[&s.vms[0]].last_action.clone().unwrap();
+    assert!(last.contains("pending restart"), "{last}");
+}
+
+#[test]
+fn a_mapping_paused_by_detach_is_left_alone_and_resumes_when_unpaused() {
+    let s = scenario(&[4], PowerState::Halted);
+    let store = StateStore::in_dir(s.state_dir.path());
+    store.set_paused(&s.vms[0], "cam-4", true).unwrap();
+    let opts = options(vec![mapping(4, &s.vms[0], true)], 2);
+    let script = Script::new(&s.host, vec![(MINUTE, drop_coral(0))], 3 * MINUTE);
+    let loads = run_watch(&s, &opts, &script, Duration::ZERO);
+
+    assert_eq!(loads, 0);
+    assert_eq!(
+        coral_states(&s),
+        vec![("1-4".into(), CoralState::Uninitialized)]
+    );
+    assert!(
+        s.host.sim_bus().requests().is_empty(),
+        "no USB request at all"
+    );
+
+    store.set_paused(&s.vms[0], "cam-4", false).unwrap();
+    let script = Script::new(&s.host, vec![], 6 * MINUTE);
+    run_watch(&s, &opts, &script, Duration::ZERO);
+    assert_eq!(coral_states(&s), vec![("2-4".into(), CoralState::Ready)]);
+    assert_eq!(vusbs_of(&s, &s.vms[0], "2-4"), vec![(true, false)]);
+}
+
+#[test]
+fn of_two_corals_only_the_one_that_dropped_is_touched() {
+    let s = scenario(&[4, 5], PowerState::Halted);
+    let opts = options(
+        vec![mapping(4, &s.vms[0], false), mapping(5, &s.vms[1], false)],
+        2,
+    );
+    let before: Vec<_> = {
+        let world = s.host.world();
+        let world = world.borrow();
+        world
+            .vusbs
+            .iter()
+            .filter(|v| v.vm_uuid == s.vms[1])
+            .map(|v| v.uuid.clone())
+            .collect()
+    };
+    let script = Script::new(&s.host, vec![(MINUTE, drop_coral(0))], 3 * MINUTE);
+    run_watch(&s, &opts, &script, Duration::ZERO);
+
+    assert_eq!(
+        coral_states(&s),
+        vec![
+            ("2-4".into(), CoralState::Ready),
+            ("2-5".into(), CoralState::Ready)
+        ]
+    );
+    assert_eq!(vusbs_of(&s, &s.vms[0], "2-4"), vec![(true, false)]);
+    let world = s.host.world();
+    let world = world.borrow();
+    let after: Vec<_> = world
+        .vusbs
+        .iter()
+        .filter(|v| v.vm_uuid == s.vms[1])
+        .map(|v| v.uuid.clone())
+        .collect();
+    assert_eq!(before, after, "the other Coral's VUSB is the same record");
+    let coral_5_requests = s
+        .host
+        .sim_bus()
+        .requests()
+        .iter()
+        .filter(|r| r.request == 1)
+        .count();
+    assert_eq!(
+        coral_5_requests, 44,
+        "one download (to the Coral that dropped)"
+    );
+}
+
+#[test]
+fn a_recovery_waits_while_another_coral_run_holds_the_lock() {
+    let s = scenario(&[4], PowerState::Halted);
+    let opts = options(vec![mapping(4, &s.vms[0], false)], 2);
+    let script = Script::new(&s.host, vec![(MINUTE, drop_coral(0))], 5 * MINUTE);
+    let busy_until = 2 * MINUTE;
+    run_watch(&s, &opts, &script, busy_until);
+
+    assert_eq!(coral_states(&s), vec![("2-4".into(), CoralState::Ready)]);
+    let first_usb_request = s.host.sim_bus().requests().len();
+    assert!(first_usb_request > 0);
+    let world = s.host.world();
+    let world = world.borrow();
+    let first_write = world
+        .calls
+        .iter()
+        .find(|c| c.args[0] == "vusb-create")
+        .expect("the VUSB was created after the lock was released");
+    assert!(
+        Duration::from_millis(first_write.at_ms) >= busy_until,
+        "no write while the lock was held: {first_write:?}"
+    );
+}
+
+#[test]
+fn an_idle_watch_makes_no_xe_call_between_its_periodic_checks() {
+    let s = scenario(&[4], PowerState::Running);
+    let opts = options(vec![mapping(4, &s.vms[0], false)], 2);
+    let script = Script::new(&s.host, vec![], 10 * MINUTE);
+    run_watch(&s, &opts, &script, Duration::ZERO);
+
+    let world = s.host.world();
+    let world = world.borrow();
+    let calls = world.calls.len();
+    // Resolve the VM once, then at most 3 reads per check: at start and every minute.
+    assert!(calls <= 1 + 3 * 11, "{calls} calls: {:?}", world.calls);
+    assert!(
+        world
+            .calls
+            .iter()
+            .all(|c| c.args[0].ends_with("-list") || c.args[0].ends_with("-get")),
+        "reads only"
+    );
+    assert!(s.host.sim_bus().requests().is_empty());
+}
