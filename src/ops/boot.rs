@@ -181,7 +181,10 @@ fn wait_for_xapi(
             Ok(_) => Ok(Some(())),
             Err(err) if is_xapi_failure(&err) => {
                 if last.is_none() {
-                    log::info!("boot: waiting up to {} s for xapi ({err:#})", timeout.as_secs());
+                    log::info!(
+                        "boot: waiting up to {} s for xapi ({err:#})",
+                        timeout.as_secs()
+                    );
                 }
                 last = Some(err);
                 Ok(None)

@@ -244,12 +244,9 @@ pub struct InstallRequest {
 /// (XAPI refuses USB for HA-protected VMs), the device checked.
 pub fn resolve_entry(xe: &XeClient, request: &InstallRequest) -> anyhow::Result<Entry> {
     if let Some(device) = &request.device {
-        device.parse::<PortPath>().map_err(|e| {
-            fail(
-                FailureKind::NoCoral,
-                format!("--device {device:?}: {e}"),
-            )
-        })?;
+        device
+            .parse::<PortPath>()
+            .map_err(|e| fail(FailureKind::NoCoral, format!("--device {device:?}: {e}")))?;
     }
     let vm = resolve_vm(xe, &request.vm)?;
     if vm.ha_restart_priority == "restart" {
@@ -292,7 +289,10 @@ pub fn install(
     out.write(&place.config.file, config.to_toml().as_bytes())?;
     let systemd = place.systemd();
     for unit in units(spec) {
-        out.write(&unit_path(place.root.as_deref(), unit.name), unit.text.as_bytes())?;
+        out.write(
+            &unit_path(place.root.as_deref(), unit.name),
+            unit.text.as_bytes(),
+        )?;
     }
     out.act("systemctl daemon-reload", || systemd.reload())?;
     for unit in units(spec) {
@@ -303,7 +303,11 @@ pub fn install(
     out.line(format!(
         "at boot {UNIT_NAME} runs `coral up` for {} entr{} before XCP-ng auto-starts VMs",
         config.entries.len(),
-        if config.entries.len() == 1 { "y" } else { "ies" }
+        if config.entries.len() == 1 {
+            "y"
+        } else {
+            "ies"
+        }
     ));
     if !start {
         out.line("the VM must have auto_poweron (VM and pool other-config:auto_poweron=true, see README) to start with its Coral; or reinstall with --start; `coral doctor` checks it".to_string());
@@ -385,7 +389,9 @@ pub fn uninstall(place: &Place, vm: Option<&str>) -> anyhow::Result<String> {
     for name in unit_names() {
         let path = unit_path(place.root.as_deref(), name);
         if path.exists() {
-            out.act(&format!("systemctl disable {name}"), || systemd.disable(name))?;
+            out.act(&format!("systemctl disable {name}"), || {
+                systemd.disable(name)
+            })?;
             out.remove(&path)?;
         }
     }
@@ -524,8 +530,14 @@ mod tests {
             config_env: Some("/srv/my coral.toml".into()),
         };
         let text = boot_unit_text(&spec);
-        assert!(text.contains("\nExecStart=/usr/bin/coral --lock-timeout 30 up\n"), "{text}");
-        assert!(text.contains("\nEnvironment=\"CORAL_CONFIG=/srv/my coral.toml\"\n"), "{text}");
+        assert!(
+            text.contains("\nExecStart=/usr/bin/coral --lock-timeout 30 up\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nEnvironment=\"CORAL_CONFIG=/srv/my coral.toml\"\n"),
+            "{text}"
+        );
         assert!(text.contains("\nTimeoutStartSec=240\n"), "{text}");
         assert!(!text.contains("Restart="), "systemd 219 oneshot: {text}");
         assert!(!text.contains("Requires"), "{text}");

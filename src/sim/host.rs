@@ -47,7 +47,9 @@ pub fn sim_state_path() -> PathBuf {
         Some(dir) => PathBuf::from(dir).join("coral-sim.json"),
         None => {
             use std::os::unix::fs::MetadataExt;
-            let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
+            let uid = std::fs::metadata("/proc/self")
+                .map(|m| m.uid())
+                .unwrap_or(0);
             PathBuf::from(format!("/tmp/coral-sim-{uid}.json"))
         }
     }
@@ -78,6 +80,11 @@ impl SimulatedHost {
 
         let mut world = World::new(WorldConfig::default());
         let host_uuid = world.add_host("xcp-ng-sim");
+        world.pool.uuid = world.new_uuid();
+        world
+            .pool
+            .other_config
+            .insert("auto_poweron".into(), "true".into());
         let vm = world.add_vm("frigate", PowerState::Running, Some(&host_uuid));
         if let Some(vm) = world.vms.iter_mut().find(|v| v.uuid == vm) {
             vm.other_config.insert("auto_poweron".into(), "true".into());
