@@ -4,7 +4,7 @@
 
 mod support;
 
-use coral::clock::{Clock, VirtualClock};
+use coral::clock::VirtualClock;
 use coral::config::{Config, Entry};
 use coral::firmware::{FirmwareImage, FirmwareSource};
 use coral::ops::boot::{budget, up_all};
