@@ -1,21 +1,34 @@
 #!/usr/bin/env bash
-# The generated boot unit must pass `systemd-analyze verify`. XCP-ng's own
+# The generated boot and watch units must pass `systemd-analyze verify`. XCP-ng's own
 # units (xapi-init-complete.target, xapi-domains.service) do not exist here:
-# the check adds stand-ins for them so nothing else is excused.
+# the check adds stand-ins for them so nothing else is excused. The unit is
+# made by `coral --simulate service install`, which writes only into the
+# simulated host's own root (next to its state file), never into /etc.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --quiet --bin coral
-bin="$PWD/target/debug/coral"
-root=$(mktemp -d)
-trap 'rm -rf "$root"' EXIT
+bin="${CARGO_TARGET_DIR:-$PWD/target}/debug/coral"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
 
-"$bin" service install --vm 'my "cam" vm $x 100%' --start --root "$root"
-unit="$root/etc/systemd/system/coral-up.service"
+export CORAL_SIM_STATE="$work/sim.json"
+"$bin" -q --simulate service install --vm frigate --start
+unit="$work/sim.root/etc/systemd/system/coral-up.service"
 cat "$unit"
-stubs="$root/stubs"
+grep -qx 'TimeoutStartSec=240' "$unit"
+grep -qx 'Before=xapi-domains.service' "$unit"
+if grep -Eq '^(Restart|Requires|RequiredBy)=' "$unit"; then
+    echo "check-service: the unit must not use Restart= (systemd 219 oneshot) nor Requires" >&2
+    exit 1
+fi
+stubs="$work/stubs"
 mkdir -p "$stubs"
 printf '[Unit]\nDescription=stand-in for XCP-ng\n' > "$stubs/xapi-init-complete.target"
 printf '[Unit]\nDescription=stand-in for XCP-ng\n[Service]\nType=oneshot\nExecStart=/bin/true\n' > "$stubs/xapi-domains.service"
-cp "$unit" "$stubs/"
-SYSTEMD_UNIT_PATH="$stubs:" systemd-analyze verify "$stubs/coral-up.service"
-echo "check-service: systemd-analyze verify passed"
+watch="$work/sim.root/etc/systemd/system/coral-watch.service"
+cat "$watch"
+grep -qx 'Restart=on-failure' "$watch"
+grep -qx 'After=xapi-init-complete.target coral-up.service' "$watch"
+cp "$unit" "$watch" "$stubs/"
+SYSTEMD_UNIT_PATH="$stubs:" systemd-analyze verify "$stubs/coral-up.service" "$stubs/coral-watch.service"
+echo "check-service: systemd-analyze verify passed (coral-up.service, coral-watch.service)"

@@ -3,11 +3,12 @@
 //! operation per subcommand. Results go to stdout; the log goes to stderr.
 
 use crate::cli::{
-    AttachArgs, Cli, Command, DetachArgs, FirmwareArgs, FirmwareCommand, InitArgs, ServiceCommand,
-    ServiceInstallArgs, StatusArgs, UpArgs, VmArgs, WatchArgs,
+    AttachArgs, Cli, Command, DetachArgs, DoctorArgs, FirmwareArgs, FirmwareCommand, InitArgs,
+    ServiceCommand, StatusArgs, UpArgs, VmArgs, WatchArgs,
 };
 use anyhow::Context;
 use coral::clock::{Clock, SystemClock};
+use coral::config::ConfigPath;
 use coral::error::{fail, FailureKind};
 use coral::firmware::{self, FirmwareChoice, FirmwareImage, FirmwareSource, DEFAULT_INSTALL_DIR};
 use coral::lock::{self, LockGuard, LockWait};
@@ -16,8 +17,8 @@ use coral::ops::detach::{detach, DetachOptions};
 use coral::ops::init::{init, InitOptions, InitOutcome};
 use coral::ops::status::status;
 use coral::ops::up::{up, UpOptions};
-use coral::ops::{firmware_cmd, service};
-use coral::sim::host::{stand_in_firmware, SimulatedHost};
+use coral::ops::{boot, doctor, firmware_cmd, service};
+use coral::sim::host::{sim_root, sim_state_path, stand_in_firmware, SimulatedHost};
 use coral::usb::rusb_backend::RusbBus;
 use coral::usb::{CoralState, UsbBus};
 use coral::xe::client::XeClient;
@@ -63,14 +64,31 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Attach(_) | Command::Detach(_) | Command::Status(_) => CoralState::Ready,
         _ => CoralState::Uninitialized,
     };
-    let env = Environment::new(cli.simulate.then_some(simulated_coral));
+    let env = Environment::new(cli.simulate.then_some(simulated_coral))?;
+    let result = run_command(&cli, &env);
+    // The simulated world lives on in its state file (not after a dry run,
+    // nor after a command that only reads).
+    if let Environment::Simulated(host) = &env {
+        let changes = matches!(
+            cli.command,
+            Command::Init(_) | Command::Attach(_) | Command::Detach(_) | Command::Up(_)
+        );
+        if changes && !cli.dry_run {
+            host.save(&sim_state_path())?;
+        }
+    }
+    result
+}
+
+fn run_command(cli: &Cli, env: &Environment) -> anyhow::Result<()> {
+    let (cli, env) = (cli, env);
     match &cli.command {
-        Command::Init(args) => run_init(&cli, &env, args),
-        Command::Attach(args) => run_attach(&cli, &env, args),
-        Command::Detach(args) => run_detach(&cli, &env, args),
-        Command::Status(args) => run_status(&env, args),
-        Command::Up(args) => run_up(&cli, &env, args),
-        Command::Watch(args) => run_watch(&cli, &env, args),
+        Command::Init(args) => run_init(cli, env, args),
+        Command::Attach(args) => run_attach(cli, env, args),
+        Command::Detach(args) => run_detach(cli, env, args),
+        Command::Status(args) => run_status(env, args),
+        Command::Up(args) => run_up(cli, env, args),
+        Command::Watch(args) => run_watch(cli, env, args),
         Command::Firmware(FirmwareCommand::Show(args)) => {
             print(firmware_cmd::show(&firmware_choice(args))?)
         }
@@ -78,16 +96,139 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             file,
             allow_unknown_firmware,
             dir,
-        }) => print(firmware_cmd::install(file, dir, *allow_unknown_firmware)?),
-        Command::Firmware(FirmwareCommand::Fetch { dir }) => print(firmware_cmd::fetch(dir)?),
-        Command::Service(ServiceCommand::Install(args)) => print(service::install(
-            &service_spec(args)?,
-            args.root.root.as_deref(),
+        }) => print(firmware_cmd::install(
+            file,
+            dir,
+            *allow_unknown_firmware,
+            cli.dry_run || cli.simulate,
         )?),
-        Command::Service(ServiceCommand::Show(args)) => print(service::show(args.root.as_deref())?),
-        Command::Service(ServiceCommand::Uninstall(args)) => {
-            print(service::uninstall(args.root.as_deref())?)
+        Command::Firmware(FirmwareCommand::Fetch { dir }) => {
+            print(firmware_cmd::fetch(dir, cli.dry_run || cli.simulate)?)
         }
+        Command::Service(command) => run_service(cli, env, command),
+        Command::Doctor(args) => run_doctor(cli, env, args),
+    }
+}
+
+/// Where `service` and `doctor` look: under --simulate the simulated host's
+/// own root (never the real /etc), else --root or `/`.
+fn service_place(cli: &Cli, root: Option<&std::path::Path>) -> service::Place {
+    let root = if cli.simulate {
+        Some(sim_root(&sim_state_path()))
+    } else {
+        root.map(PathBuf::from)
+    };
+    let config = match &root {
+        // $CORAL_CONFIG names a real file: the simulation keeps its own.
+        Some(sim) if cli.simulate => ConfigPath {
+            file: sim.join(coral::config::DEFAULT_PATH.trim_start_matches('/')),
+            from_env: None,
+        },
+        _ => ConfigPath::resolve(root.as_deref()),
+    };
+    service::Place {
+        root,
+        config,
+        dry_run: cli.dry_run,
+    }
+}
+
+fn unit_spec(place: &service::Place) -> anyhow::Result<service::UnitSpec> {
+    Ok(service::UnitSpec {
+        exe: std::env::current_exe().context("cannot tell where this coral binary is")?,
+        config_env: place.config.from_env.clone(),
+    })
+}
+
+fn run_service(cli: &Cli, env: &Environment, command: &ServiceCommand) -> anyhow::Result<()> {
+    match command {
+        ServiceCommand::Install(args) => {
+            let place = service_place(cli, args.root.root.as_deref());
+            let spec = unit_spec(&place)?;
+            let (runner, host_uuid) = env.xapi()?;
+            let xe = XeClient::new(runner, host_uuid, true);
+            let request = service::InstallRequest {
+                vm: args.vm.clone(),
+                device: args.device.clone(),
+                start: args.start,
+                restart: args.restart,
+            };
+            print(service::install(&xe, &place, &spec, &request)?)
+        }
+        ServiceCommand::Show(args) => {
+            let place = service_place(cli, args.root.root.as_deref());
+            let spec = unit_spec(&place)?;
+            let request = args.vm.as_ref().map(|vm| service::InstallRequest {
+                vm: vm.clone(),
+                device: args.device.clone(),
+                start: args.start,
+                restart: args.restart,
+            });
+            let xapi = request.as_ref().and_then(|_| env.xapi().ok());
+            let xe = xapi
+                .as_ref()
+                .map(|(runner, host)| XeClient::new(*runner, host.clone(), true));
+            print(service::show(xe.as_ref(), &place, &spec, request.as_ref())?)
+        }
+        ServiceCommand::Uninstall(args) => {
+            let place = service_place(cli, args.root.root.as_deref());
+            print(service::uninstall(&place, args.vm.as_deref())?)
+        }
+    }
+}
+
+fn run_doctor(cli: &Cli, env: &Environment, args: &DoctorArgs) -> anyhow::Result<()> {
+    let place = service_place(cli, args.root.root.as_deref());
+    let spec = unit_spec(&place)?;
+    let choice = firmware_choice(&FirmwareArgs::default());
+    let mut load = || {
+        firmware::load(&choice).or_else(|err| {
+            if env.is_simulated() && firmware::nothing_configured(&choice) {
+                Ok(stand_in_firmware())
+            } else {
+                Err(err)
+            }
+        })
+    };
+    let usb_policy = std::env::var_os(doctor::USB_POLICY_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            place
+                .root
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("/"))
+                .join(doctor::USB_POLICY.trim_start_matches('/'))
+        });
+    let report = doctor::doctor(doctor::DoctorInputs {
+        binary: (spec.exe.clone(), env!("CARGO_PKG_VERSION").to_string()),
+        load_firmware: &mut load,
+        usb: env.usb(),
+        xapi: env.xapi(),
+        config: place.config.clone(),
+        root: place.root.clone(),
+        systemd: place.systemd(),
+        usb_policy,
+        lock_file: cli.lock.lock_file.clone(),
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{report}");
+    }
+    if report.passed {
+        Ok(())
+    } else {
+        let failed = report
+            .checks
+            .iter()
+            .filter(|c| c.verdict == doctor::Verdict::Fail)
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        Err(fail(
+            FailureKind::Other,
+            format!("doctor: failed: {failed}; each check above says the fix"),
+        ))
     }
 }
 
@@ -102,17 +243,19 @@ enum Environment {
 }
 
 impl Environment {
-    fn new(simulate: Option<CoralState>) -> Self {
+    fn new(simulate: Option<CoralState>) -> anyhow::Result<Self> {
         if let Some(coral) = simulate {
-            let host = SimulatedHost::new(coral);
-            log::info!("{}", host.describe());
-            Environment::Simulated(Box::new(host))
+            let state = sim_state_path();
+            let host = SimulatedHost::load_or_new(&state, coral)?;
+            seed_sim_root(&sim_root(&state))?;
+            log::info!("{} (state: {})", host.describe(), state.display());
+            Ok(Environment::Simulated(Box::new(host)))
         } else {
-            Environment::Real {
+            Ok(Environment::Real {
                 usb: RusbBus::new(),
                 clock: SystemClock::new(),
                 xe: XeCommand::from_env(),
-            }
+            })
         }
     }
 
@@ -231,6 +374,9 @@ fn run_status(env: &Environment, args: &StatusArgs) -> anyhow::Result<()> {
 }
 
 fn run_up(cli: &Cli, env: &Environment, args: &UpArgs) -> anyhow::Result<()> {
+    if args.vm.vm.is_none() {
+        return run_up_all(cli, env, args);
+    }
     let opts = UpOptions {
         replug_timeout: seconds("--timeout", args.timeout)?,
         attach: attach_options(&args.vm, args.device.device.clone())?,
@@ -249,24 +395,91 @@ fn run_up(cli: &Cli, env: &Environment, args: &UpArgs) -> anyhow::Result<()> {
     print(report.to_string())
 }
 
+/// `coral up` without --vm: every config entry, within the boot budget. The
+/// config is read and checked before any USB or `xe` call.
+fn run_up_all(cli: &Cli, env: &Environment, args: &UpArgs) -> anyhow::Result<()> {
+    let place = service_place(cli, None);
+    let config = coral::config::load(&place.config.file)?.ok_or_else(|| {
+        fail(
+            FailureKind::Other,
+            format!(
+                "no --vm and no config at {}; pass --vm VM, or add an entry with `coral service install --vm VM`",
+                place.config.file.display()
+            ),
+        )
+    })?;
+    let choice = firmware_choice(&args.firmware);
+    let mut load = || load_firmware(&choice, env.is_simulated());
+    let (runner, host_uuid) = env.xapi()?;
+    let xe = XeClient::new(runner, host_uuid, cli.dry_run);
+    let _lock = take_lock(cli, env)?;
+    let report = boot::up_all(env.usb(), &xe, env.clock(), &mut load, &config, cli.dry_run)?;
+    print_planned(&xe);
+    for outcome in &report.outcomes {
+        if let Ok(up) = &outcome.result {
+            println!("{}: {up}", outcome.entry.label());
+        }
+    }
+    report.into_result()
+}
+
+/// Give a new simulated host its /etc/xensource/usb-policy.conf (XCP-ng's
+/// defaults as the fact sheet gives them), for `coral --simulate doctor`.
+fn seed_sim_root(root: &std::path::Path) -> anyhow::Result<()> {
+    let policy = root.join(doctor::USB_POLICY.trim_start_matches('/'));
+    if policy.exists() {
+        return Ok(());
+    }
+    coral::config::write_file(
+        &policy,
+        b"# Simulated XCP-ng host: xapi's default rules (see xapi-usb.md).\n\
+          DENY: class=02 # communications\n\
+          DENY: class=0a # CDC data\n\
+          DENY: class=0b # smart card\n\
+          DENY: class=e0 # wireless controller\n\
+          ALLOW: # everything else\n",
+    )
+}
+
 fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<()> {
     use crate::watch_runtime::{CancellableClock, HostWakeups, SimulatedWakeups};
     use coral::mapping_state::StateStore;
     use coral::ops::watch::{watch, LockAttempt, Mapping, Wakeups, WatchEnv, WatchOptions};
 
-    let Some(vm) = args.vm.clone() else {
-        return Err(fail(
-            FailureKind::Other,
-            "coral watch needs --vm UUID|NAME (the VM that keeps the Coral)",
-        ));
-    };
-    let opts = WatchOptions {
-        mappings: vec![Mapping {
-            vm,
+    // The mappings: --vm, else every entry of the config (read and checked
+    // before anything else; a broken config is the one thing that ends the watcher).
+    let mappings = match &args.vm {
+        Some(vm) => vec![Mapping {
+            vm: vm.clone(),
             device: args.device.device.clone(),
             start: args.start,
             restart: args.restart,
         }],
+        None => {
+            let place = service_place(cli, None);
+            let config = coral::config::load(&place.config.file)?.ok_or_else(|| {
+                fail(
+                    FailureKind::Other,
+                    format!(
+                        "no --vm and no config at {}; pass --vm VM, or add an entry with `coral service install --vm VM`",
+                        place.config.file.display()
+                    ),
+                )
+            })?;
+            config
+                .entries
+                .iter()
+                .map(|entry| Mapping {
+                    vm: entry.vm_uuid.clone(),
+                    device: entry.device.clone(),
+                    start: entry.start,
+                    restart: entry.restart,
+                })
+                .collect()
+        }
+    };
+    let opts = WatchOptions {
+        mappings,
         max_restarts_per_hour: args.max_restarts_per_hour,
         usb_poll: coral::ops::watch::DEFAULT_USB_POLL,
         xapi_check: seconds("--xapi-check", args.xapi_check)?,
@@ -359,7 +572,7 @@ fn take_lock(cli: &Cli, env: &Environment) -> anyhow::Result<Option<LockGuard>> 
 
 fn attach_options(vm: &VmArgs, device: Option<String>) -> anyhow::Result<AttachOptions> {
     Ok(AttachOptions {
-        vm: vm.vm.clone(),
+        vm: vm.vm.clone().unwrap_or_default(),
         device,
         start: vm.start,
         restart: vm.restart,
@@ -403,18 +616,6 @@ fn image_name(image: &FirmwareImage) -> String {
         (None, FirmwareSource::Simulated) => "simulation stand-in".to_string(),
         (None, _) => "unknown image".to_string(),
     }
-}
-
-fn service_spec(args: &ServiceInstallArgs) -> anyhow::Result<service::ServiceSpec> {
-    let exe = std::env::current_exe().context("cannot tell where this coral binary is")?;
-    Ok(service::ServiceSpec {
-        exe,
-        vm: args.vm.clone(),
-        start: args.start,
-        restart: args.restart,
-        device: args.device.clone(),
-        firmware: args.firmware.clone(),
-    })
 }
 
 /// A `--…` seconds flag as a duration; negative, NaN or absurd values are usage errors.

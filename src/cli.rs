@@ -53,6 +53,19 @@ pub enum Command {
     /// The boot-time systemd service that runs `coral up`.
     #[command(subcommand)]
     Service(ServiceCommand),
+    /// Check, read-only, everything the boot path depends on; exit 0 only when all pass.
+    Doctor(DoctorArgs),
+}
+
+/// Options of `coral doctor`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct DoctorArgs {
+    /// Print JSON (schema in README.md) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub root: ServiceRootArgs,
 }
 
 /// Selecting a Coral.
@@ -96,9 +109,9 @@ pub struct InitArgs {
 /// Which VM, and how its power may be touched.
 #[derive(Debug, Args, Clone, Default)]
 pub struct VmArgs {
-    /// The VM: its uuid or its exact name-label.
+    /// The VM: its uuid or its exact name-label (`coral up` without it: every entry of the config).
     #[arg(long, value_name = "UUID|NAME")]
-    pub vm: String,
+    pub vm: Option<String>,
 
     /// Start the VM afterwards if it is halted.
     #[arg(long)]
@@ -123,6 +136,7 @@ pub struct VmArgs {
 
 /// Options of `coral attach`.
 #[derive(Debug, Args, Clone, Default)]
+#[command(mut_arg("vm", |a| a.required(true)))]
 pub struct AttachArgs {
     #[command(flatten)]
     pub vm: VmArgs,
@@ -225,12 +239,46 @@ pub enum FirmwareCommand {
 /// `coral service …`
 #[derive(Debug, Subcommand)]
 pub enum ServiceCommand {
-    /// Write, enable and reload the coral-up.service unit.
+    /// Add or update the VM's entry in the config, write and enable coral-up.service.
     Install(ServiceInstallArgs),
-    /// Print the installed unit (or the one install would write, with --vm).
-    Show(ServiceRootArgs),
-    /// Disable and remove the unit.
-    Uninstall(ServiceRootArgs),
+    /// Print the unit install writes and the config (as install would leave it, with --vm).
+    Show(ServiceShowArgs),
+    /// Remove the VM's entry (--vm), or every entry, the config and the unit.
+    Uninstall(ServiceUninstallArgs),
+}
+
+/// Options of `coral service show`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ServiceShowArgs {
+    /// Show the config as `service install --vm VM` would leave it.
+    #[arg(long, value_name = "UUID|NAME")]
+    pub vm: Option<String>,
+
+    /// As for install.
+    #[arg(long, requires = "vm")]
+    pub start: bool,
+
+    /// As for install.
+    #[arg(long, requires = "vm")]
+    pub restart: bool,
+
+    /// As for install.
+    #[arg(long, value_name = "PATH", requires = "vm")]
+    pub device: Option<String>,
+
+    #[command(flatten)]
+    pub root: ServiceRootArgs,
+}
+
+/// Options of `coral service uninstall`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ServiceUninstallArgs {
+    /// Remove only this VM's entry (uuid or the name recorded in the config).
+    #[arg(long, value_name = "UUID|NAME")]
+    pub vm: Option<String>,
+
+    #[command(flatten)]
+    pub root: ServiceRootArgs,
 }
 
 /// Where the unit goes.
@@ -248,21 +296,17 @@ pub struct ServiceInstallArgs {
     #[arg(long, value_name = "UUID|NAME")]
     pub vm: String,
 
-    /// Pass --start to `coral up` (start the VM if halted; see README about auto_poweron).
+    /// Start the VM if it is halted (else XCP-ng's auto_poweron must start it; see README).
     #[arg(long)]
     pub start: bool,
 
-    /// Pass --restart to `coral up` (restart the VM if it runs without the Coral).
+    /// Restart the VM cleanly if it runs without its Coral.
     #[arg(long)]
     pub restart: bool,
 
-    /// Pass --device to `coral up`.
+    /// The Coral's USB port path (see `coral status`); needed with several Corals.
     #[arg(long, value_name = "PATH")]
     pub device: Option<String>,
-
-    /// Pass --firmware to `coral up`.
-    #[arg(long, value_name = "FILE")]
-    pub firmware: Option<PathBuf>,
 
     #[command(flatten)]
     pub root: ServiceRootArgs,

@@ -13,6 +13,7 @@
 //! - [`sim`]: the simulated Coral and XCP-ng host, strict as the real ones.
 
 pub mod clock;
+pub mod config;
 pub mod dfu;
 pub mod error;
 pub mod firmware;

@@ -81,6 +81,24 @@ pub fn acquire(path: &Path, wait: LockWait, clock: &dyn Clock) -> anyhow::Result
     Ok(LockGuard { _file: file })
 }
 
+/// Whether the lock at `path` is free, without taking it or creating the
+/// file (for `coral doctor`): a shared lock attempt fails while a run holds it.
+pub fn is_free(path: &Path) -> std::io::Result<bool> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+        Err(e) => return Err(e),
+    };
+    match file.try_lock_shared() {
+        Ok(()) => {
+            let _ = file.unlock();
+            Ok(true)
+        }
+        Err(TryLockError::WouldBlock) => Ok(false),
+        Err(TryLockError::Error(e)) => Err(e),
+    }
+}
+
 /// Take the lock if it is free now; `Ok(None)` when another run holds it
 /// (for `coral watch`, which tries again later instead of waiting).
 pub fn try_acquire(path: &Path) -> anyhow::Result<Option<LockGuard>> {
@@ -121,7 +139,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("coral.lock");
         let clock = SystemClock::new();
+        assert!(is_free(&path).unwrap());
+        assert!(!path.exists(), "probing creates nothing");
         let first = acquire(&path, LockWait::NoWait, &clock).unwrap();
+        assert!(!is_free(&path).unwrap());
         let err = acquire(&path, LockWait::NoWait, &clock).unwrap_err();
         assert_eq!(crate::error::exit_code_of(&err), 9);
         assert!(err.to_string().contains("--no-wait"));

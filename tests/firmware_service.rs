@@ -181,9 +181,19 @@ fn fetch_verifies_and_leaves_nothing_half_written() {
 
 #[test]
 fn service_install_show_uninstall_in_a_temporary_root() {
-    let root = tempfile::tempdir().unwrap();
+    use coral::sim::xapi::{coral_ready_device, PowerState};
     let vm = "my \"cam\" vm $x 100%";
+    let (world, host, vm_uuid) = support::pool(
+        support::fast_config(),
+        vm,
+        PowerState::Halted,
+        vec![coral_ready_device("2-4")],
+    );
+    let xapi = support::FakeXapi::new(world, &host);
+    let root = tempfile::tempdir().unwrap();
     let out = coral()
+        .envs(xapi.env())
+        .env_remove("CORAL_CONFIG")
         .args(["service", "install", "--vm", vm, "--restart", "--root"])
         .arg(root.path())
         .output()
@@ -202,7 +212,7 @@ fn service_install_show_uninstall_in_a_temporary_root() {
         "After=xapi-init-complete.target",
         "Before=xapi-domains.service",
         "WantedBy=multi-user.target",
-        "TimeoutStartSec=900",
+        "TimeoutStartSec=240",
     ] {
         assert!(unit.lines().any(|l| l == line), "{line} missing:\n{unit}");
     }
@@ -210,18 +220,29 @@ fn service_install_show_uninstall_in_a_temporary_root() {
         .lines()
         .find(|l| l.starts_with("ExecStart=/"))
         .expect("absolute ExecStart");
+    assert!(exec.ends_with(" --lock-timeout 30 up"), "{exec}");
+    let config = std::fs::read_to_string(root.path().join("etc/coral/coral.toml")).unwrap();
     assert!(
-        exec.ends_with(r#" up --vm "my \"cam\" vm $$x 100%%" --restart"#),
-        "{exec}"
+        config.contains(&format!("vm = \"{vm_uuid}\"")),
+        "the VM by uuid: {config}"
     );
+    assert!(
+        config.contains(r#"vm_name = "my \"cam\" vm $x 100%""#),
+        "{config}"
+    );
+    assert!(config.contains("restart = true"), "{config}");
 
     let shown = coral()
+        .env_remove("CORAL_CONFIG")
         .args(["service", "show", "--root"])
         .arg(root.path())
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&shown.stdout).trim(), unit.trim());
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains(unit.trim()), "{shown}");
+    assert!(shown.contains("installed, as install writes it"), "{shown}");
     let out = coral()
+        .env_remove("CORAL_CONFIG")
         .args(["service", "uninstall", "--root"])
         .arg(root.path())
         .output()
@@ -231,12 +252,7 @@ fn service_install_show_uninstall_in_a_temporary_root() {
         .path()
         .join("etc/systemd/system/coral-up.service")
         .exists());
-    let again = coral()
-        .args(["service", "show", "--root"])
-        .arg(root.path())
-        .output()
-        .unwrap();
-    assert!(!again.status.success());
+    assert!(!root.path().join("etc/coral/coral.toml").exists());
 }
 
 #[test]

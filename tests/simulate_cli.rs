@@ -5,19 +5,49 @@ mod support;
 
 use support::shared_firmware;
 
-fn coral() -> Command {
-    let mut cmd = Command::cargo_bin("coral").expect("coral binary");
-    // Keep the real host's settings out of the simulation.
-    for var in [
-        "CORAL_FIRMWARE",
-        "CORAL_FIRMWARE_DIR",
-        "CORAL_XE",
-        "CORAL_INVENTORY",
-    ] {
-        cmd.env_remove(var);
+/// A simulated host of its own (state file in a fresh directory) for one test.
+struct Sim {
+    dir: tempfile::TempDir,
+}
+
+impl Sim {
+    fn new() -> Self {
+        Sim {
+            dir: tempfile::tempdir().unwrap(),
+        }
     }
-    cmd.env("CORAL_FIRMWARE_DIR", "/nonexistent-coral-test-dir");
-    cmd
+
+    fn state(&self) -> std::path::PathBuf {
+        self.dir.path().join("sim.json")
+    }
+
+    /// `coral` against this host.
+    fn coral(&self) -> Command {
+        let mut cmd = Command::cargo_bin("coral").expect("coral binary");
+        // Keep the real host's settings out of the simulation.
+        for var in [
+            "CORAL_FIRMWARE",
+            "CORAL_FIRMWARE_DIR",
+            "CORAL_XE",
+            "CORAL_INVENTORY",
+            "CORAL_CONFIG",
+            "CORAL_USB_POLICY",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.env("CORAL_FIRMWARE_DIR", "/nonexistent-coral-test-dir")
+            .env("CORAL_SIM_STATE", self.state());
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> (bool, String, String) {
+        let out = self.coral().args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
 }
 
 #[test]
@@ -25,7 +55,8 @@ fn simulated_up_with_restart_recovers_the_coral_and_restarts_once() {
     let Some(image) = shared_firmware("apex_latest_single_ep.bin") else {
         return;
     };
-    let out = coral()
+    let out = Sim::new()
+        .coral()
         .args([
             "--simulate",
             "up",
@@ -54,7 +85,11 @@ fn simulated_up_with_restart_recovers_the_coral_and_restarts_once() {
 
 #[test]
 fn simulated_init_works_without_any_firmware_installed() {
-    let out = coral().args(["--simulate", "init"]).output().unwrap();
+    let out = Sim::new()
+        .coral()
+        .args(["--simulate", "init"])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
@@ -70,7 +105,8 @@ fn simulated_wrong_firmware_is_refused_before_any_usb_traffic() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.bin");
     std::fs::write(&bad, vec![0x55u8; 10_783]).unwrap();
-    let out = coral()
+    let out = Sim::new()
+        .coral()
         .args(["--simulate", "init", "--firmware"])
         .arg(&bad)
         .output()
@@ -86,7 +122,8 @@ fn simulated_wrong_firmware_is_refused_before_any_usb_traffic() {
 
 #[test]
 fn simulated_status_json_follows_the_schema() {
-    let out = coral()
+    let out = Sim::new()
+        .coral()
         .args(["--simulate", "status", "--json"])
         .output()
         .unwrap();
@@ -105,7 +142,8 @@ fn simulated_status_json_follows_the_schema() {
 
 #[test]
 fn simulated_attach_dry_run_prints_the_commands_and_changes_nothing() {
-    let out = coral()
+    let out = Sim::new()
+        .coral()
         .args([
             "--simulate",
             "--dry-run",
@@ -137,7 +175,8 @@ fn simulated_attach_dry_run_prints_the_commands_and_changes_nothing() {
 
 #[test]
 fn simulated_unknown_vm_is_a_vm_error_naming_it() {
-    let out = coral()
+    let out = Sim::new()
+        .coral()
         .args(["--simulate", "attach", "--vm", "frigate; reboot"])
         .output()
         .unwrap();
@@ -147,4 +186,183 @@ fn simulated_unknown_vm_is_a_vm_error_naming_it() {
         stderr.contains("'frigate; reboot'") && stderr.contains("xe vm-list"),
         "{stderr}"
     );
+}
+
+#[test]
+fn simulated_up_status_detach_tell_one_story() {
+    let sim = Sim::new();
+    let (ok, stdout, stderr) = sim.run(&["--simulate", "up", "--vm", "frigate"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("firmware uploaded"), "{stdout}");
+    // The next run sees the Coral ready and its VUSB pending a restart.
+    let (ok, stdout, stderr) = sim.run(&["--simulate", "status", "--json"]);
+    assert!(ok, "{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["corals"][0]["usb_state"], "ready", "{stdout}");
+    assert!(
+        stdout.contains("frigate"),
+        "status shows the VUSB made by up: {stdout}"
+    );
+    let (ok, stdout, stderr) = sim.run(&["--simulate", "detach", "--vm", "frigate"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("removed VUSB"), "{stdout}");
+    let (_, stdout, _) = sim.run(&["--simulate", "status"]);
+    assert!(stdout.contains("VUSB: none"), "{stdout}");
+    // A second up needs no firmware: the Coral stayed ready.
+    let (ok, stdout, stderr) = sim.run(&["--simulate", "up", "--vm", "frigate"]);
+    assert!(ok, "{stderr}");
+    assert!(!stdout.contains("firmware uploaded"), "{stdout}");
+    // Starting over is deleting the state file.
+    std::fs::remove_file(sim.state()).unwrap();
+    let (_, stdout, _) = sim.run(&["--simulate", "up", "--vm", "frigate"]);
+    assert!(stdout.contains("firmware uploaded"), "{stdout}");
+}
+
+#[test]
+fn simulate_and_dry_run_never_write_outside_the_simulation() {
+    let sim = Sim::new();
+    let target = tempfile::tempdir().unwrap();
+    let image = target.path().join("image.bin");
+    std::fs::write(&image, vec![0x42u8; 1000]).unwrap();
+    let dir = target.path().join("firmware-dir");
+    let root = target.path().join("root");
+    for flag in ["--simulate", "--dry-run"] {
+        let out = sim
+            .coral()
+            .args([
+                flag,
+                "firmware",
+                "install",
+                "--allow-unknown-firmware",
+                "--dir",
+            ])
+            .arg(&dir)
+            .arg(&image)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("would install"));
+        assert!(
+            !dir.exists(),
+            "{flag} firmware install wrote {}",
+            dir.display()
+        );
+        let out = sim
+            .coral()
+            .args([flag, "firmware", "fetch", "--dir"])
+            .arg(&dir)
+            .env("CORAL_FIRMWARE_URL_BASE", "file:///nonexistent")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !dir.exists(),
+            "{flag} firmware fetch wrote {}",
+            dir.display()
+        );
+    }
+    // --dry-run service install: says what it would write, writes nothing.
+    let out = sim
+        .coral()
+        .args([
+            "--simulate",
+            "--dry-run",
+            "service",
+            "install",
+            "--vm",
+            "frigate",
+            "--root",
+        ])
+        .arg(&root)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("would write") && stdout.contains("ExecStart="),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("would run: systemctl enable coral-up.service"),
+        "{stdout}"
+    );
+    assert!(!root.exists());
+    assert!(!sim
+        .state()
+        .with_extension("root")
+        .join("etc/coral")
+        .exists());
+    // --simulate service install: only the simulated host's own root, never --root or /etc.
+    let (ok, stdout, stderr) = sim.run(&[
+        "--simulate",
+        "service",
+        "install",
+        "--vm",
+        "frigate",
+        "--root",
+        root.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let sim_root = sim.state().with_extension("root");
+    assert!(stdout.contains(&sim_root.display().to_string()), "{stdout}");
+    assert!(sim_root
+        .join("etc/systemd/system/coral-up.service")
+        .exists());
+    assert!(!root.exists());
+}
+
+#[test]
+fn simulated_boot_service_recovers_every_entry_and_doctor_passes() {
+    let sim = Sim::new();
+    let (ok, stdout, _) = sim.run(&["--simulate", "doctor"]);
+    assert!(!ok, "no entry, no service: {stdout}");
+    assert!(
+        stdout.contains("FAIL  config") && stdout.contains("FAIL  service"),
+        "{stdout}"
+    );
+    let (ok, _, stderr) = sim.run(&["--simulate", "service", "install", "--vm", "frigate"]);
+    assert!(ok, "{stderr}");
+    let (ok, stdout, stderr) = sim.run(&["--simulate", "up"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("VM 'frigate'") && stdout.contains("firmware uploaded"),
+        "{stdout}"
+    );
+    let (ok, stdout, stderr) = sim.run(&["--simulate", "doctor", "--json"]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["passed"], true);
+    let names: Vec<&str> = json["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    for expected in [
+        "binary",
+        "firmware",
+        "config",
+        "coral 2-4",
+        "usb-policy",
+        "xapi",
+        "vm frigate",
+        "auto-start frigate",
+        "backups",
+        "service",
+        "lock",
+    ] {
+        assert!(names.contains(&expected), "{expected} missing: {names:?}");
+    }
 }

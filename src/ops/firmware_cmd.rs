@@ -25,8 +25,14 @@ pub fn show(choice: &FirmwareChoice) -> anyhow::Result<String> {
     ))
 }
 
-/// Verify `file` and install it atomically under `dir`.
-pub fn install(file: &Path, dir: &Path, allow_unknown: bool) -> anyhow::Result<String> {
+/// Verify `file` and install it atomically under `dir`; with `dry_run`
+/// (`--dry-run`, `--simulate`) verify it and say where it would go.
+pub fn install(
+    file: &Path,
+    dir: &Path,
+    allow_unknown: bool,
+    dry_run: bool,
+) -> anyhow::Result<String> {
     let image = firmware::read_verified(
         file,
         FirmwareSource::Flag(file.to_path_buf()),
@@ -40,6 +46,14 @@ pub fn install(file: &Path, dir: &Path, allow_unknown: bool) -> anyhow::Result<S
             .unwrap_or_else(|| "firmware.bin".into()),
     };
     let target = dir.join(&name);
+    if dry_run {
+        return Ok(format!(
+            "would install {} ({} bytes, sha256 {} verified); nothing written",
+            target.display(),
+            image.bytes.len(),
+            image.sha256
+        ));
+    }
     write_atomically(dir, &target, &image.bytes)?;
     Ok(format!(
         "installed {} ({} bytes, sha256 {})",
@@ -49,8 +63,9 @@ pub fn install(file: &Path, dir: &Path, allow_unknown: bool) -> anyhow::Result<S
     ))
 }
 
-/// Download the pinned default image with `curl`, verify, install under `dir`.
-pub fn fetch(dir: &Path) -> anyhow::Result<String> {
+/// Download the pinned default image with `curl`, verify, install under
+/// `dir`; with `dry_run` only say what would be downloaded and written.
+pub fn fetch(dir: &Path, dry_run: bool) -> anyhow::Result<String> {
     let entry = firmware::manifest()
         .first()
         .ok_or_else(|| fail(FailureKind::Firmware, "the firmware manifest is empty"))?;
@@ -58,6 +73,14 @@ pub fn fetch(dir: &Path) -> anyhow::Result<String> {
         Ok(base) => format!("{}/{}", base.trim_end_matches('/'), entry.name),
         Err(_) => entry.url.clone(),
     };
+    if dry_run {
+        return Ok(format!(
+            "would download {url} with curl, check it is {} bytes with sha256 {}, and install it as {}; nothing downloaded or written",
+            entry.size,
+            entry.sha256,
+            dir.join(&entry.name).display()
+        ));
+    }
     create_dir(dir)?;
     let partial = dir.join(format!(".{}.part", entry.name));
     log::info!("downloading {url}");

@@ -2,7 +2,9 @@
 //! state before every step, so a rerun after any failure is safe.
 
 pub mod attach;
+pub mod boot;
 pub mod detach;
+pub mod doctor;
 pub mod firmware_cmd;
 pub mod init;
 pub mod service;

@@ -13,9 +13,53 @@ use crate::clock::{Clock, VirtualClock};
 use crate::firmware::{FirmwareImage, FirmwareSource};
 use crate::usb::{CoralDevice, CoralState, UsbBus};
 use crate::xe::{XeError, XeRunner};
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Duration;
+
+/// Env var naming the file that keeps the `--simulate` world between runs.
+pub const SIM_STATE_ENV: &str = "CORAL_SIM_STATE";
+
+/// The simulated host as saved between `--simulate` runs, so that `up`,
+/// then `status`, then `detach` tell one story.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SimSnapshot {
+    /// Virtual time reached (ms).
+    pub now_ms: u64,
+    /// Each Coral's identity (`uninitialized` or `ready`), xHCI ports 4, 5, …
+    pub corals: Vec<String>,
+    /// This host's uuid.
+    pub host_uuid: String,
+    /// The pool.
+    pub world: World,
+}
+
+/// Where `--simulate` keeps its state: `$CORAL_SIM_STATE`, else
+/// `$XDG_RUNTIME_DIR/coral-sim.json`, else `/tmp/coral-sim-<uid>.json`.
+pub fn sim_state_path() -> PathBuf {
+    if let Some(path) = std::env::var_os(SIM_STATE_ENV).filter(|v| !v.is_empty()) {
+        return PathBuf::from(path);
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join("coral-sim.json"),
+        None => {
+            use std::os::unix::fs::MetadataExt;
+            let uid = std::fs::metadata("/proc/self")
+                .map(|m| m.uid())
+                .unwrap_or(0);
+            PathBuf::from(format!("/tmp/coral-sim-{uid}.json"))
+        }
+    }
+}
+
+/// The simulated host's own file system root (its /etc), next to its state
+/// file: `coral-sim.json` → `coral-sim.root/`.
+pub fn sim_root(state: &Path) -> PathBuf {
+    state.with_extension("root")
+}
 
 /// The simulated Coral + XCP-ng host.
 pub struct SimulatedHost {
@@ -36,6 +80,11 @@ impl SimulatedHost {
 
         let mut world = World::new(WorldConfig::default());
         let host_uuid = world.add_host("xcp-ng-sim");
+        world.pool.uuid = world.new_uuid();
+        world
+            .pool
+            .other_config
+            .insert("auto_poweron".into(), "true".into());
         let vm = world.add_vm("frigate", PowerState::Running, Some(&host_uuid));
         if let Some(vm) = world.vms.iter_mut().find(|v| v.uuid == vm) {
             vm.other_config.insert("auto_poweron".into(), "true".into());
@@ -66,6 +115,71 @@ impl SimulatedHost {
             xe,
             host_uuid,
         }
+    }
+
+    /// The host saved in `path`, or a new one (see [`SimulatedHost::new`])
+    /// when there is none yet.
+    pub fn load_or_new(path: &Path, coral: CoralState) -> anyhow::Result<Self> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let snapshot: SimSnapshot = serde_json::from_str(&text).with_context(|| {
+                    format!(
+                        "bad simulation state {}; delete it to start over",
+                        path.display()
+                    )
+                })?;
+                Ok(Self::restore(snapshot))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::new(coral)),
+            Err(e) => Err(anyhow::anyhow!(
+                "cannot read the simulation state {}: {e}",
+                path.display()
+            )),
+        }
+    }
+
+    /// A host as it was saved.
+    pub fn restore(snapshot: SimSnapshot) -> Self {
+        let clock = Rc::new(VirtualClock::new());
+        clock.advance(Duration::from_millis(snapshot.now_ms));
+        let bus = Rc::new(SimBus::new(clock.clone()));
+        for (i, state) in snapshot.corals.iter().enumerate() {
+            let state = if state == "ready" {
+                CoralState::Ready
+            } else {
+                CoralState::Uninitialized
+            };
+            bus.add_coral(SimCoralConfig::xhci(4 + i as u8), state);
+        }
+        Self::from_parts(clock, bus, snapshot.world, snapshot.host_uuid)
+    }
+
+    /// The host as it is now, to save.
+    pub fn snapshot(&self) -> SimSnapshot {
+        SimSnapshot {
+            now_ms: u64::try_from(self.clock.now().as_millis()).unwrap_or(u64::MAX),
+            corals: self
+                .bus
+                .snapshot()
+                .iter()
+                .map(|c| c.state.as_str().to_string())
+                .collect(),
+            host_uuid: self.host_uuid.clone(),
+            world: self.world().borrow().clone(),
+        }
+    }
+
+    /// Save the host to `path` (atomically), creating its directory.
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let text = serde_json::to_vec_pretty(&self.snapshot())?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, text)
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .with_context(|| format!("cannot save the simulation state {}", path.display()))
     }
 
     /// The simulated XAPI world (to inspect records and power history),
@@ -116,8 +230,20 @@ impl SimulatedHost {
             .map(|c| format!("{} Coral at {}", c.state, c.path))
             .collect::<Vec<_>>()
             .join(", ");
+        let world = self.world();
+        let vms = world
+            .borrow()
+            .vms
+            .iter()
+            .filter(|v| !v.is_a_template && !v.is_control_domain && !v.is_a_snapshot)
+            .map(|v| {
+                let state = format!("{:?}", v.power_state).to_lowercase();
+                format!("VM '{}' {state}", v.name_label)
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
         format!(
-            "simulated host (virtual time): {corals}; VM 'frigate' running; xe calls 150 ms, XAPI USB scan 500 ms, re-enumeration 800 ms"
+            "simulated host (virtual time): {corals}; {vms}; xe calls 150 ms, XAPI USB scan 500 ms, re-enumeration 800 ms"
         )
     }
 }

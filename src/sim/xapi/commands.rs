@@ -172,6 +172,7 @@ impl World {
         let a = Args::parse(args)?;
         match command {
             "host-list" => self.list(&a, self.host_records(), &[]),
+            "pool-list" => self.list(&a, self.pool_records(), &[]),
             "pusb-list" => self.list(&a, self.pusb_records(), &[]),
             "usb-group-list" => self.list(&a, self.group_records(), &[]),
             "vusb-list" => self.list(&a, self.vusb_records(), &[]),
@@ -502,6 +503,27 @@ impl World {
                 ]
             })
             .collect()
+    }
+
+    fn pool_records(&self) -> Vec<Record> {
+        let uuid = if self.pool.uuid.is_empty() {
+            "00000000-0000-4000-8000-00000000f001"
+        } else {
+            self.pool.uuid.as_str()
+        };
+        let master = self
+            .hosts
+            .first()
+            .map(|h| h.uuid.clone())
+            .unwrap_or_default();
+        vec![vec![
+            field("uuid", "RO", uuid),
+            field("name-label", "RW", &self.pool.name_label),
+            field("name-description", "RW", ""),
+            field("master", "RO", master),
+            field("default-SR", "RW", "<not in database>"),
+            field("other-config", "MRW", map(&self.pool.other_config)),
+        ]]
     }
 
     fn pusb_records(&self) -> Vec<Record> {

@@ -278,9 +278,23 @@ pub struct CallResult {
     pub duration: Duration,
 }
 
+/// The pool object itself (`xe pool-list`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Pool {
+    /// uuid (a fixed one when empty).
+    pub uuid: String,
+    /// name-label.
+    pub name_label: String,
+    /// other-config (`auto_poweron=true` lets xapi-domains start VMs at boot).
+    pub other_config: BTreeMap<String, String>,
+}
+
 /// The whole simulated pool.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct World {
+    /// The pool record.
+    #[serde(default)]
+    pub pool: Pool,
     /// Timings.
     pub config: WorldConfig,
     /// Hosts; the first is the pool master.

@@ -1,0 +1,465 @@
+//! The Coral → VM mappings the boot service (and later `coral watch`)
+//! recovers: `/etc/coral/coral.toml`, or the file named by `$CORAL_CONFIG`.
+//!
+//! ```toml
+//! [[coral]]
+//! vm = "3c6ef362-1f42-4a5d-9b1e-f6a9dbd967af"  # the VM's uuid: what coral uses
+//! vm_name = "frigate"                           # for people only
+//! device = "2-4"                                # optional: the Coral's USB port path
+//! start = false                                 # start the VM if it is halted
+//! restart = false                               # restart it if it runs without its Coral
+//! ```
+//!
+//! Reading checks everything a hand edit can get wrong and reports the first
+//! mistake as one line with the file's line number, before any USB or `xe`
+//! call. `coral service install` writes the file (VM resolved and checked).
+
+use crate::error::{fail, FailureKind};
+use crate::usb::PortPath;
+use serde::Deserialize;
+use std::fs::File;
+use std::io::Write;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// Where the config lives unless `$CORAL_CONFIG` says otherwise.
+pub const DEFAULT_PATH: &str = "/etc/coral/coral.toml";
+/// Env var naming another config file.
+pub const PATH_ENV: &str = "CORAL_CONFIG";
+
+/// One Coral → VM mapping.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// The VM's uuid (resolved when the entry was written).
+    pub vm_uuid: String,
+    /// The VM's name-label when the entry was written (for people).
+    pub vm_name: String,
+    /// The Coral's USB port path (`2-1.4`); any bus of the same port chain
+    /// matches, so the boot loader's `1-4` and the ready `2-4` are one Coral.
+    pub device: Option<String>,
+    /// Start the VM if it is halted (instead of relying on auto_poweron).
+    pub start: bool,
+    /// Restart the VM (cleanly) if it runs without its Coral.
+    pub restart: bool,
+}
+
+impl Entry {
+    /// `VM 'name' (uuid)` for messages.
+    pub fn label(&self) -> String {
+        if self.vm_name.is_empty() {
+            format!("VM {}", self.vm_uuid)
+        } else {
+            format!("VM '{}' ({})", self.vm_name, self.vm_uuid)
+        }
+    }
+
+    /// Whether two entries are for the same Coral (same port chain).
+    fn same_device(&self, other: &Entry) -> bool {
+        match (&self.device, &other.device) {
+            (Some(a), Some(b)) => same_chain(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Mappings in file order.
+    pub entries: Vec<Entry>,
+}
+
+/// Where the config is read and written now, and what the boot unit must
+/// be told (`Environment=CORAL_CONFIG=…`) when it is not the default.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigPath {
+    /// The file this run reads and writes.
+    pub file: PathBuf,
+    /// Set when `$CORAL_CONFIG` names a non-default file: the unit passes it on.
+    pub from_env: Option<PathBuf>,
+}
+
+impl ConfigPath {
+    /// `$CORAL_CONFIG`, else `/etc/coral/coral.toml` under `root` (default `/`).
+    pub fn resolve(root: Option<&Path>) -> Self {
+        match std::env::var_os(PATH_ENV).filter(|v| !v.is_empty()) {
+            Some(path) => {
+                let path = PathBuf::from(path);
+                let from_env = (path != Path::new(DEFAULT_PATH)).then(|| path.clone());
+                ConfigPath {
+                    file: path,
+                    from_env,
+                }
+            }
+            None => ConfigPath {
+                file: root
+                    .unwrap_or(Path::new("/"))
+                    .join(DEFAULT_PATH.trim_start_matches('/')),
+                from_env: None,
+            },
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    coral: Vec<toml::Spanned<RawEntry>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEntry {
+    vm: toml::Spanned<String>,
+    #[serde(default)]
+    vm_name: String,
+    #[serde(default)]
+    device: Option<toml::Spanned<String>>,
+    #[serde(default)]
+    start: bool,
+    #[serde(default)]
+    restart: bool,
+}
+
+/// Read the config; `Ok(None)` when the file does not exist.
+pub fn load(path: &Path) -> anyhow::Result<Option<Config>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse(&text, path).map(Some),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(fail(
+            FailureKind::Other,
+            format!("cannot read {}: {e}; run as root", path.display()),
+        )),
+    }
+}
+
+/// Parse and check a config text; the error is one line:
+/// `<file>:<line>: <what is wrong>; <how to fix it>`.
+pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
+    let error = |span: Option<Range<usize>>, message: &str| {
+        let line = span.map(|s| line_of(text, s.start)).unwrap_or(1);
+        let message = message.lines().next().unwrap_or("").trim();
+        fail(
+            FailureKind::Other,
+            format!(
+                "{}:{line}: {message}; fix the file, or rewrite it with `coral service install --vm VM`",
+                path.display()
+            ),
+        )
+    };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| error(e.span(), e.message()))?;
+    let mut config = Config::default();
+    let mut spans = Vec::new();
+    for spanned in raw.coral {
+        let span = spanned.span();
+        let raw = spanned.into_inner();
+        if !looks_like_uuid(raw.vm.get_ref()) {
+            return Err(error(
+                Some(raw.vm.span()),
+                &format!(
+                    "vm = {:?} is not a VM uuid (`xe vm-list name-label=NAME --minimal` prints it)",
+                    raw.vm.get_ref()
+                ),
+            ));
+        }
+        if let Some(device) = &raw.device {
+            if let Err(e) = device.get_ref().parse::<PortPath>() {
+                return Err(error(Some(device.span()), &format!("device: {e}")));
+            }
+        }
+        config.entries.push(Entry {
+            vm_uuid: raw.vm.get_ref().to_ascii_lowercase(),
+            vm_name: raw.vm_name,
+            device: raw.device.map(|d| d.into_inner()),
+            start: raw.start,
+            restart: raw.restart,
+        });
+        spans.push(span);
+    }
+    if let Err((index, message)) = config.check() {
+        return Err(error(Some(spans[index].clone()), &message));
+    }
+    Ok(config)
+}
+
+impl Config {
+    /// Rules across entries: with several entries each names its Coral, and
+    /// one Coral goes to one VM. Err(index of the offending entry, message).
+    pub fn check(&self) -> Result<(), (usize, String)> {
+        for (i, entry) in self.entries.iter().enumerate() {
+            if self.entries.len() > 1 && entry.device.is_none() {
+                return Err((
+                    i,
+                    format!(
+                        "{} has no device, but with several entries each needs `device = \"PATH\"` (`coral status` shows the paths)",
+                        entry.label()
+                    ),
+                ));
+            }
+            if let Some(earlier) = self.entries[..i].iter().find(|e| e.same_device(entry)) {
+                return Err((
+                    i,
+                    format!(
+                        "the Coral at {} is already mapped to {}; one Coral goes to one VM",
+                        entry.device.as_deref().unwrap_or("(any)"),
+                        earlier.label()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Add `entry`, or update the entry it replaces: the same VM and Coral,
+    /// or (without a device) the VM's only entry, whose device is kept.
+    /// Refuses a Coral already mapped to another VM.
+    pub fn upsert(&mut self, mut entry: Entry) -> anyhow::Result<Upserted> {
+        let same_vm: Vec<usize> = (0..self.entries.len())
+            .filter(|&i| self.entries[i].vm_uuid == entry.vm_uuid)
+            .collect();
+        let target = match &entry.device {
+            Some(_) => same_vm
+                .iter()
+                .copied()
+                .find(|&i| self.entries[i].same_device(&entry)),
+            None if same_vm.len() == 1 => {
+                entry.device = self.entries[same_vm[0]].device.clone();
+                Some(same_vm[0])
+            }
+            None => None,
+        };
+        if let Some(other) = self
+            .entries
+            .iter()
+            .enumerate()
+            .find(|(i, e)| Some(*i) != target && e.device.is_some() && e.same_device(&entry))
+            .map(|(_, e)| e)
+        {
+            return Err(fail(
+                FailureKind::Other,
+                format!(
+                    "the Coral at {} is already mapped to {}; run `coral service uninstall --vm {}` first",
+                    entry.device.as_deref().unwrap_or_default(),
+                    other.label(),
+                    other.vm_uuid
+                ),
+            ));
+        }
+        let mut next = self.clone();
+        let outcome = match target {
+            Some(i) if next.entries[i] == entry => Upserted::Unchanged,
+            Some(i) => {
+                next.entries[i] = entry;
+                Upserted::Updated
+            }
+            None => {
+                next.entries.push(entry);
+                Upserted::Added
+            }
+        };
+        if let Err((_, message)) = next.check() {
+            return Err(fail(
+                FailureKind::Other,
+                format!("{message}; pass --device for each Coral"),
+            ));
+        }
+        *self = next;
+        Ok(outcome)
+    }
+
+    /// Remove the entries whose VM uuid or recorded name is `vm`; returns them.
+    pub fn remove_vm(&mut self, vm: &str) -> Vec<Entry> {
+        let (gone, kept) = self.entries.drain(..).partition(|e| {
+            e.vm_uuid.eq_ignore_ascii_case(vm) || (!e.vm_name.is_empty() && e.vm_name == vm)
+        });
+        self.entries = kept;
+        gone
+    }
+
+    /// The file's text (comments explain each key).
+    pub fn to_toml(&self) -> String {
+        let mut text = String::from(
+            "# Coral → VM mappings recovered at boot by coral-up.service (`coral up`).\n\
+             # Written by `coral service install`; hand edits are checked on every run.\n\
+             # Keys: vm (the VM's uuid), vm_name (for people), device (the Coral's USB\n\
+             # port path, needed with several Corals), start (start the VM if halted),\n\
+             # restart (restart it cleanly if it runs without its Coral).\n",
+        );
+        for entry in &self.entries {
+            text.push_str("\n[[coral]]\n");
+            text.push_str(&format!("vm = {}\n", toml_string(&entry.vm_uuid)));
+            text.push_str(&format!("vm_name = {}\n", toml_string(&entry.vm_name)));
+            if let Some(device) = &entry.device {
+                text.push_str(&format!("device = {}\n", toml_string(device)));
+            }
+            text.push_str(&format!("start = {}\n", entry.start));
+            text.push_str(&format!("restart = {}\n", entry.restart));
+        }
+        text
+    }
+}
+
+/// What [`Config::upsert`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Upserted {
+    /// A new entry.
+    Added,
+    /// An existing entry changed.
+    Updated,
+    /// The entry was already exactly so.
+    Unchanged,
+}
+
+/// Write the config atomically (temporary file, fsync, rename).
+pub fn write(path: &Path, config: &Config) -> anyhow::Result<()> {
+    write_file(path, config.to_toml().as_bytes())
+}
+
+/// Write any small file atomically, creating its directory.
+pub fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let tmp = path.with_extension("tmp");
+    let written = std::fs::create_dir_all(dir)
+        .and_then(|_| File::create(&tmp))
+        .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()))
+        .and_then(|_| std::fs::rename(&tmp, path));
+    written.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        fail(
+            FailureKind::Other,
+            format!("cannot write {}: {e}; run as root", path.display()),
+        )
+    })
+}
+
+/// A TOML basic string (escapes quotes, backslashes and control characters).
+fn toml_string(value: &str) -> String {
+    let mut out = String::from("\"");
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn same_chain(a: &str, b: &str) -> bool {
+    match (a.parse::<PortPath>(), b.parse::<PortPath>()) {
+        (Ok(a), Ok(b)) => a.same_port_chain(&b),
+        _ => a == b,
+    }
+}
+
+/// 1-based line of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// 8-4-4-4-12 hex digits.
+pub fn looks_like_uuid(text: &str) -> bool {
+    let parts: Vec<&str> = text.split('-').collect();
+    parts.len() == 5
+        && parts
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(p, n)| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UUID_A: &str = "3c6ef362-1f42-4a5d-9b1e-f6a9dbd967af";
+    const UUID_B: &str = "cd7c086b-9216-1f42-f5fd-f6a9dbd967af";
+
+    fn entry(uuid: &str, device: Option<&str>) -> Entry {
+        Entry {
+            vm_uuid: uuid.into(),
+            vm_name: "frigate \"cam\"\n".into(),
+            device: device.map(str::to_string),
+            start: true,
+            restart: false,
+        }
+    }
+
+    fn parse_err(text: &str) -> String {
+        parse(text, Path::new("/etc/coral/coral.toml"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn written_text_reads_back_the_same() {
+        let config = Config {
+            entries: vec![entry(UUID_A, Some("2-4")), entry(UUID_B, Some("2-1.3"))],
+        };
+        let back = parse(&config.to_toml(), Path::new("x")).unwrap();
+        assert_eq!(back, config);
+    }
+
+    #[test]
+    fn mistakes_are_one_line_with_the_line_number() {
+        let cases = [
+            ("[[coral]]\nvm = \"frigate\"\n", ":2: vm = \"frigate\" is not a VM uuid"),
+            (
+                &format!("[[coral]]\nvm = \"{UUID_A}\"\ndevice = \"usb4\"\n"),
+                ":3: device: 'usb4' is not a USB port path",
+            ),
+            (&format!("[[coral]]\nvm = \"{UUID_A}\"\nstrat = true\n"), ":3: unknown field `strat`"),
+            (&format!("[[coral]]\nvm = \"{UUID_A}\"\nstart = yes\n"), ":3: "),
+            ("\n\n[[coral]]\nvm_name = \"x\"\n", ":3: missing field `vm`"),
+            (
+                &format!("[[coral]]\nvm = \"{UUID_A}\"\ndevice = \"2-4\"\n\n[[coral]]\nvm = \"{UUID_B}\"\ndevice = \"1-4\"\n"),
+                ":5: the Coral at 1-4 is already mapped to VM",
+            ),
+            (
+                &format!("[[coral]]\nvm = \"{UUID_A}\"\ndevice = \"2-4\"\n\n[[coral]]\nvm = \"{UUID_B}\"\n"),
+                ":5: VM",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = parse_err(text);
+            assert!(err.contains(expected), "{expected:?} not in {err:?}");
+            assert!(err.starts_with("/etc/coral/coral.toml:"), "{err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+        }
+    }
+
+    #[test]
+    fn upsert_updates_the_vms_entry_and_refuses_a_taken_coral() {
+        let mut config = Config::default();
+        assert_eq!(
+            config.upsert(entry(UUID_A, Some("2-4"))).unwrap(),
+            Upserted::Added
+        );
+        let mut again = entry(UUID_A, None);
+        again.restart = true;
+        assert_eq!(config.upsert(again).unwrap(), Upserted::Updated);
+        assert_eq!(config.entries.len(), 1);
+        assert_eq!(config.entries[0].device.as_deref(), Some("2-4"));
+        assert!(config.entries[0].restart);
+        let err = config.upsert(entry(UUID_B, Some("1-4"))).unwrap_err();
+        assert!(
+            err.to_string().contains("coral service uninstall --vm"),
+            "{err}"
+        );
+        let err = config.upsert(entry(UUID_B, None)).unwrap_err();
+        assert!(err.to_string().contains("--device"), "{err}");
+        assert_eq!(
+            config.upsert(entry(UUID_B, Some("2-1.3"))).unwrap(),
+            Upserted::Added
+        );
+        assert_eq!(config.remove_vm(UUID_A).len(), 1);
+        assert_eq!(config.entries.len(), 1);
+    }
+}

@@ -1,0 +1,246 @@
+//! The boot path: `coral up` without `--vm`, as `coral-up.service` runs it
+//! before XCP-ng auto-starts VMs. It recovers every entry of the config, and
+//! every wait it makes comes out of one budget ([`budget`]) that ends well
+//! before the unit's start timeout, so a missing Coral or a slow xapi never
+//! holds the host's VMs back for long. A failed entry is logged with the
+//! command to run and the others still go ahead.
+
+use super::up::{up, UpOptions, UpReport};
+use crate::clock::{poll_until, Clock};
+use crate::config::{Config, Entry};
+use crate::error::{fail, Failure, FailureKind};
+use crate::firmware::FirmwareImage;
+use crate::ops::attach::AttachOptions;
+use crate::usb::{PortPath, UsbBus};
+use crate::xe::client::XeClient;
+use std::time::Duration;
+
+/// Every wait of the boot path, in one place (README "Boot budget").
+///
+/// Worst case: the lock wait, then one shared deadline for everything after
+/// it (xapi, device, and per Coral the replug and the scan); each step waits
+/// at most its own cap and never past the shared deadline. The unit's
+/// `TimeoutStartSec` leaves a margin on top for the `xe` calls themselves
+/// and a VM start, and even when it is reached systemd only stops coral:
+/// `xapi-domains.service` does not require the unit, so VMs auto-start.
+pub mod budget {
+    use std::time::Duration;
+
+    /// Another coral run holding the lock (`--lock-timeout` in the unit).
+    pub const LOCK_WAIT: Duration = Duration::from_secs(30);
+    /// xapi answering `xe` (it may still be initialising at boot).
+    pub const XAPI_WAIT: Duration = Duration::from_secs(60);
+    /// The configured Corals appearing on USB after power-on.
+    pub const DEVICE_WAIT: Duration = Duration::from_secs(20);
+    /// One Coral coming back as 18d1:9302 after its firmware upload.
+    pub const REPLUG_WAIT: Duration = Duration::from_secs(10);
+    /// XAPI's asynchronous scan listing one ready Coral.
+    pub const SCAN_WAIT: Duration = Duration::from_secs(30);
+    /// The shared deadline of every wait after the lock, all entries together.
+    pub const AFTER_LOCK: Duration = Duration::from_secs(150);
+    /// All of coral's own waits at boot, worst case.
+    pub const WORST_CASE_WAITS: Duration =
+        Duration::from_secs(LOCK_WAIT.as_secs() + AFTER_LOCK.as_secs());
+    /// The unit's `TimeoutStartSec`.
+    pub const UNIT_START_TIMEOUT: Duration = Duration::from_secs(240);
+
+    // One Coral's waits fit the shared deadline, and all waits fit the unit
+    // with a minute to spare.
+    const _: () = assert!(
+        XAPI_WAIT.as_secs() + DEVICE_WAIT.as_secs() + REPLUG_WAIT.as_secs() + SCAN_WAIT.as_secs()
+            <= AFTER_LOCK.as_secs()
+    );
+    const _: () = assert!(WORST_CASE_WAITS.as_secs() + 60 <= UNIT_START_TIMEOUT.as_secs());
+}
+
+/// How often the boot path asks xapi again while it starts.
+const XAPI_POLL_INTERVAL: Duration = Duration::from_secs(2);
+/// How often it looks for a Coral that has not appeared yet.
+const DEVICE_POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// What happened to one entry.
+pub struct EntryOutcome {
+    /// The entry.
+    pub entry: Entry,
+    /// `up`'s report, or why it failed.
+    pub result: anyhow::Result<UpReport>,
+}
+
+/// Every entry's outcome.
+pub struct BootReport {
+    /// In config order.
+    pub outcomes: Vec<EntryOutcome>,
+}
+
+impl BootReport {
+    /// Ok when every entry succeeded; else one error line naming each failed
+    /// VM and the command to rerun, with the exit code of the first failure.
+    pub fn into_result(self) -> anyhow::Result<()> {
+        let failed: Vec<&EntryOutcome> =
+            self.outcomes.iter().filter(|o| o.result.is_err()).collect();
+        let Some(first) = failed.first() else {
+            return Ok(());
+        };
+        let kind = first
+            .result
+            .as_ref()
+            .err()
+            .and_then(|e| e.chain().find_map(|c| c.downcast_ref::<Failure>()))
+            .map(|f| f.kind)
+            .unwrap_or(FailureKind::Other);
+        let names = failed
+            .iter()
+            .map(|o| o.entry.label())
+            .collect::<Vec<_>>()
+            .join(", ");
+        Err(fail(
+            kind,
+            format!(
+                "boot recovery failed for {} of {} Coral(s): {names} (reasons above); those VMs start without their Coral; after fixing, run `coral up --vm {}`",
+                failed.len(),
+                self.outcomes.len(),
+                first.entry.vm_uuid
+            ),
+        ))
+    }
+}
+
+/// Recover every entry of `config` within [`budget`]. Returns each entry's
+/// outcome; never stops at the first failure.
+pub fn up_all(
+    usb: &dyn UsbBus,
+    xe: &XeClient,
+    clock: &dyn Clock,
+    load_firmware: &mut dyn FnMut() -> anyhow::Result<FirmwareImage>,
+    config: &Config,
+    dry_run: bool,
+) -> anyhow::Result<BootReport> {
+    if config.entries.is_empty() {
+        return Err(fail(
+            FailureKind::Other,
+            "the config has no entries; add one with `coral service install --vm VM`",
+        ));
+    }
+    let deadline = clock.now() + budget::AFTER_LOCK;
+    let left = |cap: Duration| cap.min(deadline.saturating_sub(clock.now()));
+
+    wait_for_xapi(xe, clock, &config.entries[0], left(budget::XAPI_WAIT))?;
+    wait_for_devices(usb, clock, &config.entries, left(budget::DEVICE_WAIT));
+
+    let mut outcomes = Vec::new();
+    for entry in &config.entries {
+        log::info!(
+            "boot: recovering the Coral{} for {}",
+            entry
+                .device
+                .as_deref()
+                .map(|d| format!(" at {d}"))
+                .unwrap_or_default(),
+            entry.label()
+        );
+        let opts = UpOptions {
+            replug_timeout: left(budget::REPLUG_WAIT),
+            attach: AttachOptions {
+                vm: entry.vm_uuid.clone(),
+                device: entry.device.clone(),
+                start: entry.start,
+                restart: entry.restart,
+                force_shutdown: false,
+                shutdown_timeout: left(Duration::from_secs(180)),
+                scan_timeout: left(budget::SCAN_WAIT),
+            },
+            dry_run,
+        };
+        let result = up(usb, xe, clock, load_firmware, &opts);
+        if let Err(err) = &result {
+            log::error!(
+                "{}: {err:#}; it starts without its Coral; after fixing, run `coral up --vm {}`",
+                entry.label(),
+                entry.vm_uuid
+            );
+        }
+        outcomes.push(EntryOutcome {
+            entry: entry.clone(),
+            result,
+        });
+    }
+    Ok(BootReport { outcomes })
+}
+
+/// Poll until xapi answers a read (the first entry's VM), up to `timeout`.
+/// Only XAPI failures (connection refused, still initialising) are retried.
+fn wait_for_xapi(
+    xe: &XeClient,
+    clock: &dyn Clock,
+    entry: &Entry,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let mut last = None;
+    let answered = poll_until(clock, timeout, XAPI_POLL_INTERVAL, || {
+        match xe.find_vms(&entry.vm_uuid) {
+            Ok(_) => Ok(Some(())),
+            Err(err) if is_xapi_failure(&err) => {
+                if last.is_none() {
+                    log::info!(
+                        "boot: waiting up to {} s for xapi ({err:#})",
+                        timeout.as_secs()
+                    );
+                }
+                last = Some(err);
+                Ok(None)
+            }
+            Err(err) => Err(err),
+        }
+    })?;
+    match (answered, last) {
+        (Some(()), _) => Ok(()),
+        (None, Some(err)) => Err(fail(
+            FailureKind::Xapi,
+            format!(
+                "xapi did not answer within {} s at boot ({err:#}); VMs auto-start without their Coral; check `systemctl status xapi`, then run `coral up`",
+                timeout.as_secs()
+            ),
+        )),
+        (None, None) => Err(fail(
+            FailureKind::Xapi,
+            "no time was left to ask xapi at boot; run `coral up`",
+        )),
+    }
+}
+
+fn is_xapi_failure(err: &anyhow::Error) -> bool {
+    err.chain()
+        .find_map(|c| c.downcast_ref::<Failure>())
+        .is_some_and(|f| f.kind == FailureKind::Xapi)
+}
+
+/// Poll until every entry's Coral is on USB (any Coral for an entry without
+/// a device), up to `timeout`; a Coral still missing is left for its entry
+/// to report.
+fn wait_for_devices(usb: &dyn UsbBus, clock: &dyn Clock, entries: &[Entry], timeout: Duration) {
+    let wanted: Vec<Option<PortPath>> = entries
+        .iter()
+        .map(|e| e.device.as_deref().and_then(|d| d.parse().ok()))
+        .collect();
+    let all_present = || -> Result<Option<()>, ()> {
+        let corals = usb.list_corals().unwrap_or_default();
+        let present = wanted.iter().all(|w| match w {
+            Some(path) => corals.iter().any(|c| c.path.same_port_chain(path)),
+            None => !corals.is_empty(),
+        });
+        Ok(present.then_some(()))
+    };
+    if let Ok(Some(())) = all_present() {
+        return;
+    }
+    log::info!(
+        "boot: waiting up to {} s for the configured Coral(s) to appear on USB",
+        timeout.as_secs()
+    );
+    if let Ok(None) = poll_until(clock, timeout, DEVICE_POLL_INTERVAL, all_present) {
+        log::warn!(
+            "boot: not every configured Coral appeared within {} s",
+            timeout.as_secs()
+        );
+    }
+}

@@ -1,0 +1,776 @@
+//! `coral doctor`: one read-only pass over everything the boot path depends
+//! on, through the same code (firmware loading, USB listing, the `xe`
+//! client, the config reader, the unit generator, the lock), each check with
+//! its verdict and the fix. It never writes: no `xe` call that changes
+//! anything, no file, no lock taken.
+
+use super::attach::MAX_VUSBS_PER_VM;
+use super::service::{self, Systemd, UnitSpec, AUTOSTART_UNIT, UNIT_NAME, WATCH_UNIT_NAME};
+use crate::config::{self, Config, ConfigPath};
+use crate::firmware::{FirmwareImage, FirmwareSource};
+use crate::usb::{CoralDevice, CoralState, PortPath, UsbBus};
+use crate::xe::client::{XeClient, CALL_TIMEOUT};
+use crate::xe::parse::{minimal_list, records};
+use crate::xe::XeRunner;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Where XCP-ng keeps the filter of devices that may become PUSBs.
+pub const USB_POLICY: &str = "/etc/xensource/usb-policy.conf";
+/// Env var naming another usb-policy file (tests).
+pub const USB_POLICY_ENV: &str = "CORAL_USB_POLICY";
+
+/// A check's outcome. Warnings do not fail the doctor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Fine.
+    Ok,
+    /// Works, but worth knowing.
+    Warn,
+    /// The boot path would fail here.
+    Fail,
+}
+
+/// One check.
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    /// Short name, e.g. `firmware`, `vm frigate`.
+    pub name: String,
+    /// Verdict.
+    pub verdict: Verdict,
+    /// What was found.
+    pub detail: String,
+    /// What to do (absent when nothing is needed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+/// Every check, in the boot path's order (`--json`: this, schema 1).
+#[derive(Clone, Debug, Serialize)]
+pub struct DoctorReport {
+    /// JSON schema version.
+    pub schema: u32,
+    /// True when no check failed.
+    pub passed: bool,
+    /// The checks.
+    pub checks: Vec<Check>,
+}
+
+impl fmt::Display for DoctorReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let width = self.checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
+        for check in &self.checks {
+            let verdict = match check.verdict {
+                Verdict::Ok => "ok",
+                Verdict::Warn => "warn",
+                Verdict::Fail => "FAIL",
+            };
+            writeln!(f, "{verdict:<5} {:<width$}  {}", check.name, check.detail)?;
+            if let Some(fix) = &check.fix {
+                writeln!(f, "      {:<width$}  fix: {fix}", "")?;
+            }
+        }
+        let count = |v| self.checks.iter().filter(|c| c.verdict == v).count();
+        write!(
+            f,
+            "doctor: {} ok, {} warning(s), {} failed",
+            count(Verdict::Ok),
+            count(Verdict::Warn),
+            count(Verdict::Fail)
+        )
+    }
+}
+
+/// What the doctor looks at.
+pub struct DoctorInputs<'a> {
+    /// This binary (the unit's ExecStart) and its version.
+    pub binary: (PathBuf, String),
+    /// The firmware the boot path would load.
+    pub load_firmware: &'a mut dyn FnMut() -> anyhow::Result<FirmwareImage>,
+    /// USB.
+    pub usb: &'a dyn UsbBus,
+    /// `xe` and this host's uuid, or why they are not available.
+    pub xapi: anyhow::Result<(&'a dyn XeRunner, String)>,
+    /// The config file.
+    pub config: ConfigPath,
+    /// The root the units are under (None: `/`).
+    pub root: Option<PathBuf>,
+    /// How to ask whether units are enabled.
+    pub systemd: Box<dyn Systemd>,
+    /// `/etc/xensource/usb-policy.conf` (or its stand-in).
+    pub usb_policy: PathBuf,
+    /// The lock file.
+    pub lock_file: PathBuf,
+}
+
+/// Run every check.
+pub fn doctor(inputs: DoctorInputs<'_>) -> DoctorReport {
+    let mut checks = Checks::default();
+    let (exe, version) = &inputs.binary;
+    checks.ok("binary", format!("{} (coral {version})", exe.display()));
+    check_firmware(&mut checks, inputs.load_firmware);
+
+    let config = match config::load(&inputs.config.file) {
+        Ok(Some(config)) if !config.entries.is_empty() => {
+            checks.ok(
+                "config",
+                format!(
+                    "{}: {} entr{}",
+                    inputs.config.file.display(),
+                    config.entries.len(),
+                    if config.entries.len() == 1 {
+                        "y"
+                    } else {
+                        "ies"
+                    }
+                ),
+            );
+            Some(config)
+        }
+        Ok(_) => {
+            checks.fail(
+                "config",
+                format!("{}: no Coral → VM entry", inputs.config.file.display()),
+                "coral service install --vm VM",
+            );
+            None
+        }
+        Err(err) => {
+            checks.fail(
+                "config",
+                format!("{err:#}"),
+                "fix the line named, or `coral service install --vm VM`",
+            );
+            None
+        }
+    };
+
+    let xe = inputs
+        .xapi
+        .as_ref()
+        .ok()
+        .map(|(runner, host)| (*runner, XeClient::new(*runner, host.clone(), true)));
+    let speeds = xe
+        .as_ref()
+        .and_then(|(runner, client)| pusb_speeds(*runner, client.host_uuid()).ok())
+        .unwrap_or_default();
+    check_corals(&mut checks, inputs.usb, config.as_ref(), &speeds);
+    check_usb_policy(&mut checks, &inputs.usb_policy);
+
+    match (&inputs.xapi, &xe) {
+        (Ok((runner, host)), Some((_, client))) => {
+            let answered = check_xapi(&mut checks, *runner, host);
+            if let (true, Some(config)) = (answered, &config) {
+                check_vms(&mut checks, *runner, client, config);
+            }
+        }
+        (Err(err), _) => checks.fail(
+            "xapi",
+            format!("{err:#}"),
+            "run coral in an XCP-ng dom0 (CORAL_XE / CORAL_INVENTORY for tests)",
+        ),
+        (Ok(_), None) => {}
+    }
+
+    check_service(&mut checks, &inputs);
+
+    check_watch_service(&mut checks, &inputs);
+    match crate::lock::is_free(&inputs.lock_file) {
+        Ok(true) => checks.ok("lock", format!("{} is free", inputs.lock_file.display())),
+        Ok(false) => checks.fail(
+            "lock",
+            format!("another coral run holds {}", inputs.lock_file.display()),
+            "wait for it (`journalctl -u coral-up`), or find it: `fuser -v LOCKFILE`"
+                .replace("LOCKFILE", &inputs.lock_file.display().to_string()),
+        ),
+        Err(e) => checks.fail(
+            "lock",
+            format!("cannot read {}: {e}", inputs.lock_file.display()),
+            "run as root, or set --lock-file",
+        ),
+    }
+    let passed = checks.0.iter().all(|c| c.verdict != Verdict::Fail);
+    DoctorReport {
+        schema: 1,
+        passed,
+        checks: checks.0,
+    }
+}
+
+#[derive(Default)]
+struct Checks(Vec<Check>);
+
+impl Checks {
+    fn push(&mut self, name: &str, verdict: Verdict, detail: String, fix: Option<String>) {
+        self.0.push(Check {
+            name: name.to_string(),
+            verdict,
+            detail,
+            fix,
+        });
+    }
+    fn ok(&mut self, name: &str, detail: String) {
+        self.push(name, Verdict::Ok, detail, None);
+    }
+    fn warn(&mut self, name: &str, detail: String, fix: impl Into<String>) {
+        self.push(name, Verdict::Warn, detail, Some(fix.into()));
+    }
+    fn fail(&mut self, name: &str, detail: String, fix: impl Into<String>) {
+        self.push(name, Verdict::Fail, detail, Some(fix.into()));
+    }
+}
+
+fn check_firmware(checks: &mut Checks, load: &mut dyn FnMut() -> anyhow::Result<FirmwareImage>) {
+    match load() {
+        Ok(image) if image.source == FirmwareSource::Simulated => checks.warn(
+            "firmware",
+            format!("simulation stand-in ({} bytes)", image.bytes.len()),
+            "a real host needs the image: `coral firmware fetch` or `coral firmware install FILE`",
+        ),
+        Ok(image) => checks.ok(
+            "firmware",
+            format!(
+                "{} from {} ({} bytes, sha256 {}… verified)",
+                image
+                    .known_name
+                    .as_deref()
+                    .unwrap_or("unknown image (allowed)"),
+                image.source,
+                image.bytes.len(),
+                &image.sha256[..12.min(image.sha256.len())]
+            ),
+        ),
+        Err(err) => checks.fail(
+            "firmware",
+            format!("{err:#}"),
+            "`coral firmware fetch`, or `coral firmware install FILE`",
+        ),
+    }
+}
+
+/// Each ready Coral's link speed as XAPI reports it, by port path.
+fn pusb_speeds(runner: &dyn XeRunner, host: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    let out = runner.run(
+        &[
+            "pusb-list".into(),
+            format!("host-uuid={host}"),
+            "vendor-id=18d1".into(),
+            "product-id=9302".into(),
+            "params=path,speed".into(),
+        ],
+        CALL_TIMEOUT,
+    )?;
+    Ok(records(&out)
+        .into_iter()
+        .map(|r| {
+            (
+                r.get("path").cloned().unwrap_or_default(),
+                r.get("speed").cloned().unwrap_or_default(),
+            )
+        })
+        .collect())
+}
+
+fn check_corals(
+    checks: &mut Checks,
+    usb: &dyn UsbBus,
+    config: Option<&Config>,
+    speeds: &BTreeMap<String, String>,
+) {
+    let corals: Vec<CoralDevice> = match usb.list_corals() {
+        Ok(corals) => corals,
+        Err(e) => {
+            checks.fail(
+                "corals",
+                format!("cannot list USB devices: {e}"),
+                "run as root in dom0",
+            );
+            return;
+        }
+    };
+    if corals.is_empty() {
+        checks.fail(
+            "corals",
+            "no Coral on this host's USB (neither 1a6e:089a nor 18d1:9302)".into(),
+            "plug the Coral in (a powered USB 3 port); `lsusb` should list it",
+        );
+    }
+    for coral in &corals {
+        let name = format!("coral {}", coral.path);
+        let path = coral.path.to_string();
+        match (coral.state, speeds.get(&path)) {
+            (CoralState::Uninitialized, _) => checks.ok(
+                &name,
+                format!("{coral}: boot loader (USB 2 by design); `coral up` uploads the firmware"),
+            ),
+            (CoralState::Ready, Some(speed)) if speed.parse::<f64>().is_ok_and(|s| s < 5000.0) => {
+                checks.warn(
+                    &name,
+                    format!("{coral}, link speed {} Mb/s (USB 2)", mbps(speed)),
+                    "plug it into a USB 3 port with a USB 3 cable for full speed",
+                )
+            }
+            (CoralState::Ready, Some(speed)) => checks.ok(
+                &name,
+                format!("{coral}, link speed {} Mb/s (USB 3)", mbps(speed)),
+            ),
+            (CoralState::Ready, None) => checks.warn(
+                &name,
+                format!("{coral}; XAPI does not list it (no PUSB), link speed unknown"),
+                "`coral up` asks XAPI to scan; else check the usb-policy check below",
+            ),
+        }
+    }
+    let Some(config) = config else { return };
+    for entry in &config.entries {
+        let Some(device) = &entry.device else {
+            continue;
+        };
+        let wanted: Option<PortPath> = device.parse().ok();
+        let present = wanted
+            .as_ref()
+            .is_some_and(|w| corals.iter().any(|c| c.path.same_port_chain(w)));
+        if !present {
+            checks.fail(
+                &format!("coral {device}"),
+                format!("{} is configured for the Coral at {device}, which is not on USB", entry.label()),
+                "plug it back into that port, or `coral service install --vm VM --device PATH` with the path `coral status` shows",
+            );
+        }
+    }
+}
+
+/// `5000.000` → `5000`.
+fn mbps(speed: &str) -> String {
+    speed
+        .parse::<f64>()
+        .map(|s| format!("{s:.0}"))
+        .unwrap_or_else(|_| speed.to_string())
+}
+
+/// A usb-policy.conf rule: ALLOW or DENY, and its matches.
+struct PolicyRule {
+    allow: bool,
+    matches: Vec<(String, u32)>,
+}
+
+/// The interface a device shows, as the policy sees it.
+struct PolicyDevice {
+    vid: u32,
+    pid: u32,
+    class: u32,
+    subclass: u32,
+    prot: u32,
+}
+
+fn parse_policy(text: &str) -> Result<Vec<PolicyRule>, String> {
+    let mut rules = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let (action, rest) = line
+            .split_once(':')
+            .ok_or_else(|| format!("line {}: no ALLOW:/DENY:", n + 1))?;
+        let allow = match action.trim().to_ascii_uppercase().as_str() {
+            "ALLOW" => true,
+            "DENY" => false,
+            other => return Err(format!("line {}: unknown action {other}", n + 1)),
+        };
+        let mut matches = Vec::new();
+        for part in rest.split_whitespace() {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("line {}: bad match {part}", n + 1))?;
+            let value = u32::from_str_radix(value, 16)
+                .map_err(|_| format!("line {}: {part} is not hex", n + 1))?;
+            matches.push((key.to_ascii_lowercase(), value));
+        }
+        rules.push(PolicyRule { allow, matches });
+    }
+    Ok(rules)
+}
+
+/// The first rule matching the device decides; no rule: denied. A `rel`
+/// match (bcdDevice) is not known here and counts as not matching.
+fn policy_allows(rules: &[PolicyRule], device: &PolicyDevice) -> bool {
+    rules
+        .iter()
+        .find(|rule| {
+            rule.matches.iter().all(|(key, value)| match key.as_str() {
+                "class" => device.class == *value,
+                "subclass" => device.subclass == *value,
+                "prot" => device.prot == *value,
+                "vid" => device.vid == *value,
+                "pid" => device.pid == *value,
+                _ => false,
+            })
+        })
+        .is_some_and(|rule| rule.allow)
+}
+
+fn check_usb_policy(checks: &mut Checks, path: &Path) {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) => {
+            checks.warn(
+                "usb-policy",
+                format!("cannot read {}: {e}", path.display()),
+                "on XCP-ng the file decides which devices become PUSBs; reinstall xapi's default if it is gone",
+            );
+            return;
+        }
+    };
+    let rules = match parse_policy(&text) {
+        Ok(rules) => rules,
+        Err(e) => {
+            checks.fail(
+                "usb-policy",
+                format!("{}: {e}", path.display()),
+                "fix the rule (syntax: ALLOW|DENY: class=ff vid=18d1 …)",
+            );
+            return;
+        }
+    };
+    let ready = PolicyDevice {
+        vid: 0x18d1,
+        pid: 0x9302,
+        class: 0xff,
+        subclass: 0xff,
+        prot: 0xff,
+    };
+    let boot_loader = PolicyDevice {
+        vid: 0x1a6e,
+        pid: 0x089a,
+        class: 0xfe,
+        subclass: 0x01,
+        prot: 0x02,
+    };
+    let fix = format!(
+        "add `ALLOW: vid=18d1 pid=9302` as the first rule of {} (package updates may overwrite it), then `coral up`",
+        path.display()
+    );
+    match (policy_allows(&rules, &ready), policy_allows(&rules, &boot_loader)) {
+        (true, true) => checks.ok(
+            "usb-policy",
+            format!("{} lets classes ff (ready Coral) and fe (boot loader) through", path.display()),
+        ),
+        (true, false) => checks.warn(
+            "usb-policy",
+            format!("{} denies class fe (the boot loader); harmless: coral uploads the firmware in dom0", path.display()),
+            "nothing needed",
+        ),
+        (false, _) => checks.fail(
+            "usb-policy",
+            format!("{} denies the ready Coral (18d1:9302, class ff): XAPI will never list it", path.display()),
+            fix,
+        ),
+    }
+}
+
+/// `xe` answers and knows this host. Returns whether it answered.
+fn check_xapi(checks: &mut Checks, runner: &dyn XeRunner, host: &str) -> bool {
+    let out = runner.run(
+        &[
+            "host-list".into(),
+            format!("uuid={host}"),
+            "params=name-label".into(),
+            "--minimal".into(),
+        ],
+        CALL_TIMEOUT,
+    );
+    match out {
+        Ok(out) => match minimal_list(&out).first() {
+            Some(name) => {
+                checks.ok("xapi", format!("xe answers; this host is {host} ({name})"));
+                true
+            }
+            None => {
+                checks.fail(
+                    "xapi",
+                    format!("xe answers, but this pool has no host {host} (from the inventory)"),
+                    "check INSTALLATION_UUID in /etc/xensource-inventory",
+                );
+                false
+            }
+        },
+        Err(e) => {
+            checks.fail(
+                "xapi",
+                format!("{e}"),
+                "`systemctl status xapi`; at boot coral waits for it (README \"Boot budget\")",
+            );
+            false
+        }
+    }
+}
+
+/// A `k: v; k2: v2` map as xe prints it.
+fn parse_map(text: &str) -> BTreeMap<String, String> {
+    text.trim()
+        .split("; ")
+        .filter_map(|kv| kv.split_once(": "))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+fn check_vms(checks: &mut Checks, runner: &dyn XeRunner, xe: &XeClient, config: &Config) {
+    let pool_autostart = runner
+        .run(
+            &["pool-list".into(), "params=other-config".into()],
+            CALL_TIMEOUT,
+        )
+        .ok()
+        .and_then(|out| records(&out).into_iter().next())
+        .and_then(|r| r.get("other-config").map(|m| parse_map(m)))
+        .map(|m| m.get("auto_poweron").is_some_and(|v| v == "true"));
+    for entry in &config.entries {
+        let short = if entry.vm_name.is_empty() {
+            entry.vm_uuid.clone()
+        } else {
+            entry.vm_name.clone()
+        };
+        let name = format!("vm {short}");
+        let vm = match xe.find_vms(&entry.vm_uuid) {
+            Ok(vms) => vms.into_iter().find(|v| v.uuid == entry.vm_uuid),
+            Err(e) => {
+                checks.fail(&name, format!("{e:#}"), "`systemctl status xapi`");
+                continue;
+            }
+        };
+        let Some(vm) = vm else {
+            checks.fail(
+                &name,
+                format!(
+                    "{}: no VM with this uuid in this pool (deleted, or another pool?)",
+                    entry.label()
+                ),
+                format!(
+                    "`coral service uninstall --vm {}`, then install the right VM",
+                    entry.vm_uuid
+                ),
+            );
+            continue;
+        };
+        if vm.ha_restart_priority == "restart" {
+            checks.fail(
+                &name,
+                format!(
+                    "{}: HA-protected (restart priority 'restart'); XAPI refuses it USB",
+                    entry.label()
+                ),
+                format!(
+                    "xe vm-param-set uuid={} ha-restart-priority=best-effort",
+                    vm.uuid
+                ),
+            );
+            continue;
+        }
+        match xe.vusb_count_of_vm(&vm.uuid) {
+            Ok(n) if n >= MAX_VUSBS_PER_VM => checks.fail(
+                &name,
+                format!("{}: {n} VUSBs, XAPI's limit is {MAX_VUSBS_PER_VM}", entry.label()),
+                format!("remove one: `xe vusb-list vm-uuid={}`", vm.uuid),
+            ),
+            Ok(n) => checks.ok(
+                &name,
+                format!(
+                    "{} exists in this pool ({}), not HA-protected, {n} of {MAX_VUSBS_PER_VM} VUSBs",
+                    entry.label(),
+                    vm.power_state
+                ),
+            ),
+            Err(e) => checks.fail(&name, format!("{e:#}"), "`systemctl status xapi`"),
+        }
+        if entry.start {
+            checks.ok(
+                &format!("auto-start {short}"),
+                "policy start: `coral up` starts the VM itself once the Coral is attached".into(),
+            );
+            continue;
+        }
+        let vm_autostart = runner
+            .run(
+                &[
+                    "vm-param-get".into(),
+                    format!("uuid={}", vm.uuid),
+                    "param-name=other-config".into(),
+                ],
+                CALL_TIMEOUT,
+            )
+            .ok()
+            .map(|out| {
+                parse_map(&out)
+                    .get("auto_poweron")
+                    .is_some_and(|v| v == "true")
+            });
+        let name = format!("auto-start {short}");
+        match (vm_autostart, pool_autostart) {
+            (Some(true), Some(true)) => checks.ok(
+                &name,
+                "auto_poweron is set on the VM and the pool: XCP-ng starts it after coral-up"
+                    .into(),
+            ),
+            (Some(vm_on), Some(pool_on)) => {
+                let mut fixes = Vec::new();
+                if !vm_on {
+                    fixes.push(format!(
+                        "xe vm-param-set uuid={} other-config:auto_poweron=true",
+                        vm.uuid
+                    ));
+                }
+                if !pool_on {
+                    fixes.push("xe pool-param-set uuid=$(xe pool-list --minimal) other-config:auto_poweron=true".to_string());
+                }
+                checks.fail(
+                    &name,
+                    format!(
+                        "the entry relies on auto-start, but auto_poweron is off on the {}",
+                        match (vm_on, pool_on) {
+                            (false, false) => "VM and the pool",
+                            (false, true) => "VM",
+                            _ => "pool",
+                        }
+                    ),
+                    format!(
+                        "{} (or `coral service install --vm {} --start`)",
+                        fixes.join("; "),
+                        vm.uuid
+                    ),
+                );
+            }
+            _ => checks.fail(
+                &name,
+                "could not read auto_poweron from xapi".into(),
+                "`systemctl status xapi`",
+            ),
+        }
+    }
+    checks.warn(
+        "backups",
+        "a VM with a VUSB cannot be snapshotted, suspended or migrated (VM_HAS_VUSBS), so Xen Orchestra backups of it fail".into(),
+        "back those VMs up from inside the guest, or `coral detach --vm VM` around the backup and `coral up` after",
+    );
+}
+
+fn check_service(checks: &mut Checks, inputs: &DoctorInputs<'_>) {
+    let path = service::unit_path(inputs.root.as_deref(), UNIT_NAME);
+    let installed = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(_) => {
+            checks.fail(
+                "service",
+                format!("{UNIT_NAME} is not installed ({})", path.display()),
+                "coral service install --vm VM",
+            );
+            return;
+        }
+    };
+    let expected = service::boot_unit_text(&UnitSpec {
+        exe: inputs.binary.0.clone(),
+        config_env: inputs.config.from_env.clone(),
+    });
+    let has = |line: &str| installed.lines().any(|l| l.trim() == line);
+    let ordered =
+        has(&format!("Before={AUTOSTART_UNIT}")) && has("After=xapi-init-complete.target");
+    let enabled = inputs.systemd.is_enabled(UNIT_NAME);
+    match enabled {
+        Ok(true) if ordered && installed == expected => checks.ok(
+            "service",
+            format!("{UNIT_NAME} installed, enabled, ordered before {AUTOSTART_UNIT}"),
+        ),
+        Ok(true) if ordered => checks.warn(
+            "service",
+            format!("{UNIT_NAME} installed, enabled, ordered before {AUTOSTART_UNIT}, but not as this coral writes it (older version or another path)"),
+            "coral service install --vm VM (rewrites it)",
+        ),
+        Ok(true) => checks.fail(
+            "service",
+            format!("{} is not ordered before {AUTOSTART_UNIT}: VMs may start before their Coral", path.display()),
+            "coral service install --vm VM (rewrites it)",
+        ),
+        Ok(false) => checks.fail(
+            "service",
+            format!("{UNIT_NAME} is installed but not enabled: it will not run at boot"),
+            format!("systemctl enable {UNIT_NAME}"),
+        ),
+        Err(e) => checks.fail("service", format!("{e:#}"), "run coral doctor in dom0"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_matching_rule_decides() {
+        let default = "DENY: class=02 # comm\nDENY: class=03 subclass=01 prot=01\nALLOW: # rest\n";
+        let ready = PolicyDevice {
+            vid: 0x18d1,
+            pid: 0x9302,
+            class: 0xff,
+            subclass: 0xff,
+            prot: 0xff,
+        };
+        assert!(policy_allows(&parse_policy(default).unwrap(), &ready));
+        let deny_ff = "DENY: class=ff\nALLOW:\n";
+        assert!(!policy_allows(&parse_policy(deny_ff).unwrap(), &ready));
+        let allowed_first = "ALLOW: vid=18d1 pid=9302\nDENY: class=ff\nALLOW:\n";
+        assert!(policy_allows(&parse_policy(allowed_first).unwrap(), &ready));
+        assert!(
+            !policy_allows(&parse_policy("").unwrap(), &ready),
+            "no rule: denied"
+        );
+        assert!(parse_policy("PERMIT: class=ff").is_err());
+    }
+
+    #[test]
+    fn maps_as_xe_prints_them() {
+        let map = parse_map("auto_poweron: true; base_template_name: Debian\n");
+        assert_eq!(map.get("auto_poweron").map(String::as_str), Some("true"));
+        assert!(parse_map("").is_empty());
+    }
+}
+
+/// The watcher's unit: installed as this coral writes it, and enabled.
+fn check_watch_service(checks: &mut Checks, inputs: &DoctorInputs<'_>) {
+    let path = service::unit_path(inputs.root.as_deref(), WATCH_UNIT_NAME);
+    let Ok(installed) = std::fs::read_to_string(&path) else {
+        checks.fail(
+            "watch",
+            format!(
+                "{WATCH_UNIT_NAME} is not installed ({}): a Coral that drops after boot stays lost",
+                path.display()
+            ),
+            "coral service install --vm VM",
+        );
+        return;
+    };
+    let expected = service::watch_unit_text(&UnitSpec {
+        exe: inputs.binary.0.clone(),
+        config_env: inputs.config.from_env.clone(),
+    });
+    match inputs.systemd.is_enabled(WATCH_UNIT_NAME) {
+        Ok(true) if installed == expected => checks.ok(
+            "watch",
+            format!(
+                "{WATCH_UNIT_NAME} installed and enabled (`systemctl status {WATCH_UNIT_NAME}`)"
+            ),
+        ),
+        Ok(true) => checks.warn(
+            "watch",
+            format!("{WATCH_UNIT_NAME} installed and enabled, but not as this coral writes it"),
+            "coral service install --vm VM (rewrites it)",
+        ),
+        Ok(false) => checks.fail(
+            "watch",
+            format!("{WATCH_UNIT_NAME} is installed but not enabled"),
+            format!("systemctl enable {WATCH_UNIT_NAME} && systemctl start {WATCH_UNIT_NAME}"),
+        ),
+        Err(e) => checks.fail("watch", format!("{e:#}"), "run coral doctor in dom0"),
+    }
+}

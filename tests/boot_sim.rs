@@ -1,0 +1,147 @@
+//! The boot path (`coral up` without --vm) against the in-process simulated
+//! host: every config entry, one failing entry not stopping the others, and
+//! every wait inside the boot budget (virtual time).
+
+mod support;
+
+use coral::clock::VirtualClock;
+use coral::config::{Config, Entry};
+use coral::firmware::{FirmwareImage, FirmwareSource};
+use coral::ops::boot::{budget, up_all};
+use coral::sim::coral::{SimBus, SimCoralConfig};
+use coral::sim::host::SimulatedHost;
+use coral::sim::xapi::{Fault, FaultKind, PowerState, World, WorldConfig};
+use coral::usb::CoralState;
+use coral::xe::client::XeClient;
+use std::rc::Rc;
+
+fn image() -> FirmwareImage {
+    let bytes: Vec<u8> = (0..10_783u32).map(|i| (i * 7 % 251) as u8).collect();
+    FirmwareImage {
+        sha256: "test".into(),
+        bytes,
+        source: FirmwareSource::Flag("test.bin".into()),
+        known_name: Some("apex_latest_single_ep.bin".into()),
+    }
+}
+
+/// Two Corals after a power loss (ports 4 and 5), two halted VMs.
+fn host(faults: Vec<Fault>) -> (SimulatedHost, Vec<String>) {
+    let clock = Rc::new(VirtualClock::new());
+    let bus = Rc::new(SimBus::new(clock.clone()));
+    bus.add_coral(SimCoralConfig::xhci(4), CoralState::Uninitialized);
+    bus.add_coral(SimCoralConfig::xhci(5), CoralState::Uninitialized);
+    let mut world = World::new(WorldConfig::default());
+    let host_uuid = world.add_host("xcp-1");
+    let vms = vec![
+        world.add_vm("frigate", PowerState::Halted, None),
+        world.add_vm("cam 2", PowerState::Halted, None),
+    ];
+    world.faults = faults;
+    (SimulatedHost::from_parts(clock, bus, world, host_uuid), vms)
+}
+
+fn entry(vm: &str, device: &str) -> Entry {
+    Entry {
+        vm_uuid: vm.into(),
+        vm_name: String::new(),
+        device: Some(device.into()),
+        start: false,
+        restart: false,
+    }
+}
+
+#[test]
+fn every_entry_is_recovered_and_a_missing_coral_does_not_stop_the_others() {
+    let (host, vms) = host(Vec::new());
+    let config = Config {
+        entries: vec![
+            entry(&vms[0], "2-4"),
+            entry(&vms[1], "2-7"), // no Coral on port 7
+        ],
+    };
+    let xe = XeClient::new(host.xe(), host.host_uuid().to_string(), false);
+    let started = host.clock().now();
+    let report = up_all(
+        host.bus(),
+        &xe,
+        host.clock(),
+        &mut || Ok(image()),
+        &config,
+        false,
+    )
+    .unwrap();
+    let waited = host.clock().now() - started;
+    assert!(report.outcomes[0].result.is_ok());
+    assert!(report.outcomes[1].result.is_err());
+    assert!(
+        waited <= budget::AFTER_LOCK,
+        "waited {waited:?} > {:?}",
+        budget::AFTER_LOCK
+    );
+    let world = host.world();
+    let world = world.borrow();
+    let vusb_vms: Vec<&str> = world.vusbs.iter().map(|v| v.vm_uuid.as_str()).collect();
+    assert_eq!(
+        vusb_vms,
+        vec![vms[0].as_str()],
+        "only the first VM got a VUSB"
+    );
+    assert!(
+        world.power_history.is_empty(),
+        "no VM was started or stopped"
+    );
+    let err = report.into_result().unwrap_err().to_string();
+    assert!(
+        err.contains("1 of 2") && err.contains(&format!("coral up --vm {}", vms[1])),
+        "{err}"
+    );
+}
+
+#[test]
+fn xapi_that_never_answers_ends_the_wait_within_the_budget() {
+    let (host, vms) = host(vec![Fault {
+        command: "vm-list".into(),
+        nth: None,
+        kind: FaultKind::Fail {
+            code: "HOST_STILL_BOOTING".into(),
+            params: Vec::new(),
+        },
+    }]);
+    let config = Config {
+        entries: vec![entry(&vms[0], "2-4")],
+    };
+    let xe = XeClient::new(host.xe(), host.host_uuid().to_string(), false);
+    let started = host.clock().now();
+    let err = match up_all(
+        host.bus(),
+        &xe,
+        host.clock(),
+        &mut || Ok(image()),
+        &config,
+        false,
+    ) {
+        Ok(_) => panic!("xapi never answered"),
+        Err(err) => err.to_string(),
+    };
+    let waited = host.clock().now() - started;
+    assert!(
+        waited <= budget::XAPI_WAIT + std::time::Duration::from_secs(1),
+        "{waited:?}"
+    );
+    assert!(
+        err.contains("xapi did not answer") && err.contains("coral up"),
+        "{err}"
+    );
+    // Nothing was written to a Coral while xapi was down.
+    assert!(host.sim_bus().flashed(0).is_empty());
+}
+
+#[test]
+fn the_budget_fits_the_unit_timeout() {
+    assert!(budget::WORST_CASE_WAITS < budget::UNIT_START_TIMEOUT);
+    assert!(
+        budget::UNIT_START_TIMEOUT.as_secs() <= 300,
+        "a few minutes, not 15"
+    );
+}
