@@ -702,40 +702,6 @@ fn check_service(checks: &mut Checks, inputs: &DoctorInputs<'_>) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_first_matching_rule_decides() {
-        let default = "DENY: class=02 # comm\nDENY: class=03 subclass=01 prot=01\nALLOW: # rest\n";
-        let ready = PolicyDevice {
-            vid: 0x18d1,
-            pid: 0x9302,
-            class: 0xff,
-            subclass: 0xff,
-            prot: 0xff,
-        };
-        assert!(policy_allows(&parse_policy(default).unwrap(), &ready));
-        let deny_ff = "DENY: class=ff\nALLOW:\n";
-        assert!(!policy_allows(&parse_policy(deny_ff).unwrap(), &ready));
-        let allowed_first = "ALLOW: vid=18d1 pid=9302\nDENY: class=ff\nALLOW:\n";
-        assert!(policy_allows(&parse_policy(allowed_first).unwrap(), &ready));
-        assert!(
-            !policy_allows(&parse_policy("").unwrap(), &ready),
-            "no rule: denied"
-        );
-        assert!(parse_policy("PERMIT: class=ff").is_err());
-    }
-
-    #[test]
-    fn maps_as_xe_prints_them() {
-        let map = parse_map("auto_poweron: true; base_template_name: Debian\n");
-        assert_eq!(map.get("auto_poweron").map(String::as_str), Some("true"));
-        assert!(parse_map("").is_empty());
-    }
-}
-
 /// The watcher's unit: installed as this coral writes it, and enabled.
 fn check_watch_service(checks: &mut Checks, inputs: &DoctorInputs<'_>) {
     let path = service::unit_path(inputs.root.as_deref(), WATCH_UNIT_NAME);
@@ -772,5 +738,39 @@ fn check_watch_service(checks: &mut Checks, inputs: &DoctorInputs<'_>) {
             format!("systemctl enable {WATCH_UNIT_NAME} && systemctl start {WATCH_UNIT_NAME}"),
         ),
         Err(e) => checks.fail("watch", format!("{e:#}"), "run coral doctor in dom0"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_matching_rule_decides() {
+        let default = "DENY: class=02 # comm\nDENY: class=03 subclass=01 prot=01\nALLOW: # rest\n";
+        let ready = PolicyDevice {
+            vid: 0x18d1,
+            pid: 0x9302,
+            class: 0xff,
+            subclass: 0xff,
+            prot: 0xff,
+        };
+        assert!(policy_allows(&parse_policy(default).unwrap(), &ready));
+        let deny_ff = "DENY: class=ff\nALLOW:\n";
+        assert!(!policy_allows(&parse_policy(deny_ff).unwrap(), &ready));
+        let allowed_first = "ALLOW: vid=18d1 pid=9302\nDENY: class=ff\nALLOW:\n";
+        assert!(policy_allows(&parse_policy(allowed_first).unwrap(), &ready));
+        assert!(
+            !policy_allows(&parse_policy("").unwrap(), &ready),
+            "no rule: denied"
+        );
+        assert!(parse_policy("PERMIT: class=ff").is_err());
+    }
+
+    #[test]
+    fn maps_as_xe_prints_them() {
+        let map = parse_map("auto_poweron: true; base_template_name: Debian\n");
+        assert_eq!(map.get("auto_poweron").map(String::as_str), Some("true"));
+        assert!(parse_map("").is_empty());
     }
 }
