@@ -152,6 +152,7 @@ fn run_init(cli: &Cli, env: &Environment, args: &InitArgs) -> anyhow::Result<()>
         device: args.device.device.clone(),
         force: args.force,
         replug_timeout: seconds("--timeout", args.timeout)?,
+        wait_device: seconds("--wait-device", args.wait_device)?,
     };
     let choice = firmware_choice(&args.firmware);
     let mut load = || load_firmware(&choice, env.is_simulated());
@@ -234,6 +235,7 @@ fn run_up(cli: &Cli, env: &Environment, args: &UpArgs) -> anyhow::Result<()> {
         replug_timeout: seconds("--timeout", args.timeout)?,
         attach: attach_options(&args.vm, args.device.device.clone())?,
         dry_run: cli.dry_run,
+        wait_device: seconds("--wait-device", args.wait_device)?,
     };
     let choice = firmware_choice(&args.firmware);
     let mut load = || load_firmware(&choice, env.is_simulated());

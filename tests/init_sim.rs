@@ -56,6 +56,7 @@ fn opts() -> InitOptions {
         device: None,
         force: false,
         replug_timeout: Duration::from_secs(10),
+        wait_device: Duration::ZERO,
     }
 }
 
