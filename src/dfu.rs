@@ -377,8 +377,19 @@ impl<'a> Download<'a> {
     /// DFU 1.1 allows in each state, and confirm dfuIDLE before downloading.
     fn recover(&mut self) -> Result<(), DfuError> {
         let step = "checking the boot loader's state";
-        for _ in 0..MAX_BUSY_POLLS {
-            let status = self.get_status(step)?;
+        for poll in 0..MAX_BUSY_POLLS {
+            let status = match self.get_status(step) {
+                // Asked while busy (an interrupted run left it in dfuDNBUSY
+                // or dfuMANIFEST): the stall took it to dfuERROR; ask again.
+                Err(DfuError::Usb {
+                    error: UsbError::Stall,
+                    ..
+                }) if poll == 0 => {
+                    log::info!("the boot loader stalled its first GETSTATUS; asking again");
+                    continue;
+                }
+                other => other?,
+            };
             match status.state {
                 state::IDLE if status.status == status::OK => return Ok(()),
                 state::ERROR => {
