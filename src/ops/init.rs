@@ -115,6 +115,9 @@ pub fn wait_for_coral(
     wait_for_corals(usb, clock, device, timeout, &pick).map(|(_, mut found)| found.remove(0))
 }
 
+/// Chooses the Corals to act on from a listing.
+type Pick<'a> = dyn Fn(&[CoralDevice]) -> Result<Vec<CoralDevice>, SelectError> + 'a;
+
 /// Poll fresh listings until `pick` finds what it wants (see
 /// [`wait_for_coral`]); returns that listing and what was picked.
 fn wait_for_corals(
@@ -122,7 +125,7 @@ fn wait_for_corals(
     clock: &dyn Clock,
     device: Option<&str>,
     timeout: Duration,
-    pick: &dyn Fn(&[CoralDevice]) -> Result<Vec<CoralDevice>, SelectError>,
+    pick: &Pick<'_>,
 ) -> anyhow::Result<(Vec<CoralDevice>, Vec<CoralDevice>)> {
     let started = clock.now();
     let mut last: Option<Result<SelectError, UsbError>> = None;

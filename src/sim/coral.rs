@@ -270,7 +270,7 @@ impl SimBus {
             bus.peers.push(pair);
         }
         let late = config.appears_at > self.clock.now();
-        let reappear = late.then(|| (config.appears_at, state));
+        let reappear = late.then_some((config.appears_at, state));
         bus.corals.push(SimCoral {
             config,
             identity: state,
