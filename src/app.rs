@@ -296,6 +296,7 @@ fn run_init(cli: &Cli, env: &Environment, args: &InitArgs) -> anyhow::Result<()>
         device: args.device.device.clone(),
         force: args.force,
         replug_timeout: seconds("--timeout", args.timeout)?,
+        wait_device: seconds("--wait-device", args.wait_device)?,
     };
     let choice = firmware_choice(&args.firmware);
     let mut load = || load_firmware(&choice, env.is_simulated());
@@ -381,6 +382,7 @@ fn run_up(cli: &Cli, env: &Environment, args: &UpArgs) -> anyhow::Result<()> {
         replug_timeout: seconds("--timeout", args.timeout)?,
         attach: attach_options(&args.vm, args.device.device.clone())?,
         dry_run: cli.dry_run,
+        wait_device: seconds("--wait-device", args.wait_device)?,
     };
     let choice = firmware_choice(&args.firmware);
     let mut load = || load_firmware(&choice, env.is_simulated());
@@ -484,6 +486,7 @@ fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<(
         usb_poll: coral::ops::watch::DEFAULT_USB_POLL,
         xapi_check: seconds("--xapi-check", args.xapi_check)?,
         recovery: UpOptions {
+            wait_device: Duration::ZERO,
             replug_timeout: seconds("--timeout", args.timeout)?,
             attach: AttachOptions {
                 vm: String::new(),

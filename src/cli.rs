@@ -102,8 +102,12 @@ pub struct InitArgs {
     pub force: bool,
 
     /// Seconds to wait for the Coral to come back as 18d1:9302 after the reset.
-    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    #[arg(long, value_name = "SECS", default_value_t = coral::ops::init::DEFAULT_REPLUG_TIMEOUT.as_secs_f64())]
     pub timeout: f64,
+
+    /// Seconds to wait for a Coral to appear on the USB bus (0: fail at once if none).
+    #[arg(long, value_name = "SECS", default_value_t = 0.0)]
+    pub wait_device: f64,
 }
 
 /// Which VM, and how its power may be touched.
@@ -177,8 +181,12 @@ pub struct UpArgs {
     pub firmware: FirmwareArgs,
 
     /// Seconds to wait for the Coral to come back as 18d1:9302 after the reset.
-    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    #[arg(long, value_name = "SECS", default_value_t = coral::ops::init::DEFAULT_REPLUG_TIMEOUT.as_secs_f64())]
     pub timeout: f64,
+
+    /// Seconds to wait for a Coral to appear on the USB bus (it may enumerate late at boot).
+    #[arg(long, value_name = "SECS", default_value_t = coral::ops::init::DEFAULT_UP_WAIT_DEVICE.as_secs_f64())]
+    pub wait_device: f64,
 }
 
 /// Serializing runs.
@@ -342,7 +350,7 @@ pub struct WatchArgs {
     pub xapi_check: f64,
 
     /// Seconds to wait for the Coral to come back as 18d1:9302 after the reset.
-    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    #[arg(long, value_name = "SECS", default_value_t = coral::ops::init::DEFAULT_REPLUG_TIMEOUT.as_secs_f64())]
     pub timeout: f64,
 
     /// Seconds to wait for a clean shutdown (restarts only).

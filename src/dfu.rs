@@ -2,7 +2,6 @@
 //! (coral-dfu.md), over the narrow [`UsbTransport`] trait: no I/O of its own.
 
 use crate::clock::Clock;
-use crate::ops::init::DownloadSummary;
 use crate::usb::{InterfaceInfo, UsbError, UsbTransport};
 use std::fmt;
 use std::time::Duration;
@@ -37,6 +36,32 @@ pub const DFU_ABORT: u8 = 6;
 pub const DETACH_TIMEOUT_MS: u16 = 100;
 /// At most this many GETSTATUS polls while the device is busy with one block or manifesting.
 const MAX_BUSY_POLLS: u32 = 1000;
+/// The longest single wait a device's `bwPollTimeout` may ask for. The field
+/// is 24 bits (up to 4.6 hours): a garbled reply must not stall the host.
+/// The Coral's boot loader loads into RAM and Google's runtime never waits at
+/// all, so a second is far beyond any real need; a longer request is waited
+/// for only this long, then GETSTATUS is asked again.
+pub const MAX_POLL_WAIT: Duration = Duration::from_secs(1);
+/// Default deadline of one whole download (state check, blocks, manifest,
+/// read-back). A clean one takes well under a second (132 transfers).
+pub const DOWNLOAD_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Counts and figures of one firmware download (for output and benchmarks).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DownloadSummary {
+    /// Image bytes sent.
+    pub bytes: usize,
+    /// DNLOAD requests incl. the zero-length one.
+    pub dnload_requests: u32,
+    /// GETSTATUS requests.
+    pub getstatus_requests: u32,
+    /// UPLOAD requests (read-back).
+    pub upload_requests: u32,
+    /// Any other class request (CLRSTATUS, ABORT, DETACH).
+    pub other_requests: u32,
+    /// Block size used (wTransferSize).
+    pub transfer_size: u16,
+}
 
 /// DFU states (DFU 1.1, table 6.x).
 pub mod state {
@@ -195,6 +220,22 @@ pub enum DfuError {
         /// First differing offset.
         offset: usize,
     },
+    /// The device took fewer bytes of an OUT request than were sent.
+    ShortWrite {
+        /// What we were doing.
+        step: String,
+        /// Bytes the device took.
+        sent: usize,
+        /// Bytes offered.
+        expected: usize,
+    },
+    /// The whole download did not finish within its deadline.
+    Deadline {
+        /// What we were doing when it passed.
+        step: String,
+        /// The deadline.
+        budget: Duration,
+    },
 }
 
 impl fmt::Display for DfuError {
@@ -219,6 +260,16 @@ impl fmt::Display for DfuError {
             DfuError::ReadBackMismatch { offset } => {
                 write!(f, "read-back differs from the image at byte {offset}")
             }
+            DfuError::ShortWrite {
+                step,
+                sent,
+                expected,
+            } => write!(f, "{step}: the device took only {sent} of {expected} bytes"),
+            DfuError::Deadline { step, budget } => write!(
+                f,
+                "{step}: the download did not finish within {} s",
+                budget.as_secs_f64()
+            ),
         }
     }
 }
@@ -263,6 +314,8 @@ pub struct Download<'a> {
     clock: &'a dyn Clock,
     interface: DfuInterface,
     summary: DownloadSummary,
+    budget: Duration,
+    deadline: Duration,
 }
 
 impl<'a> Download<'a> {
@@ -295,7 +348,16 @@ impl<'a> Download<'a> {
                 transfer_size: interface.transfer_size,
                 ..DownloadSummary::default()
             },
+            budget: DOWNLOAD_DEADLINE,
+            deadline: clock.now() + DOWNLOAD_DEADLINE,
         })
+    }
+
+    /// Use another deadline for the whole download (from now).
+    pub fn with_deadline(mut self, budget: Duration) -> Self {
+        self.budget = budget;
+        self.deadline = self.clock.now() + budget;
+        self
     }
 
     /// The block size in use.
@@ -311,30 +373,104 @@ impl<'a> Download<'a> {
         Ok(self.summary)
     }
 
-    /// GETSTATUS first; clear an error or abort a half-done transfer.
+    /// GETSTATUS first; clear an error or abort a half-done transfer, as
+    /// DFU 1.1 allows in each state, and confirm dfuIDLE before downloading.
     fn recover(&mut self) -> Result<(), DfuError> {
         let step = "checking the boot loader's state";
+        for poll in 0..MAX_BUSY_POLLS {
+            let status = match self.get_status(step) {
+                // Asked while busy (an interrupted run left it in dfuDNBUSY
+                // or dfuMANIFEST): the stall took it to dfuERROR; ask again.
+                Err(DfuError::Usb {
+                    error: UsbError::Stall,
+                    ..
+                }) if poll == 0 => {
+                    log::info!("the boot loader stalled its first GETSTATUS; asking again");
+                    continue;
+                }
+                other => other?,
+            };
+            match status.state {
+                state::IDLE if status.status == status::OK => return Ok(()),
+                state::ERROR => {
+                    log::info!(
+                        "boot loader was in dfuERROR ({}); clearing it",
+                        status_name(status.status)
+                    );
+                    self.out(DFU_CLRSTATUS, 0, &[], "CLRSTATUS")?;
+                    return self.confirm_idle("clearing dfuERROR (CLRSTATUS)");
+                }
+                state::DNLOAD_IDLE | state::UPLOAD_IDLE => {
+                    log::info!(
+                        "boot loader was mid-transfer ({}); aborting it",
+                        state_name(status.state)
+                    );
+                    self.out(DFU_ABORT, 0, &[], "ABORT")?;
+                    return self.confirm_idle("aborting the interrupted transfer (ABORT)");
+                }
+                // Busy with a block or manifesting (an interrupted run): DFU
+                // 1.1 allows nothing but GETSTATUS, after bwPollTimeout.
+                state::DNBUSY | state::DNLOAD_SYNC | state::MANIFEST | state::MANIFEST_SYNC => {
+                    log::info!(
+                        "boot loader is still in {} from an interrupted run; waiting",
+                        state_name(status.state)
+                    );
+                    self.pause(status.poll_timeout_ms, step)?;
+                }
+                _ => {
+                    return Err(DfuError::Unexpected {
+                        step: step.into(),
+                        status,
+                    })
+                }
+            }
+        }
+        Err(DfuError::Stuck { step: step.into() })
+    }
+
+    /// GETSTATUS must now say dfuIDLE, status OK.
+    fn confirm_idle(&mut self, step: &str) -> Result<(), DfuError> {
         let status = self.get_status(step)?;
-        match status.state {
-            state::IDLE => Ok(()),
-            state::ERROR => {
-                log::info!(
-                    "boot loader was in dfuERROR ({}); clearing it",
-                    status_name(status.status)
-                );
-                self.out(DFU_CLRSTATUS, 0, &[], "CLRSTATUS")
-            }
-            state::DNLOAD_SYNC | state::DNLOAD_IDLE | state::MANIFEST_SYNC | state::UPLOAD_IDLE => {
-                log::info!(
-                    "boot loader was mid-transfer ({}); aborting it",
-                    state_name(status.state)
-                );
-                self.out(DFU_ABORT, 0, &[], "ABORT")
-            }
-            _ => Err(DfuError::Unexpected {
+        if status.state == state::IDLE && status.status == status::OK {
+            Ok(())
+        } else {
+            Err(DfuError::Unexpected {
                 step: step.into(),
                 status,
-            }),
+            })
+        }
+    }
+
+    /// Wait what the device asked for, capped at [`MAX_POLL_WAIT`], within the deadline.
+    fn pause(&mut self, poll_timeout_ms: u32, step: &str) -> Result<(), DfuError> {
+        let asked = Duration::from_millis(poll_timeout_ms.into());
+        if asked > MAX_POLL_WAIT {
+            log::warn!(
+                "{step}: the device asks to wait {} s (bwPollTimeout); waiting {} s",
+                asked.as_secs_f64(),
+                MAX_POLL_WAIT.as_secs_f64()
+            );
+        }
+        let wait = asked.min(MAX_POLL_WAIT);
+        if self.clock.now() + wait > self.deadline {
+            return Err(self.deadline_passed(step));
+        }
+        self.clock.sleep(wait);
+        Ok(())
+    }
+
+    fn deadline_passed(&self, step: &str) -> DfuError {
+        DfuError::Deadline {
+            step: step.into(),
+            budget: self.budget,
+        }
+    }
+
+    fn check_deadline(&self, step: &str) -> Result<(), DfuError> {
+        if self.clock.now() > self.deadline {
+            Err(self.deadline_passed(step))
+        } else {
+            Ok(())
         }
     }
 
@@ -371,8 +507,7 @@ impl<'a> Download<'a> {
             match status.state {
                 s if s == target => return Ok(()),
                 state::DNBUSY | state::DNLOAD_SYNC | state::MANIFEST_SYNC | state::MANIFEST => {
-                    self.clock
-                        .sleep(Duration::from_millis(status.poll_timeout_ms.into()));
+                    self.pause(status.poll_timeout_ms, step)?;
                 }
                 _ => {
                     return Err(DfuError::Unexpected {
@@ -385,14 +520,19 @@ impl<'a> Download<'a> {
         Err(DfuError::Stuck { step: step.into() })
     }
 
-    /// Read the image back with UPLOAD and compare.
+    /// Read the image back with UPLOAD and compare. Reads until a short
+    /// block, but at most the image length plus one block: a device that
+    /// keeps answering full blocks is then sent ABORT (back to dfuIDLE).
     fn verify(&mut self, image: &[u8]) -> Result<(), DfuError> {
         let size = self.interface.transfer_size as usize;
-        let mut read = Vec::with_capacity(image.len() + size);
-        let mut block: u16 = 0;
-        loop {
+        let max_blocks = image.len() / size + 1;
+        let mut read = Vec::with_capacity(max_blocks * size);
+        let mut ended = false;
+        for block in 0..max_blocks {
+            let block = block as u16;
             let mut buf = vec![0u8; size];
             let step = format!("UPLOAD block {block} (read-back)");
+            self.check_deadline(&step)?;
             let n = self
                 .transport
                 .control_in(
@@ -404,11 +544,11 @@ impl<'a> Download<'a> {
                 )
                 .map_err(|error| DfuError::Usb { step, error })?;
             self.summary.upload_requests += 1;
-            read.extend_from_slice(&buf[..n]);
+            read.extend_from_slice(&buf[..n.min(size)]);
             if n < size {
+                ended = true;
                 break;
             }
-            block = block.wrapping_add(1);
         }
         if read.len() < image.len() {
             return Err(DfuError::ReadBackShort {
@@ -419,11 +559,19 @@ impl<'a> Download<'a> {
         if let Some(offset) = image.iter().zip(&read).position(|(a, b)| a != b) {
             return Err(DfuError::ReadBackMismatch { offset });
         }
+        if !ended {
+            log::debug!(
+                "read-back: the device still sends full blocks after {} bytes; ending the upload (ABORT)",
+                read.len()
+            );
+            self.out(DFU_ABORT, 0, &[], "ending the read-back (ABORT)")?;
+        }
         log::info!("verified: read back {} bytes, image matches", read.len());
         Ok(())
     }
 
     fn get_status(&mut self, step: &str) -> Result<DfuStatus, DfuError> {
+        self.check_deadline(step)?;
         let mut buf = [0u8; 6];
         let n = self
             .transport
@@ -452,7 +600,9 @@ impl<'a> Download<'a> {
     }
 
     fn out(&mut self, request: u8, value: u16, data: &[u8], step: &str) -> Result<(), DfuError> {
-        self.transport
+        self.check_deadline(step)?;
+        let sent = self
+            .transport
             .control_out(
                 REQUEST_OUT,
                 request,
@@ -464,6 +614,13 @@ impl<'a> Download<'a> {
                 step: step.to_string(),
                 error,
             })?;
+        if sent != data.len() {
+            return Err(DfuError::ShortWrite {
+                step: step.to_string(),
+                sent,
+                expected: data.len(),
+            });
+        }
         match request {
             DFU_DNLOAD => {
                 self.summary.dnload_requests += 1;

@@ -61,6 +61,7 @@ fn options(restart: bool, dry_run: bool) -> UpOptions {
             scan_timeout: Duration::from_secs(30),
         },
         dry_run,
+        wait_device: Duration::ZERO,
     }
 }
 

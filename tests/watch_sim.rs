@@ -100,6 +100,7 @@ fn options(mappings: Vec<Mapping>, max_restarts_per_hour: u32) -> WatchOptions {
         usb_poll: Duration::from_secs(2),
         xapi_check: MINUTE,
         recovery: UpOptions {
+            wait_device: Duration::ZERO,
             replug_timeout: Duration::from_secs(30),
             attach: AttachOptions {
                 vm: String::new(),

@@ -28,19 +28,23 @@ pub mod budget {
 
     /// Another coral run holding the lock (`--lock-timeout` in the unit).
     pub const LOCK_WAIT: Duration = Duration::from_secs(30);
-    /// xapi answering `xe` (it may still be initialising at boot).
-    pub const XAPI_WAIT: Duration = Duration::from_secs(60);
-    /// The configured Corals appearing on USB after power-on.
-    pub const DEVICE_WAIT: Duration = Duration::from_secs(20);
-    /// One Coral coming back as 18d1:9302 after its firmware upload.
-    pub const REPLUG_WAIT: Duration = Duration::from_secs(10);
+    /// xapi answering `xe`: the unit runs after xapi-init-complete.target,
+    /// so this only covers a toolstack restart during boot.
+    pub const XAPI_WAIT: Duration = Duration::from_secs(40);
+    /// The configured Corals appearing on USB after power-on (`--wait-device`).
+    pub const DEVICE_WAIT: Duration = crate::ops::init::DEFAULT_UP_WAIT_DEVICE;
+    /// One Coral coming back as 18d1:9302 after its firmware upload (`--timeout`).
+    pub const REPLUG_WAIT: Duration = crate::ops::init::DEFAULT_REPLUG_TIMEOUT;
     /// XAPI's asynchronous scan listing one ready Coral.
     pub const SCAN_WAIT: Duration = Duration::from_secs(30);
     /// The shared deadline of every wait after the lock, all entries together.
-    pub const AFTER_LOCK: Duration = Duration::from_secs(150);
+    pub const AFTER_LOCK: Duration = Duration::from_secs(120);
+    /// The DFU download's own deadline (a real one takes well under a second;
+    /// this bounds a device that keeps asking the host to wait).
+    pub const DOWNLOAD_WAIT: Duration = crate::dfu::DOWNLOAD_DEADLINE;
     /// All of coral's own waits at boot, worst case.
     pub const WORST_CASE_WAITS: Duration =
-        Duration::from_secs(LOCK_WAIT.as_secs() + AFTER_LOCK.as_secs());
+        Duration::from_secs(LOCK_WAIT.as_secs() + AFTER_LOCK.as_secs() + DOWNLOAD_WAIT.as_secs());
     /// The unit's `TimeoutStartSec`.
     pub const UNIT_START_TIMEOUT: Duration = Duration::from_secs(240);
 
@@ -139,6 +143,8 @@ pub fn up_all(
             entry.label()
         );
         let opts = UpOptions {
+            // The configured Corals were waited for above.
+            wait_device: Duration::ZERO,
             replug_timeout: left(budget::REPLUG_WAIT),
             attach: AttachOptions {
                 vm: entry.vm_uuid.clone(),

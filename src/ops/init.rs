@@ -1,15 +1,32 @@
 //! `coral init`: find uninitialized Corals, upload the firmware over DFU,
-//! reset, and wait until each comes back as `18d1:9302`.
+//! reset, and wait until each comes back as `18d1:9302` at its own physical
+//! port (coral-dfu.md, "Two identities" and the bus/peer-port section).
 
 use crate::clock::{poll_until, Clock};
 use crate::dfu::{self, DfuError, Download};
 use crate::error::{fail, FailureKind};
 use crate::firmware::FirmwareImage;
-use crate::usb::{select_one, CoralDevice, CoralState, ResetOutcome, UsbBus, UsbError};
+use crate::usb::{
+    select_one, CoralDevice, CoralState, ResetOutcome, SelectError, UsbBus, UsbError,
+};
 use std::time::Duration;
 
+pub use crate::dfu::DownloadSummary;
+
 /// Default wait for the Coral to come back after the reset (`--timeout`).
-pub const DEFAULT_REPLUG_TIMEOUT: Duration = Duration::from_secs(10);
+///
+/// Re-enumeration time is not published; Google's runtime sleeps 4 s after
+/// the reset and then tries once a second up to 25 times, so it tolerates
+/// about 29 s. 30 s covers that; coral polls every 10 ms, so it returns
+/// within milliseconds of the ready device appearing, however long the
+/// deadline.
+pub const DEFAULT_REPLUG_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default wait of `coral up` (the boot service) for a Coral to appear at
+/// all (`--wait-device`): a Coral behind a hub, or one slow to power up, may
+/// enumerate after coral has started. Every second of it delays the host's
+/// VM auto-start when no Coral is plugged in, so it is kept short.
+pub const DEFAULT_UP_WAIT_DEVICE: Duration = Duration::from_secs(20);
 
 /// What `init` should do.
 #[derive(Clone, Debug)]
@@ -20,23 +37,8 @@ pub struct InitOptions {
     pub force: bool,
     /// How long to wait for `18d1:9302` after the reset.
     pub replug_timeout: Duration,
-}
-
-/// Counts and figures of one firmware download (for output and benchmarks).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DownloadSummary {
-    /// Image bytes sent.
-    pub bytes: usize,
-    /// DNLOAD requests incl. the zero-length one.
-    pub dnload_requests: u32,
-    /// GETSTATUS requests.
-    pub getstatus_requests: u32,
-    /// UPLOAD requests (read-back).
-    pub upload_requests: u32,
-    /// Any other class request (CLRSTATUS, ABORT, DETACH).
-    pub other_requests: u32,
-    /// Block size used (wTransferSize).
-    pub transfer_size: u16,
+    /// How long to wait for a Coral to appear at all (zero: answer at once).
+    pub wait_device: Duration,
 }
 
 /// What happened to one Coral.
@@ -70,66 +72,233 @@ impl InitOutcome {
     }
 }
 
-/// How often to look for the device after a reset.
-const REPLUG_POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// How often to look for a device (after a reset, or one yet to appear).
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The one Coral `device` names (or the only one), worded for the user:
+/// the typed [`SelectError`] gets the flag to use and the next step.
+pub fn select_coral(corals: &[CoralDevice], device: Option<&str>) -> anyhow::Result<CoralDevice> {
+    select_one(corals, device).map_err(|e| select_failure(&e, device, Duration::ZERO))
+}
+
+fn select_failure(error: &SelectError, device: Option<&str>, waited: Duration) -> anyhow::Error {
+    let waited = if waited.is_zero() {
+        String::new()
+    } else {
+        format!(" (waited {} s)", waited.as_secs_f64())
+    };
+    let message = match error {
+        SelectError::BadPath(e) => format!("--device {:?}: {e}", device.unwrap_or("")),
+        SelectError::NoCoral => format!("{error}{waited}; is it plugged in? check `lsusb`"),
+        SelectError::NoneAt { present, .. } if present.is_empty() => {
+            format!("{error}{waited}; check `lsusb` for 1a6e:089a or 18d1:9302")
+        }
+        SelectError::NoneAt { .. } => {
+            format!("{error}{waited}; pass one of those to --device")
+        }
+        SelectError::Several(_) => format!("{error}; choose one with --device PATH"),
+    };
+    fail(FailureKind::NoCoral, message)
+}
+
+/// Poll until the Coral `device` names (or the only Coral) is on the bus,
+/// for at most `timeout` (zero: look once). A Coral that arrives late (a
+/// hub still resetting, a slow power-up) is found within [`POLL_INTERVAL`];
+/// several Corals without `device`, or a bad path, fail at once.
+pub fn wait_for_coral(
+    usb: &dyn UsbBus,
+    clock: &dyn Clock,
+    device: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<CoralDevice> {
+    let pick = |corals: &[CoralDevice]| select_one(corals, device).map(|c| vec![c]);
+    wait_for_corals(usb, clock, device, timeout, &pick).map(|(_, mut found)| found.remove(0))
+}
+
+/// Chooses the Corals to act on from a listing.
+type Pick<'a> = dyn Fn(&[CoralDevice]) -> Result<Vec<CoralDevice>, SelectError> + 'a;
+
+/// Poll fresh listings until `pick` finds what it wants (see
+/// [`wait_for_coral`]); returns that listing and what was picked.
+fn wait_for_corals(
+    usb: &dyn UsbBus,
+    clock: &dyn Clock,
+    device: Option<&str>,
+    timeout: Duration,
+    pick: &Pick<'_>,
+) -> anyhow::Result<(Vec<CoralDevice>, Vec<CoralDevice>)> {
+    let started = clock.now();
+    let mut last: Option<Result<SelectError, UsbError>> = None;
+    let mut said = false;
+    let found = poll_until(clock, timeout, POLL_INTERVAL, || {
+        match usb.list_corals() {
+            Ok(corals) => match pick(&corals) {
+                Ok(found) => return Ok(Some((corals, found))),
+                Err(e) if e.may_resolve_later() => last = Some(Ok(e)),
+                Err(e) => return Err(select_failure(&e, device, Duration::ZERO)),
+            },
+            // libusb can fail to start while the bus changes: look again.
+            Err(e) => last = Some(Err(e)),
+        }
+        if !said && !timeout.is_zero() {
+            said = true;
+            log::info!(
+                "no Coral{} yet; waiting up to {} s for one to appear",
+                device.map(|d| format!(" at {d}")).unwrap_or_default(),
+                timeout.as_secs_f64()
+            );
+        }
+        Ok(None)
+    })?;
+    match (found, last) {
+        (Some(found), _) => {
+            if said {
+                log::info!(
+                    "a Coral appeared after {:.1} s",
+                    (clock.now() - started).as_secs_f64()
+                );
+            }
+            Ok(found)
+        }
+        (None, Some(Ok(e))) => Err(select_failure(&e, device, timeout)),
+        (None, Some(Err(e))) => Err(usb_failure("listing USB devices", e)),
+        (None, None) => Err(select_failure(&SelectError::NoCoral, device, timeout)),
+    }
+}
 
 /// Initialize every uninitialized Coral (or only `--device`); `load_firmware`
 /// is called at most once, only when something needs it, and before any USB
-/// traffic to a device. No Coral at all → `FailureKind::NoCoral`.
+/// traffic to a device. No Coral at all (within `wait_device`) →
+/// `FailureKind::NoCoral`.
+///
+/// Every Coral is downloaded and reset first, then all are waited for
+/// together (each re-enumeration takes seconds), each paired with its own
+/// boot loader by physical port.
 pub fn init(
     usb: &dyn UsbBus,
     clock: &dyn Clock,
     load_firmware: &mut dyn FnMut() -> anyhow::Result<FirmwareImage>,
     opts: &InitOptions,
 ) -> anyhow::Result<Vec<InitOutcome>> {
-    let corals = usb
-        .list_corals()
-        .map_err(|e| usb_failure("listing USB devices", e))?;
-    let targets = match &opts.device {
-        Some(_) => vec![select_one(&corals, opts.device.as_deref())?],
-        None if corals.is_empty() => vec![select_one(&corals, None)?],
-        None => corals,
+    let device = opts.device.as_deref();
+    let all = |corals: &[CoralDevice]| match device {
+        Some(_) => select_one(corals, device).map(|c| vec![c]),
+        None if corals.is_empty() => Err(SelectError::NoCoral),
+        None => Ok(corals.to_vec()),
     };
+    // Everything on the bus now is never "the Coral that came back" (an
+    // unrelated ready Coral elsewhere, say).
+    let (mut seen, targets) = wait_for_corals(usb, clock, device, opts.wait_device, &all)?;
     let needing = targets
         .iter()
         .filter(|c| opts.force || c.state == CoralState::Uninitialized)
         .count();
-    if opts.device.is_none() && targets.len() > 1 {
+    if device.is_none() && targets.len() > 1 {
         log::info!("found {} Corals; {needing} need firmware", targets.len());
     }
 
     let mut image = None;
     let mut outcomes = Vec::new();
+    let mut pending = Vec::new();
+    let mut failure = None;
     for coral in targets {
         if coral.state == CoralState::Ready && !opts.force {
             log::info!(
                 "Coral at {} is ready (18d1:9302); nothing to do",
                 coral.path
             );
-            outcomes.push(InitOutcome::AlreadyReady { device: coral });
+            outcomes.push(Some(InitOutcome::AlreadyReady { device: coral }));
             continue;
         }
         if image.is_none() {
-            image = Some(load_firmware()?);
+            match load_firmware() {
+                Ok(loaded) => image = Some(loaded),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
         }
         let image = image.as_ref().expect("loaded above");
-        outcomes.push(initialize(usb, clock, image, coral, opts.replug_timeout)?);
+        match flash(usb, clock, image, coral, &mut seen, opts.replug_timeout) {
+            Ok(flashed) => {
+                pending.push((outcomes.len(), flashed));
+                outcomes.push(None);
+            }
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
     }
-    Ok(outcomes)
+
+    // Wait even when a later Coral failed: the ones already reset come back.
+    let waits: Vec<Waiting> = pending.iter().map(|(_, f)| f.waiting.clone()).collect();
+    let results = wait_for_identity(usb, clock, &seen, waits, CoralState::Ready);
+    for ((slot, flashed), result) in pending.into_iter().zip(results) {
+        match result {
+            Ok(after) => {
+                let elapsed = clock.now() - flashed.started;
+                log::info!(
+                    "ready at {} after {:.1} s",
+                    after.path,
+                    elapsed.as_secs_f64()
+                );
+                outcomes[slot] = Some(InitOutcome::Initialized {
+                    before: flashed.waiting.from,
+                    after,
+                    summary: flashed.summary,
+                    elapsed,
+                });
+            }
+            Err(e) => {
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(outcomes.into_iter().flatten().collect()),
+    }
 }
 
-/// The procedure for one Coral: (detach a ready one,) download, reset, wait.
-fn initialize(
+/// A reset device being waited for.
+#[derive(Clone, Debug)]
+struct Waiting {
+    /// What it was before the reset.
+    from: CoralDevice,
+    /// When the wait ends.
+    deadline: Duration,
+    /// The wait's length, for the message.
+    timeout: Duration,
+    /// A reset that reported an error other than "device gone".
+    reset_error: Option<UsbError>,
+}
+
+/// A Coral whose verified download is done and which was reset.
+struct Flashed {
+    waiting: Waiting,
+    summary: DownloadSummary,
+    started: Duration,
+}
+
+/// For one Coral: (detach a ready one,) download, verify, reset.
+fn flash(
     usb: &dyn UsbBus,
     clock: &dyn Clock,
     image: &FirmwareImage,
     coral: CoralDevice,
+    seen: &mut Vec<CoralDevice>,
     replug_timeout: Duration,
-) -> anyhow::Result<InitOutcome> {
+) -> anyhow::Result<Flashed> {
     let started = clock.now();
     let before = match coral.state {
         CoralState::Uninitialized => coral,
-        CoralState::Ready => back_to_bootloader(usb, clock, &coral, replug_timeout)?,
+        CoralState::Ready => {
+            let bootloader = back_to_bootloader(usb, clock, &coral, seen, replug_timeout)?;
+            seen.push(bootloader.clone());
+            bootloader
+        }
     };
     log::info!(
         "found uninitialized Coral at {} (1a6e:089a, device {:03})",
@@ -141,34 +310,34 @@ fn initialize(
     let summary = Download::open(transport.as_mut(), clock)
         .and_then(|download| download.run(&image.bytes))
         .map_err(|e| dfu_failure(&before, e))?;
-    match transport.reset() {
-        Ok(outcome) => log::info!(
-            "reset: {}",
-            match outcome {
-                ResetOutcome::Reenumerating => "device left the bus to re-enumerate",
-                ResetOutcome::SameDevice => "device reset",
-            }
-        ),
-        Err(e) => {
-            return Err(usb_failure(
-                &format!("resetting the Coral at {}", before.path),
-                e,
-            ))
+    let reset_error = match transport.reset() {
+        Ok(ResetOutcome::Reenumerating) => {
+            log::info!("reset: device left the bus to re-enumerate");
+            None
         }
-    }
-
-    let after = wait_for(usb, clock, &before, CoralState::Ready, replug_timeout)?;
-    let elapsed = clock.now() - started;
-    log::info!(
-        "ready at {} after {:.1} s",
-        after.path,
-        elapsed.as_secs_f64()
-    );
-    Ok(InitOutcome::Initialized {
-        before,
-        after,
+        Ok(ResetOutcome::SameDevice) => {
+            log::info!("reset: device reset; waiting for it to re-enumerate");
+            None
+        }
+        // The firmware is verified: whatever the reset reported, the device
+        // may well be re-enumerating (as fwupd's wait-for-replug assumes).
+        Err(e) => {
+            log::warn!(
+                "resetting the Coral at {} reported: {e}; the firmware is verified, waiting for the device anyway",
+                before.path
+            );
+            Some(e)
+        }
+    };
+    Ok(Flashed {
+        waiting: Waiting {
+            from: before,
+            deadline: clock.now() + replug_timeout,
+            timeout: replug_timeout,
+            reset_error,
+        },
         summary,
-        elapsed,
+        started,
     })
 }
 
@@ -177,6 +346,7 @@ fn back_to_bootloader(
     usb: &dyn UsbBus,
     clock: &dyn Clock,
     coral: &CoralDevice,
+    seen: &[CoralDevice],
     timeout: Duration,
 ) -> anyhow::Result<CoralDevice> {
     log::info!(
@@ -185,62 +355,108 @@ fn back_to_bootloader(
     );
     let mut transport = usb.open(coral).map_err(|e| open_failure(coral, e))?;
     dfu::detach(transport.as_mut()).map_err(|e| dfu_failure(coral, e))?;
-    transport
-        .reset()
-        .map_err(|e| usb_failure(&format!("resetting the Coral at {}", coral.path), e))?;
-    wait_for(usb, clock, coral, CoralState::Uninitialized, timeout)
+    let reset_error = transport.reset().err();
+    let waiting = Waiting {
+        from: coral.clone(),
+        deadline: clock.now() + timeout,
+        timeout,
+        reset_error,
+    };
+    wait_for_identity(usb, clock, seen, vec![waiting], CoralState::Uninitialized).remove(0)
 }
 
-/// Poll fresh listings until a Coral in `state` shows up on `from`'s port
-/// chain (the bus may differ: a USB 2 boot loader at `1-4` comes back on the
-/// SuperSpeed bus as `2-4`).
-fn wait_for(
+/// Poll fresh listings until each reset device is back: a Coral that was not
+/// there before (`seen`) at the same physical port (port chain or its peer).
+/// In `want` it is done; in the other identity it failed at once (a boot
+/// loader that comes back as 1a6e:089a refused the image).
+fn wait_for_identity(
     usb: &dyn UsbBus,
     clock: &dyn Clock,
-    from: &CoralDevice,
-    state: CoralState,
-    timeout: Duration,
-) -> anyhow::Result<CoralDevice> {
-    let mut wrong_identity = None;
-    let found = poll_until(clock, timeout, REPLUG_POLL_INTERVAL, || {
-        let corals = match usb.list_corals() {
-            Ok(corals) => corals,
-            // libusb can fail to start while the bus changes: look again.
-            Err(_) => return Ok::<_, anyhow::Error>(None),
-        };
-        let on_port = |c: &&CoralDevice| c.path.same_port_chain(&from.path);
-        let appeared = |c: &&CoralDevice| c.address != from.address || c.path != from.path;
-        if let Some(c) = corals.iter().filter(on_port).find(|c| c.state == state) {
-            if state == CoralState::Ready || appeared(&c) {
-                return Ok(Some(c.clone()));
+    seen: &[CoralDevice],
+    waits: Vec<Waiting>,
+    want: CoralState,
+) -> Vec<anyhow::Result<CoralDevice>> {
+    let mut results: Vec<Option<anyhow::Result<CoralDevice>>> =
+        waits.iter().map(|_| None).collect();
+    let is_new = |c: &CoralDevice| !seen.iter().any(|s| s.same_enumeration(c));
+    loop {
+        if let Ok(corals) = usb.list_corals() {
+            for (wait, result) in waits.iter().zip(results.iter_mut()) {
+                if result.is_some() {
+                    continue;
+                }
+                let back = corals
+                    .iter()
+                    .filter(|c| is_new(c) && c.same_physical_port(&wait.from))
+                    .find(|c| c.state == want)
+                    .or_else(|| {
+                        corals
+                            .iter()
+                            .find(|c| is_new(c) && c.same_physical_port(&wait.from))
+                    });
+                if let Some(back) = back {
+                    *result = Some(if back.state == want {
+                        Ok(back.clone())
+                    } else {
+                        Err(wrong_identity(&wait.from, back))
+                    });
+                }
             }
         }
-        wrong_identity = corals
+        let now = clock.now();
+        for (wait, result) in waits.iter().zip(results.iter_mut()) {
+            if result.is_none() && now >= wait.deadline {
+                *result = Some(Err(not_back(wait, want)));
+            }
+        }
+        let next_deadline = waits
             .iter()
-            .filter(on_port)
-            .find(|c| c.state != state && appeared(c))
-            .cloned();
-        Ok(None)
-    })?;
-    match (found, wrong_identity) {
-        (Some(device), _) => Ok(device),
-        (None, Some(again)) if state == CoralState::Ready => Err(fail(
+            .zip(&results)
+            .filter(|(_, r)| r.is_none())
+            .map(|(w, _)| w.deadline)
+            .min();
+        match next_deadline {
+            None => break,
+            Some(deadline) => clock.sleep(POLL_INTERVAL.min(deadline.saturating_sub(now))),
+        }
+    }
+    results.into_iter().flatten().collect()
+}
+
+fn wrong_identity(from: &CoralDevice, back: &CoralDevice) -> anyhow::Error {
+    match back.state {
+        CoralState::Uninitialized => fail(
             FailureKind::Usb,
             format!(
-                "the Coral at {} came back as 1a6e:089a again after the firmware upload (device {:03}); unplug and replug it, then rerun `coral init`",
-                again.path, again.address
+                "the Coral at {} came back as 1a6e:089a again after the firmware upload (at {}, device {:03}): its boot loader did not take the image; unplug and replug it, then rerun `coral init`",
+                from.path, back.path, back.address
             ),
-        )),
-        (None, _) => Err(fail(
-            FailureKind::Timeout,
+        ),
+        CoralState::Ready => fail(
+            FailureKind::Usb,
             format!(
-                "the Coral at {} did not come back as {} within {} s; unplug and replug it, then rerun `coral init`",
-                from.path,
-                state.id(),
-                timeout.as_secs_f64()
+                "the Coral at {} came back as 18d1:9302 instead of its boot loader (at {}); rerun `coral init --force`, or replug it",
+                from.path, back.path
             ),
-        )),
+        ),
     }
+}
+
+fn not_back(wait: &Waiting, want: CoralState) -> anyhow::Error {
+    let reset = wait
+        .reset_error
+        .as_ref()
+        .map(|e| format!(" (its USB reset reported: {e})"))
+        .unwrap_or_default();
+    fail(
+        FailureKind::Timeout,
+        format!(
+            "the Coral at {} did not come back as {} within {} s{reset}; unplug and replug it, then rerun `coral init`",
+            wait.from.path,
+            want.id(),
+            wait.timeout.as_secs_f64()
+        ),
+    )
 }
 
 fn open_failure(coral: &CoralDevice, error: UsbError) -> anyhow::Error {

@@ -3,10 +3,10 @@
 //! attach it to the VM with the rules of `coral attach`.
 
 use super::attach::{attach, AttachOptions, AttachReport};
-use super::init::{init, InitOptions, InitOutcome};
+use super::init::{init, wait_for_coral, InitOptions, InitOutcome};
 use crate::clock::Clock;
 use crate::firmware::FirmwareImage;
-use crate::usb::{select_one, CoralState, UsbBus};
+use crate::usb::{CoralState, UsbBus};
 use crate::xe::client::XeClient;
 use std::fmt;
 use std::time::Duration;
@@ -20,6 +20,8 @@ pub struct UpOptions {
     pub attach: AttachOptions,
     /// `--dry-run`: verify the firmware but do not upload; plan the attach.
     pub dry_run: bool,
+    /// `--wait-device`: how long to wait for a Coral to appear at all.
+    pub wait_device: Duration,
 }
 
 /// What `up` did.
@@ -74,7 +76,7 @@ pub fn up(
     opts: &UpOptions,
 ) -> anyhow::Result<UpReport> {
     let started = clock.now();
-    let coral = select_one(&usb.list_corals()?, opts.attach.device.as_deref())?;
+    let coral = wait_for_coral(usb, clock, opts.attach.device.as_deref(), opts.wait_device)?;
 
     let mut init_outcome = None;
     let ready_path = match coral.state {
@@ -100,6 +102,7 @@ pub fn up(
                 device: Some(coral.path.to_string()),
                 force: false,
                 replug_timeout: opts.replug_timeout,
+                wait_device: Duration::ZERO,
             };
             let outcome = init(usb, clock, load_firmware, &init_opts)?
                 .into_iter()

@@ -1,9 +1,10 @@
 //! Steps `attach`, `detach` and `status` share: the ready Coral on this
 //! host's USB, the VM named by `--vm`, and the Coral's PUSB in XAPI.
 
+use super::init::select_coral;
 use crate::clock::{poll_until, Clock};
 use crate::error::{fail, FailureKind};
-use crate::usb::{select_one, CoralDevice, CoralState, UsbBus};
+use crate::usb::{CoralDevice, CoralState, UsbBus};
 use crate::xe::client::{PusbInfo, VmInfo, XeClient};
 use std::time::Duration;
 
@@ -21,9 +22,9 @@ pub fn ready_coral(usb: &dyn UsbBus, device: Option<&str>) -> anyhow::Result<Cor
         .cloned()
         .collect();
     let coral = match device {
-        Some(_) => select_one(&corals, device)?,
-        None if ready.is_empty() && !corals.is_empty() => select_one(&corals, None)?,
-        None => select_one(&ready, None)?,
+        Some(_) => select_coral(&corals, device)?,
+        None if ready.is_empty() && !corals.is_empty() => select_coral(&corals, None)?,
+        None => select_coral(&ready, None)?,
     };
     if coral.state != CoralState::Ready {
         return Err(fail(

@@ -1,7 +1,11 @@
 //! A simulated Coral on a simulated USB bus: the DFU 1.1 boot loader
 //! (1a6e:089a) as a strict state machine keyed on (request, state) — any
-//! request the real device would reject stalls and leaves it in dfuERROR —
-//! that re-enumerates as 18d1:9302 after a complete download and a reset.
+//! request DFU 1.1 does not allow in the current state stalls and leaves it
+//! in dfuERROR (ABORT in dfuDNLOAD-SYNC or dfuMANIFEST-SYNC, anything before
+//! bwPollTimeout has passed in dfuDNBUSY or dfuMANIFEST) — that
+//! re-enumerates as 18d1:9302 after a complete download and a reset, at the
+//! same physical port: the same path, or its peer on the controller's other
+//! root hub, whose number may differ (`1-5` ↔ `2-3`, coral-dfu.md).
 //! Fault knobs ([`SimFaults`]) reproduce what goes wrong in the field.
 
 use crate::clock::Clock;
@@ -40,6 +44,21 @@ pub struct SimFaults {
     pub start_state: Option<u8>,
     /// Opening the device fails like this (permission, busy).
     pub open_error: Option<UsbError>,
+    /// The USB reset reports this error (I/O, pipe, timeout), yet the
+    /// device leaves the bus and re-enumerates as it would have.
+    pub reset_error: Option<UsbError>,
+    /// Every bwPollTimeout it reports is garbled to 0xFFFFFF ms (4.6 hours);
+    /// it is really busy only `poll_timeout_ms`.
+    pub garbled_poll_timeout: bool,
+    /// UPLOAD never ends: full blocks (the image, then 0xA5 filler) for
+    /// ever. After 100,000 of them the simulated device errors out, so a
+    /// host that never stops fails instead of hanging the test.
+    pub endless_upload: bool,
+    /// The DNLOAD of this block (0-based) takes only half of its bytes.
+    pub short_write_at_block: Option<u16>,
+    /// CLRSTATUS is answered, but the device falls back into dfuERROR with
+    /// this status (a fault that does not clear).
+    pub sticky_error: Option<u8>,
 }
 
 /// Behaviour of one simulated Coral.
@@ -53,6 +72,9 @@ pub struct SimCoralConfig {
     pub transfer_size: u16,
     /// How long after the reset the new identity appears.
     pub reenumerate_after: Duration,
+    /// When it first appears on the bus (a Coral behind a hub, or slow to
+    /// power up, enumerates after coral has started); zero: at once.
+    pub appears_at: Duration,
     /// Faults.
     pub faults: SimFaults,
 }
@@ -66,7 +88,18 @@ impl SimCoralConfig {
             ready_path: PortPath::new(2, vec![port]),
             transfer_size: 256,
             reenumerate_after: Duration::from_millis(800),
+            appears_at: Duration::ZERO,
             faults: SimFaults::default(),
+        }
+    }
+
+    /// A Coral whose boot loader is at `bootloader` and ready device at
+    /// `ready` (the two sides of one physical port: peers when they differ).
+    pub fn at(bootloader: &str, ready: &str) -> Self {
+        SimCoralConfig {
+            bootloader_path: bootloader.parse().expect("a port path"),
+            ready_path: ready.parse().expect("a port path"),
+            ..SimCoralConfig::xhci(1)
         }
     }
 }
@@ -94,29 +127,48 @@ struct DfuMachine {
     busy_left: u32,
     busy_until: Duration,
     manifest_left: u32,
+    manifest_until: Duration,
     manifested: bool,
     pending_error: Option<u8>,
     upload_block: u16,
+    uploads: u32,
 }
 
 impl DfuMachine {
-    fn new(start_state: Option<u8>) -> Self {
+    /// A fresh boot loader, or one an interrupted run left in `start_state`
+    /// (still busy with a block, or manifesting, as `faults` say).
+    fn new(start_state: Option<u8>, faults: &SimFaults) -> Self {
+        let state = start_state.unwrap_or(state::IDLE);
         DfuMachine {
-            state: start_state.unwrap_or(state::IDLE),
-            status: if start_state == Some(state::ERROR) {
+            state,
+            status: if state == state::ERROR {
                 status::ERR_WRITE
             } else {
                 status::OK
             },
             next_block: 0,
             received: Vec::new(),
-            busy_left: 0,
+            busy_left: if state == state::DNLOAD_SYNC {
+                faults.busy_polls
+            } else {
+                0
+            },
             busy_until: Duration::ZERO,
-            manifest_left: 0,
+            manifest_left: if state == state::MANIFEST_SYNC {
+                faults.manifest_polls
+            } else {
+                0
+            },
+            manifest_until: Duration::ZERO,
             manifested: false,
             pending_error: None,
             upload_block: 0,
+            uploads: 0,
         }
+    }
+
+    fn fresh() -> Self {
+        Self::new(None, &SimFaults::default())
     }
 }
 
@@ -147,6 +199,8 @@ struct BusState {
     corals: Vec<SimCoral>,
     next_address: u8,
     requests: Vec<SimRequest>,
+    /// Pairs of peer ports (the two sides of one physical port).
+    peers: Vec<(PortPath, PortPath)>,
 }
 
 impl BusState {
@@ -166,11 +220,23 @@ impl BusState {
                     coral.present = true;
                     coral.identity = identity;
                     coral.address = address;
-                    coral.dfu = DfuMachine::new(None);
+                    coral.dfu = DfuMachine::fresh();
                     coral.detach_requested = false;
                 }
             }
         }
+    }
+
+    fn peer_of(&self, path: &PortPath) -> Option<PortPath> {
+        self.peers.iter().find_map(|(a, b)| {
+            if a == path {
+                Some(b.clone())
+            } else if b == path {
+                Some(a.clone())
+            } else {
+                None
+            }
+        })
     }
 }
 
@@ -194,21 +260,37 @@ impl SimBus {
 
     /// Plug in a Coral in `state` (uninitialized: at its boot-loader path;
     /// ready: at its ready path). Returns its index for the accessors below.
+    /// With `config.appears_at` later than now it enumerates only then.
     pub fn add_coral(&self, config: SimCoralConfig, state: CoralState) -> usize {
         let mut bus = self.state.borrow_mut();
         let address = bus.new_address();
-        let dfu = DfuMachine::new(config.faults.start_state);
+        let dfu = DfuMachine::new(config.faults.start_state, &config.faults);
+        if config.bootloader_path != config.ready_path {
+            let pair = (config.bootloader_path.clone(), config.ready_path.clone());
+            bus.peers.push(pair);
+        }
+        let late = config.appears_at > self.clock.now();
+        let reappear = late.then_some((config.appears_at, state));
         bus.corals.push(SimCoral {
             config,
             identity: state,
-            present: true,
+            present: !late,
             address,
-            reappear: None,
+            reappear,
             dfu,
             detach_requested: false,
             flashed: Vec::new(),
         });
         bus.corals.len() - 1
+    }
+
+    /// Make `a` and `b` peers: the two sides of one physical port.
+    pub fn link_peers(&self, a: &str, b: &str) {
+        let pair = (
+            a.parse().expect("a port path"),
+            b.parse().expect("a port path"),
+        );
+        self.state.borrow_mut().peers.push(pair);
     }
 
     /// The devices present right now (re-enumerations due by `clock.now()`
@@ -220,6 +302,7 @@ impl SimBus {
             .iter()
             .filter(|c| c.present)
             .map(|c| CoralDevice {
+                peer: bus.peer_of(&c.path()),
                 path: c.path(),
                 address: c.address,
                 state: c.identity,
@@ -251,7 +334,7 @@ impl SimBus {
         coral.reappear = None;
         coral.identity = CoralState::Uninitialized;
         coral.address = address;
-        coral.dfu = DfuMachine::new(None);
+        coral.dfu = DfuMachine::fresh();
     }
 }
 
@@ -387,8 +470,8 @@ impl UsbTransport for SimTransport {
             {
                 return Err(stall(c));
             }
-            if c.dfu.state == state::DNBUSY && now < c.dfu.busy_until {
-                // Asked again before bwPollTimeout passed: a protocol violation.
+            if !timers_elapsed(c, now) {
+                // Asked before bwPollTimeout passed: DFU 1.1 allows nothing then.
                 return Err(stall(c));
             }
             match request {
@@ -429,25 +512,27 @@ impl UsbTransport for SimTransport {
                     Err(UsbError::Stall)
                 };
             }
-            if c.dfu.state == state::DNBUSY && now < c.dfu.busy_until {
+            if !timers_elapsed(c, now) {
                 return Err(stall(c));
             }
+            // DFU 1.1, appendix A: the requests each state accepts.
             match (request, c.dfu.state) {
                 (dfu::DFU_DNLOAD, state::IDLE | state::DNLOAD_IDLE) => dnload(c, value, data),
                 (dfu::DFU_CLRSTATUS, state::ERROR) if data.is_empty() => {
                     // Back to dfuIDLE; a new download starts at block 0.
-                    c.dfu = DfuMachine::new(None);
+                    c.dfu = DfuMachine::fresh();
+                    if let Some(code) = c.config.faults.sticky_error {
+                        c.dfu.state = state::ERROR;
+                        c.dfu.status = code;
+                    }
                     Ok(0)
                 }
-                (
-                    dfu::DFU_ABORT,
-                    state::IDLE
-                    | state::DNLOAD_SYNC
-                    | state::DNLOAD_IDLE
-                    | state::MANIFEST_SYNC
-                    | state::UPLOAD_IDLE,
-                ) if data.is_empty() => {
-                    c.dfu = DfuMachine::new(None);
+                (dfu::DFU_ABORT, state::IDLE | state::DNLOAD_IDLE | state::UPLOAD_IDLE)
+                    if data.is_empty() =>
+                {
+                    let flashed = c.dfu.manifested;
+                    c.dfu = DfuMachine::fresh();
+                    c.dfu.manifested = flashed;
                     Ok(0)
                 }
                 _ => Err(stall(c)),
@@ -458,6 +543,7 @@ impl UsbTransport for SimTransport {
     fn reset(self: Box<Self>) -> Result<ResetOutcome, UsbError> {
         self.with_device(None, |c, now| {
             let back_at = now + c.config.reenumerate_after;
+            let reset_error = c.config.faults.reset_error.clone();
             let outcome = match c.identity {
                 CoralState::Uninitialized if c.dfu.manifested => {
                     let faults = &c.config.faults;
@@ -476,13 +562,16 @@ impl UsbTransport for SimTransport {
                 }
                 CoralState::Uninitialized => {
                     // A reset before the download completed: a fresh boot loader, same address.
-                    c.dfu = DfuMachine::new(None);
+                    c.dfu = DfuMachine::fresh();
                     return Ok(ResetOutcome::SameDevice);
                 }
                 CoralState::Ready => return Ok(ResetOutcome::SameDevice),
             };
             c.present = false;
-            Ok(outcome)
+            match reset_error {
+                Some(error) => Err(error),
+                None => Ok(outcome),
+            }
         })
     }
 }
@@ -510,7 +599,12 @@ fn dnload(c: &mut SimCoral, block: u16, data: &[u8]) -> Result<usize, UsbError> 
     if c.dfu.state == state::IDLE {
         c.dfu.received.clear();
     }
-    c.dfu.received.extend_from_slice(data);
+    let taken = if faults.short_write_at_block == Some(block) {
+        data.len() / 2
+    } else {
+        data.len()
+    };
+    c.dfu.received.extend_from_slice(&data[..taken]);
     c.dfu.next_block = block.wrapping_add(1);
     c.dfu.state = state::DNLOAD_SYNC;
     c.dfu.busy_left = faults.busy_polls;
@@ -518,14 +612,38 @@ fn dnload(c: &mut SimCoral, block: u16, data: &[u8]) -> Result<usize, UsbError> 
         .error_at_block
         .filter(|(b, _)| *b == block)
         .map(|(_, s)| s);
-    Ok(data.len())
+    Ok(taken)
+}
+
+/// Let dfuDNBUSY / dfuMANIFEST end when their bwPollTimeout has passed
+/// (to dfuDNLOAD-SYNC / dfuMANIFEST-SYNC); false while it has not (DFU 1.1
+/// allows no request in those states).
+fn timers_elapsed(c: &mut SimCoral, now: Duration) -> bool {
+    match c.dfu.state {
+        state::DNBUSY if now < c.dfu.busy_until => false,
+        state::DNBUSY => {
+            c.dfu.state = state::DNLOAD_SYNC;
+            true
+        }
+        state::MANIFEST if now < c.dfu.manifest_until => false,
+        state::MANIFEST => {
+            c.dfu.state = state::MANIFEST_SYNC;
+            true
+        }
+        _ => true,
+    }
 }
 
 fn get_status(c: &mut SimCoral, now: Duration, buf: &mut [u8]) -> usize {
     let poll = c.config.faults.poll_timeout_ms;
+    let reported = if c.config.faults.garbled_poll_timeout {
+        0x00FF_FFFF
+    } else {
+        poll
+    };
     let mut poll_out = 0;
     match c.dfu.state {
-        state::DNLOAD_SYNC | state::DNBUSY => {
+        state::DNLOAD_SYNC => {
             if let Some(code) = c.dfu.pending_error.take() {
                 c.dfu.state = state::ERROR;
                 c.dfu.status = code;
@@ -533,16 +651,17 @@ fn get_status(c: &mut SimCoral, now: Duration, buf: &mut [u8]) -> usize {
                 c.dfu.busy_left -= 1;
                 c.dfu.state = state::DNBUSY;
                 c.dfu.busy_until = now + Duration::from_millis(poll.into());
-                poll_out = poll;
+                poll_out = reported;
             } else {
                 c.dfu.state = state::DNLOAD_IDLE;
             }
         }
-        state::MANIFEST_SYNC | state::MANIFEST => {
+        state::MANIFEST_SYNC => {
             if c.dfu.manifest_left > 0 {
                 c.dfu.manifest_left -= 1;
                 c.dfu.state = state::MANIFEST;
-                poll_out = poll;
+                c.dfu.manifest_until = now + Duration::from_millis(poll.into());
+                poll_out = reported;
             } else {
                 c.dfu.state = state::IDLE;
                 c.dfu.manifested = true;
@@ -566,7 +685,13 @@ fn upload(c: &mut SimCoral, block: u16, buf: &mut [u8]) -> Result<usize, UsbErro
     if buf.len() > size || !(starting || continuing) {
         return Err(stall(c));
     }
-    let faults = &c.config.faults;
+    let faults = c.config.faults.clone();
+    c.dfu.uploads += 1;
+    if faults.endless_upload && c.dfu.uploads > 100_000 {
+        return Err(UsbError::Other(
+            "simulated device: the host never stopped reading back".into(),
+        ));
+    }
     let mut memory = c.flashed.clone();
     memory.extend(std::iter::repeat_n(0xA5, faults.extra_readback));
     if let Some(at) = faults.corrupt_readback_at {
@@ -574,9 +699,15 @@ fn upload(c: &mut SimCoral, block: u16, buf: &mut [u8]) -> Result<usize, UsbErro
             *b ^= 0xFF;
         }
     }
-    let start = (block as usize * buf.len()).min(memory.len());
-    let n = buf.len().min(memory.len() - start);
-    buf[..n].copy_from_slice(&memory[start..start + n]);
+    let start = block as usize * buf.len();
+    let n = if faults.endless_upload {
+        buf.len()
+    } else {
+        buf.len().min(memory.len().saturating_sub(start))
+    };
+    for (i, byte) in buf[..n].iter_mut().enumerate() {
+        *byte = memory.get(start + i).copied().unwrap_or(0xA5);
+    }
     if n < buf.len() {
         c.dfu.state = state::IDLE;
         c.dfu.upload_block = 0;

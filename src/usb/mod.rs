@@ -9,7 +9,7 @@ pub mod rusb_backend;
 
 use std::fmt;
 
-pub use path::PortPath;
+pub use path::{BadPortPath, PortPath};
 
 /// USB id of a Coral that lost power: the DFU boot loader ("Global Unichip Corp.").
 pub const UNINITIALIZED_ID: UsbId = UsbId {
@@ -90,6 +90,28 @@ pub struct CoralDevice {
     pub address: u8,
     /// Which identity it shows.
     pub state: CoralState,
+    /// The peer of its port (sysfs `peer`): the other side of the same
+    /// physical port on an xHCI controller's other root hub, e.g. `2-3` for
+    /// `1-5`. None when the port has no peer (USB 2 only) or it is unknown.
+    pub peer: Option<PortPath>,
+}
+
+impl CoralDevice {
+    /// True when `path` is this device's port or its peer: the same physical port.
+    pub fn at_port(&self, path: &PortPath) -> bool {
+        self.path == *path || self.peer.as_ref() == Some(path)
+    }
+
+    /// True when both sit at the same physical port (the same port chain,
+    /// or one's port is the other's peer), never by port numbers alone.
+    pub fn same_physical_port(&self, other: &CoralDevice) -> bool {
+        self.at_port(&other.path) || other.peer.as_ref() == Some(&self.path)
+    }
+
+    /// True when `other` is this very enumeration (same port, address and identity).
+    pub fn same_enumeration(&self, other: &CoralDevice) -> bool {
+        self.path == other.path && self.address == other.address && self.state == other.state
+    }
 }
 
 impl fmt::Display for CoralDevice {
@@ -202,60 +224,93 @@ pub trait UsbTransport {
     fn reset(self: Box<Self>) -> Result<ResetOutcome, UsbError>;
 }
 
+/// Why [`select_one`] found no single Coral. The Display names no command
+/// line flag: the procedure that asked words the next step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SelectError {
+    /// The requested port path is not a port path.
+    BadPath(BadPortPath),
+    /// No Coral on this host at all.
+    NoCoral,
+    /// No Coral at the requested port nor at its peer.
+    NoneAt {
+        /// The requested port.
+        wanted: PortPath,
+        /// The Corals that are there (maybe none).
+        present: Vec<CoralDevice>,
+    },
+    /// Several Corals and no port requested.
+    Several(Vec<CoralDevice>),
+}
+
+impl SelectError {
+    /// True when a Coral appearing later could resolve it (none there yet).
+    pub fn may_resolve_later(&self) -> bool {
+        matches!(self, SelectError::NoCoral | SelectError::NoneAt { .. })
+    }
+}
+
+fn listed(corals: &[CoralDevice]) -> String {
+    corals
+        .iter()
+        .map(|c| format!("{} ({})", c.path, c.state))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl fmt::Display for SelectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SelectError::BadPath(e) => write!(f, "{e}"),
+            SelectError::NoCoral => {
+                f.write_str("no Coral found on this host's USB (neither 1a6e:089a nor 18d1:9302)")
+            }
+            SelectError::NoneAt { wanted, present } if present.is_empty() => {
+                write!(
+                    f,
+                    "no Coral at {wanted}: no Coral is plugged into this host"
+                )
+            }
+            SelectError::NoneAt { wanted, present } => write!(
+                f,
+                "no Coral at {wanted}; Corals on this host: {}",
+                listed(present)
+            ),
+            SelectError::Several(corals) => {
+                write!(f, "{} Corals found: {}", corals.len(), listed(corals))
+            }
+        }
+    }
+}
+
+impl std::error::Error for SelectError {}
+
 /// Pick the one Coral to act on from `corals` (a fresh listing).
 ///
-/// With `device`, the Coral at exactly that port path, else the one on the
-/// same port chain (the boot loader's `1-4` finds the ready `2-4`, see
-/// [`PortPath::same_port_chain`]). Without it, the only Coral there is.
-/// None, or several without `--device`, is a `FailureKind::NoCoral` error
-/// naming the paths and the next step.
-pub fn select_one(corals: &[CoralDevice], device: Option<&str>) -> anyhow::Result<CoralDevice> {
-    use crate::error::{fail, FailureKind};
-    let listed = || {
-        corals
-            .iter()
-            .map(|c| format!("{} ({})", c.path, c.state))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+/// With `device`, the Coral at exactly that port path, else the one whose
+/// port's peer it is (the boot loader's `1-5` finds the ready Coral at its
+/// peer `2-3`, see [`CoralDevice::at_port`]). Without it, the only Coral there is.
+pub fn select_one(
+    corals: &[CoralDevice],
+    device: Option<&str>,
+) -> Result<CoralDevice, SelectError> {
     match device {
         Some(text) => {
-            let wanted: PortPath = text.parse().map_err(|e| {
-                fail(
-                    FailureKind::NoCoral,
-                    format!("--device {text:?}: {e}; give a port path like 2-1.4 (see `coral status`)"),
-                )
-            })?;
+            let wanted: PortPath = text.parse().map_err(SelectError::BadPath)?;
             let exact = corals.iter().find(|c| c.path == wanted);
-            let same_chain = || {
-                let mut chain = corals.iter().filter(|c| c.path.same_port_chain(&wanted));
-                match (chain.next(), chain.next()) {
-                    (Some(one), None) => Some(one),
-                    _ => None,
-                }
-            };
-            match exact.or_else(same_chain) {
+            let peer = || corals.iter().find(|c| c.peer.as_ref() == Some(&wanted));
+            match exact.or_else(peer) {
                 Some(found) => Ok(found.clone()),
-                None if corals.is_empty() => Err(fail(
-                    FailureKind::NoCoral,
-                    format!("no Coral at {wanted}: no Coral is plugged into this host; check `lsusb` for 1a6e:089a or 18d1:9302"),
-                )),
-                None => Err(fail(
-                    FailureKind::NoCoral,
-                    format!("no Coral at {wanted}; Corals on this host: {}; pass one of those to --device", listed()),
-                )),
+                None => Err(SelectError::NoneAt {
+                    wanted,
+                    present: corals.to_vec(),
+                }),
             }
         }
         None => match corals {
-            [] => Err(fail(
-                FailureKind::NoCoral,
-                "no Coral found on this host's USB (neither 1a6e:089a nor 18d1:9302); is it plugged in? check `lsusb`",
-            )),
+            [] => Err(SelectError::NoCoral),
             [one] => Ok(one.clone()),
-            _ => Err(fail(
-                FailureKind::NoCoral,
-                format!("{} Corals found: {}; choose one with --device PATH", corals.len(), listed()),
-            )),
+            _ => Err(SelectError::Several(corals.to_vec())),
         },
     }
 }
@@ -264,52 +319,60 @@ pub fn select_one(corals: &[CoralDevice], device: Option<&str>) -> anyhow::Resul
 mod select_tests {
     use super::*;
 
-    fn coral(path: &str, state: CoralState) -> CoralDevice {
+    fn coral(path: &str, state: CoralState, peer: Option<&str>) -> CoralDevice {
         CoralDevice {
             path: path.parse().unwrap(),
             address: 5,
             state,
+            peer: peer.map(|p| p.parse().unwrap()),
         }
     }
 
     #[test]
     fn picks_the_only_coral_or_names_all_of_several() {
-        let one = [coral("1-4", CoralState::Uninitialized)];
+        let one = [coral("1-4", CoralState::Uninitialized, None)];
         assert_eq!(select_one(&one, None).unwrap().path.to_string(), "1-4");
         let two = [
-            coral("1-4", CoralState::Uninitialized),
-            coral("2-3", CoralState::Ready),
+            coral("1-4", CoralState::Uninitialized, None),
+            coral("2-3", CoralState::Ready, None),
         ];
-        let err = select_one(&two, None).unwrap_err().to_string();
+        let err = select_one(&two, None).unwrap_err();
+        assert!(matches!(err, SelectError::Several(_)));
+        let text = err.to_string();
         assert!(
-            err.contains("1-4 (uninitialized)") && err.contains("2-3 (ready)"),
-            "{err}"
+            text.contains("1-4 (uninitialized)") && text.contains("2-3 (ready)"),
+            "{text}"
         );
-        assert!(select_one(&[], None)
-            .unwrap_err()
-            .to_string()
-            .contains("lsusb"));
+        assert_eq!(select_one(&[], None).unwrap_err(), SelectError::NoCoral);
     }
 
     #[test]
-    fn device_matches_exactly_then_by_port_chain() {
+    fn device_matches_exactly_then_by_peer_never_by_numbers_alone() {
         let corals = [
-            coral("2-4", CoralState::Ready),
-            coral("1-3", CoralState::Uninitialized),
+            coral("2-3", CoralState::Ready, Some("1-5")),
+            coral("4-4", CoralState::Ready, Some("3-4")),
+            coral("1-3", CoralState::Uninitialized, Some("2-5")),
         ];
-        assert_eq!(
-            select_one(&corals, Some("2-4")).unwrap().path.to_string(),
-            "2-4"
-        );
-        assert_eq!(
-            select_one(&corals, Some("1-4")).unwrap().path.to_string(),
-            "2-4"
+        let pick = |d: &str| select_one(&corals, Some(d)).map(|c| c.path.to_string());
+        assert_eq!(pick("2-3").unwrap(), "2-3");
+        assert_eq!(pick("1-5").unwrap(), "2-3", "the peer of 1-5 is 2-3");
+        assert_eq!(pick("2-5").unwrap(), "1-3");
+        assert!(
+            matches!(
+                select_one(&corals, Some("1-4")),
+                Err(SelectError::NoneAt { .. })
+            ),
+            "4-4 is on another controller: not 1-4's Coral"
         );
         let err = select_one(&corals, Some("1-9")).unwrap_err().to_string();
         assert!(
-            err.contains("no Coral at 1-9") && err.contains("2-4 (ready)"),
+            err.contains("no Coral at 1-9") && err.contains("2-3 (ready)"),
             "{err}"
         );
-        assert!(select_one(&corals, Some("x;y")).is_err());
+        assert!(!err.contains("--"), "no flag names below the CLI: {err}");
+        assert!(matches!(
+            select_one(&corals, Some("x;y")),
+            Err(SelectError::BadPath(_))
+        ));
     }
 }

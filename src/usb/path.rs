@@ -27,6 +27,35 @@ impl PortPath {
     pub fn same_port_chain(&self, other: &PortPath) -> bool {
         self.ports == other.ports
     }
+
+    /// Where this device's port sits in sysfs: the parent device's name
+    /// (`usb1` for a root-hub port, `1-1` for a port of the hub at `1-1`)
+    /// and the port's own directory name (`usb1-port4`, `1-1-port4`).
+    /// Linux puts the port under the hub's interface:
+    /// `/sys/bus/usb/devices/<parent>/<parent interface>/<port>/peer`.
+    pub fn sysfs_port(&self) -> (String, String) {
+        let (last, hub_ports) = self.ports.split_last().expect("at least one port");
+        let parent = if hub_ports.is_empty() {
+            format!("usb{}", self.bus)
+        } else {
+            PortPath::new(self.bus, hub_ports.to_vec()).to_string()
+        };
+        let port = format!("{parent}-port{last}");
+        (parent, port)
+    }
+
+    /// The device path a sysfs port directory name stands for:
+    /// `usb2-port3` is `2-3`, `2-1-port4` is `2-1.4`.
+    pub fn from_sysfs_port(name: &str) -> Option<PortPath> {
+        let (parent, port) = name.rsplit_once("-port")?;
+        let port = parse_number(port).filter(|&n| n > 0)?;
+        let mut path = match parent.strip_prefix("usb") {
+            Some(bus) => PortPath::new(parse_number(bus).filter(|&b| b > 0)?, Vec::new()),
+            None => parent.parse().ok()?,
+        };
+        path.ports.push(port);
+        (path.ports.len() <= 7).then_some(path)
+    }
 }
 
 impl fmt::Display for PortPath {
@@ -100,6 +129,22 @@ mod tests {
             "", "1", "1-", "-1", "a-1", "1-0", "1-1..2", "1-1.x", "usb1", "1-+1",
         ] {
             assert!(text.parse::<PortPath>().is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn sysfs_port_names_round_trip() {
+        for (path, parent, port) in [
+            ("1-4", "usb1", "usb1-port4"),
+            ("2-1.4", "2-1", "2-1-port4"),
+            ("3-1.2.3", "3-1.2", "3-1.2-port3"),
+        ] {
+            let path: PortPath = path.parse().unwrap();
+            assert_eq!(path.sysfs_port(), (parent.to_string(), port.to_string()));
+            assert_eq!(PortPath::from_sysfs_port(port), Some(path));
+        }
+        for bad in ["usb1", "usb0-port1", "1-port0", "x-port1", "usb1-portx", ""] {
+            assert_eq!(PortPath::from_sysfs_port(bad), None, "{bad}");
         }
     }
 

@@ -8,20 +8,53 @@ use super::{
     UsbTransport,
 };
 use rusb::{Context, DeviceHandle, UsbContext};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Deadline of one control transfer.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The host's real USB bus.
-#[derive(Debug, Default)]
-pub struct RusbBus;
+#[derive(Debug)]
+pub struct RusbBus {
+    /// Root of sysfs, where the ports' `peer` links are read.
+    sysfs: PathBuf,
+}
+
+impl Default for RusbBus {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl RusbBus {
-    /// The real bus.
+    /// The real bus, with sysfs at `/sys` (umockdev redirects it in tests).
     pub fn new() -> Self {
-        RusbBus
+        Self::with_sysfs("/sys")
     }
+
+    /// The real bus, reading ports' peers under another sysfs root.
+    pub fn with_sysfs(root: impl Into<PathBuf>) -> Self {
+        RusbBus { sysfs: root.into() }
+    }
+}
+
+/// The peer of the port `path` sits at, from sysfs: the symlink
+/// `bus/usb/devices/<hub>/<hub interface>/<port>/peer` names the port on the
+/// other root hub of the same physical connector (coral-dfu.md). None when
+/// the port has no peer (USB 2 only) or sysfs does not say.
+pub fn peer_port(sysfs: &Path, path: &PortPath) -> Option<PortPath> {
+    let (parent, port) = path.sysfs_port();
+    let hub = sysfs.join("bus/usb/devices").join(&parent);
+    // The hub's interface directory: `usb1`'s is `1-0:1.0`, `1-1`'s is `1-1:1.0`.
+    std::fs::read_dir(&hub)
+        .ok()?
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| entry.file_name().to_string_lossy().contains(':'))
+        .find_map(|interface| {
+            let target = std::fs::read_link(interface.path().join(&port).join("peer")).ok()?;
+            PortPath::from_sysfs_port(&target.file_name()?.to_string_lossy())
+        })
 }
 
 /// A fresh libusb context; tried twice, as creating one can fail while the
@@ -46,7 +79,7 @@ fn map_error(error: rusb::Error) -> UsbError {
     }
 }
 
-fn coral_of(device: &rusb::Device<Context>) -> Option<CoralDevice> {
+fn coral_of(device: &rusb::Device<Context>, sysfs: &Path) -> Option<CoralDevice> {
     let descriptor = device.device_descriptor().ok()?;
     let state = CoralState::from_id(UsbId {
         vendor: descriptor.vendor_id(),
@@ -56,8 +89,10 @@ fn coral_of(device: &rusb::Device<Context>) -> Option<CoralDevice> {
     if ports.is_empty() {
         return None;
     }
+    let path = PortPath::new(device.bus_number(), ports);
     Some(CoralDevice {
-        path: PortPath::new(device.bus_number(), ports),
+        peer: peer_port(sysfs, &path),
+        path,
         address: device.address(),
         state,
     })
@@ -67,7 +102,10 @@ impl UsbBus for RusbBus {
     fn list_corals(&self) -> Result<Vec<CoralDevice>, UsbError> {
         let context = context()?;
         let devices = context.devices().map_err(map_error)?;
-        let mut corals: Vec<CoralDevice> = devices.iter().filter_map(|d| coral_of(&d)).collect();
+        let mut corals: Vec<CoralDevice> = devices
+            .iter()
+            .filter_map(|d| coral_of(&d, &self.sysfs))
+            .collect();
         corals.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(corals)
     }
@@ -78,7 +116,7 @@ impl UsbBus for RusbBus {
             .devices()
             .map_err(map_error)?
             .iter()
-            .find(|d| coral_of(d).as_ref() == Some(device))
+            .find(|d| coral_of(d, &self.sysfs).is_some_and(|c| c.same_enumeration(device)))
             .ok_or(UsbError::NoDevice)?;
         let handle = found.open().map_err(map_error)?;
         Ok(Box::new(RusbTransport { handle }))
@@ -158,6 +196,8 @@ impl UsbTransport for RusbTransport {
             Ok(()) => Ok(ResetOutcome::SameDevice),
             // The device left the bus to come back with other descriptors.
             Err(rusb::Error::NotFound | rusb::Error::NoDevice) => Ok(ResetOutcome::Reenumerating),
+            // Any other failure: the procedure decides (after a verified
+            // download it still waits for the device).
             Err(other) => Err(map_error(other)),
         }
     }
@@ -217,5 +257,47 @@ impl rusb::Hotplug<Context> for CoralHotplug {
     }
     fn device_left(&mut self, _device: rusb::Device<Context>) {
         (self.notify)();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_peer_links_of_root_and_hub_ports() {
+        let root = tempfile::tempdir().unwrap();
+        let sys = root.path();
+        let port = |rel: &str| {
+            std::fs::create_dir_all(sys.join(rel)).unwrap();
+        };
+        port("devices/usb1/1-0:1.0/usb1-port5");
+        port("devices/usb2/2-0:1.0/usb2-port3");
+        port("devices/usb1/1-1/1-1:1.0/1-1-port4");
+        port("devices/usb2/2-1/2-1:1.0/2-1-port4");
+        std::os::unix::fs::symlink(
+            "../../../usb2/2-0:1.0/usb2-port3",
+            sys.join("devices/usb1/1-0:1.0/usb1-port5/peer"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(
+            "../../../../usb2/2-1/2-1:1.0/2-1-port4",
+            sys.join("devices/usb1/1-1/1-1:1.0/1-1-port4/peer"),
+        )
+        .unwrap();
+        std::fs::create_dir_all(sys.join("bus/usb/devices")).unwrap();
+        for (name, target) in [
+            ("usb1", "../../../devices/usb1"),
+            ("usb2", "../../../devices/usb2"),
+            ("1-1", "../../../devices/usb1/1-1"),
+        ] {
+            std::os::unix::fs::symlink(target, sys.join("bus/usb/devices").join(name)).unwrap();
+        }
+        let peer = |p: &str| peer_port(sys, &p.parse().unwrap()).map(|p| p.to_string());
+        assert_eq!(peer("1-5").as_deref(), Some("2-3"));
+        assert_eq!(peer("1-1.4").as_deref(), Some("2-1.4"));
+        assert_eq!(peer("2-3"), None, "no link on that side in this tree");
+        assert_eq!(peer("1-7"), None);
+        assert_eq!(peer("9-1"), None);
     }
 }

@@ -9,10 +9,23 @@ COMMAND exits writes a JSON result (--result) and exits with COMMAND's status.
 
 The boot loader follows DFU 1.1 as strictly as the project's in-process
 simulator: a request that is invalid in the current state stalls and leaves
-the device in dfuERROR/errSTALLEDPKT. After a complete, manifested download a
-USB reset makes it leave the bus and come back, --reenumerate-ms later, as
-18d1:9302 at --ready-path (the SuperSpeed bus on xHCI). Written by the coral
-project from the DFU 1.1 spec, coral-dfu.md and usb-emulation.md.
+the device in dfuERROR/errSTALLEDPKT (ABORT in dfuDNLOAD-SYNC or
+dfuMANIFEST-SYNC, any request before bwPollTimeout has passed in dfuDNBUSY or
+dfuMANIFEST). After a complete, manifested download a USB reset makes it
+leave the bus and come back, --reenumerate-ms later, as 18d1:9302 at
+--ready-path (the SuperSpeed bus on xHCI).
+
+The testbed's sysfs has the ports of each xHCI controller's two root hubs
+(buses 1/2, and 3/4 when used) with their `peer` links as Linux makes them:
+`/sys/bus/usb/devices/usbN/N-0:1.0/usbN-portM/peer` -> the other hub's port.
+By default port M of bus 1 is the peer of port M of bus 2; --peer 1-5=2-3
+models a chipset whose two sides of a port carry different numbers.
+
+Fault knobs reproduce the field: a reset that fails with another errno, a
+garbled bwPollTimeout, an upload that never ends, a boot loader that appears
+late, one that comes back as 1a6e:089a, one left mid-transfer by an
+interrupted run. Written by the coral project from the DFU 1.1 spec,
+coral-dfu.md and usb-emulation.md.
 """
 import argparse
 import errno
@@ -78,11 +91,20 @@ def config_descriptor(ident, transfer_size):
     return header + body
 
 
+ROOT_PORTS = 8  # ports per root hub in the testbed
+
+
+def controller_partner(bus):
+    """The other root hub of the same xHCI controller: 1<->2, 3<->4."""
+    return bus + 1 if bus % 2 else bus - 1
+
+
 class Emulator:
     def __init__(self, opts):
         self.opts = opts
         self.tb = UMockdev.Testbed.new()
         self.hubs = {}
+        self.peers = {}  # "1-5" -> "2-3", both ways
         self.requests = []
         self.received = bytearray()
         self.flashed = b""
@@ -133,17 +155,54 @@ class Emulator:
             os.makedirs(os.path.dirname(node_file), exist_ok=True)
             open(node_file, "w").close()
             self.hubs[bus] = hub
+            for port in range(1, ROOT_PORTS + 1):
+                os.makedirs(self.port_dir(bus, port), exist_ok=True)
         return self.hubs[bus]
 
-    def plug(self, path, ident, faults=True):
+    def port_dir(self, bus, port):
+        return "%s%s/%d-0:1.0/usb%d-port%d" % (self.tb.get_root_dir(), self.hubs[bus], bus, bus, port)
+
+    def link_peers(self):
+        """Every root port's `peer` symlink: the same number on the
+        controller's other hub unless --peer says otherwise."""
+        overrides = {}
+        for pair in self.opts.peer:
+            a, b = pair.split("=")
+            overrides[a], overrides[b] = b, a
+        for bus in sorted(self.hubs):
+            other = controller_partner(bus)
+            if other not in self.hubs:
+                continue
+            for port in range(1, ROOT_PORTS + 1):
+                here = "%d-%d" % (bus, port)
+                peer = overrides.get(here)
+                if peer is None:
+                    peer = "%d-%d" % (other, port)
+                    if peer in overrides:  # that port's peer is another one
+                        continue
+                pbus, pport = (int(x) for x in peer.split("-"))
+                link = os.path.join(self.port_dir(bus, port), "peer")
+                target = "../../../usb%d/%d-0:1.0/usb%d-port%d" % (pbus, pbus, pbus, pport)
+                if os.path.lexists(link):
+                    os.remove(link)
+                os.symlink(target, link)
+                self.peers[here] = peer
+
+    def plug(self, path, ident, faults=True, coral=None):
         bus = int(path.split("-")[0])
         devnum = self.next_devnum
         self.next_devnum += 1
         node = "/dev/bus/usb/%03d/%03d" % (bus, devnum)
         descriptors = device_descriptor(ident) + config_descriptor(ident, self.opts.transfer_size)
+        if coral is None:  # a new physical Coral: where its two identities appear
+            coral = {"boot": path, "ready": self.opts.ready_path, "flashed": b""}
+        start = self.opts.start_state if faults and ident is BOOTLOADER else IDLE
         dev = {"path": path, "ident": ident, "devnum": devnum, "node": node, "syspath": None,
-               "gone": False, "state": IDLE, "status": 0, "next_block": 0, "manifested": False,
-               "upload_block": 0, "detach": False, "faults": faults}
+               "gone": False, "state": start, "status": 0, "next_block": 0, "manifested": False,
+               "upload_block": 0, "detach": False, "faults": faults, "coral": coral,
+               "received": bytearray(), "uploads": 0, "until": 0.0,
+               "busy_left": self.opts.busy_polls if start == DNLOAD_SYNC and faults else 0,
+               "manifest_left": self.opts.manifest_polls if start == MANIFEST_SYNC and faults else 0}
         # The node file and its ioctl handler exist before the device is added.
         node_file = self.tb.get_root_dir() + node
         os.makedirs(os.path.dirname(node_file), exist_ok=True)
@@ -206,7 +265,7 @@ class Emulator:
         self.reenumerating += 1
 
         def back():
-            self.plug(path, ident, faults=False)
+            self.plug(path, ident, faults=False, coral=dev["coral"])
             self.reenumerating -= 1
             return False
         GLib.timeout_add(self.opts.reenumerate_ms, back)
@@ -321,16 +380,36 @@ class Emulator:
             return None
         if index != 0 or rtype not in (0x21, 0xA1):
             return self.stall(dev)
+        # dfuDNBUSY / dfuMANIFEST accept nothing until bwPollTimeout has passed.
+        if dev["state"] in (DNBUSY, MANIFEST):
+            if time.monotonic() < dev["until"]:
+                return self.stall(dev)
+            dev["state"] = DNLOAD_SYNC if dev["state"] == DNBUSY else MANIFEST_SYNC
         state = dev["state"]
         if rtype == 0xA1 and request == GETSTATUS and wlength == 6:
+            poll = 0
+            reported = 0xFFFFFF if self.opts.garbled_poll_timeout else self.opts.poll_ms
             if state == DNLOAD_SYNC:
-                dev["state"] = DNLOAD_IDLE
+                if dev["busy_left"] > 0:
+                    dev["busy_left"] -= 1
+                    dev["state"] = DNBUSY
+                    dev["until"] = time.monotonic() + self.opts.poll_ms / 1000
+                    poll = reported
+                else:
+                    dev["state"] = DNLOAD_IDLE
             elif state == MANIFEST_SYNC:
-                dev["state"] = IDLE
-                dev["manifested"] = True
-                dev["next_block"] = 0
-                self.flashed = bytes(self.received)
-            return struct.pack("<B3sBB", dev["status"], b"\0\0\0", dev["state"], 0)
+                if dev["manifest_left"] > 0:
+                    dev["manifest_left"] -= 1
+                    dev["state"] = MANIFEST
+                    dev["until"] = time.monotonic() + self.opts.poll_ms / 1000
+                    poll = reported
+                else:
+                    dev["state"] = IDLE
+                    dev["manifested"] = True
+                    dev["next_block"] = 0
+                    dev["coral"]["flashed"] = bytes(dev["received"])
+                    self.flashed = bytes(dev["received"])
+            return struct.pack("<B", dev["status"]) + struct.pack("<I", poll)[:3] + bytes([dev["state"], 0])
         if rtype == 0xA1 and request == GETSTATE and wlength == 1:
             return bytes([state])
         if rtype == 0x21 and request == DNLOAD and state in (IDLE, DNLOAD_IDLE):
@@ -350,21 +429,29 @@ class Emulator:
                 dev["faults"] = False  # a one-off: the rerun goes through
                 return self.stall(dev)
             if state == IDLE:
-                self.received = bytearray()
-            self.received += data
+                dev["received"] = bytearray()
+            dev["received"] += data
+            self.received = dev["received"]
             dev["next_block"] = (value + 1) & 0xFFFF
             dev["state"] = DNLOAD_SYNC
+            dev["busy_left"] = self.opts.busy_polls if dev["faults"] else 0
             return b""
         if rtype == 0xA1 and request == UPLOAD and wlength <= self.opts.transfer_size:
             starting = state == IDLE and value == 0
             continuing = state == UPLOAD_IDLE and value == dev["upload_block"]
             if not (starting or continuing):
                 return self.stall(dev)
-            memory = bytearray(self.flashed)
+            memory = bytearray(dev["coral"]["flashed"])
             if dev["faults"] and self.opts.corrupt_readback and memory:
                 memory[len(memory) // 2] ^= 0xFF
+            dev["uploads"] += 1
+            endless = dev["faults"] and self.opts.endless_upload
+            if endless and dev["uploads"] > 20000:  # a host that never stops: fail, do not hang
+                return self.stall(dev)
             start = min(value * wlength, len(memory))
             chunk = bytes(memory[start:start + wlength])
+            if endless:  # full blocks for ever: the image, then filler
+                chunk += b"\xa5" * (wlength - len(chunk))
             if len(chunk) < wlength:
                 dev["state"] = IDLE
                 dev["upload_block"] = 0
@@ -375,8 +462,8 @@ class Emulator:
         if rtype == 0x21 and request == CLRSTATUS and state == ERROR:
             dev.update(state=IDLE, status=0, next_block=0)
             return b""
-        if rtype == 0x21 and request == ABORT and state in (IDLE, DNLOAD_SYNC, DNLOAD_IDLE,
-                                                             MANIFEST_SYNC, UPLOAD_IDLE):
+        # DFU 1.1: ABORT only in dfuIDLE, dfuDNLOAD-IDLE and dfuUPLOAD-IDLE.
+        if rtype == 0x21 and request == ABORT and state in (IDLE, DNLOAD_IDLE, UPLOAD_IDLE):
             dev.update(state=IDLE, status=0, next_block=0)
             return b""
         return self.stall(dev)
@@ -384,11 +471,18 @@ class Emulator:
     def reset(self, client, dev):
         self.log("reset %s" % dev["path"])
         if dev["ident"] is BOOTLOADER and dev["manifested"]:
-            client.complete(-1, errno.ENODEV)
-            self.reenumerate(dev, READY, self.opts.ready_path)
+            # Linux fails the reset with ENODEV when the descriptors change;
+            # --reset-errno models a reset that fails otherwise (EIO, EPIPE…)
+            # while the device still leaves the bus and comes back.
+            code = getattr(errno, self.opts.reset_errno) if self.opts.reset_errno else errno.ENODEV
+            client.complete(-1, code)
+            if self.opts.reenumerate_as == "bootloader":
+                self.reenumerate(dev, BOOTLOADER, dev["coral"]["boot"])
+            else:
+                self.reenumerate(dev, READY, dev["coral"]["ready"])
         elif dev["ident"] is READY and dev["detach"]:
             client.complete(-1, errno.ENODEV)
-            self.reenumerate(dev, BOOTLOADER, self.opts.path)
+            self.reenumerate(dev, BOOTLOADER, dev["coral"]["boot"])
         else:
             dev.update(state=IDLE, status=0, next_block=0)
             client.complete(0, 0)
@@ -407,7 +501,21 @@ def main():
     parser.add_argument("--stall-at-block", type=int, help="stall this block once")
     parser.add_argument("--no-reenumerate", action="store_true")
     parser.add_argument("--corrupt-readback", action="store_true")
-    parser.add_argument("--second-coral", metavar="PATH", help="another uninitialized Coral")
+    parser.add_argument("--second-coral", metavar="BOOT[:READY]",
+                        help="another uninitialized Coral (boot loader path, ready path)")
+    parser.add_argument("--other-ready", metavar="PATH",
+                        help="an unrelated, already ready Coral, e.g. 4-4 on a second controller")
+    parser.add_argument("--peer", action="append", default=[], metavar="A=B",
+                        help="root ports A and B are peers (default: same number on the other hub)")
+    parser.add_argument("--reset-errno", metavar="NAME", help="the reset fails with this errno (EIO, EPIPE…)")
+    parser.add_argument("--reenumerate-as", choices=["ready", "bootloader"], default="ready")
+    parser.add_argument("--busy-polls", type=int, default=0, help="dfuDNBUSY answers per block")
+    parser.add_argument("--manifest-polls", type=int, default=0, help="dfuMANIFEST answers")
+    parser.add_argument("--poll-ms", type=int, default=0, help="real busy time, reported as bwPollTimeout")
+    parser.add_argument("--garbled-poll-timeout", action="store_true", help="report bwPollTimeout 0xFFFFFF")
+    parser.add_argument("--start-state", type=int, default=IDLE, help="DFU state an interrupted run left")
+    parser.add_argument("--endless-upload", action="store_true", help="UPLOAD never sends a short block")
+    parser.add_argument("--appear-after-ms", type=int, help="the Coral enumerates this long after the start")
     parser.add_argument("--bus-file", help="JSON list of present devices, for the fake xe")
     parser.add_argument("--result", help="write the JSON result here")
     parser.add_argument("command", nargs=argparse.REMAINDER)
@@ -419,14 +527,31 @@ def main():
     emu = Emulator(opts)
     for bus in (1, 2):  # an xHCI controller: a USB 2 and a SuperSpeed root hub
         emu.hub(bus)
-    if opts.state == "uninitialized":
-        emu.plug(opts.path, BOOTLOADER)
-    elif opts.state == "ready":
-        emu.plug(opts.ready_path, READY)
-    else:
+    if opts.other_ready:  # a second controller
+        bus = int(opts.other_ready.split("-")[0])
+        emu.hub(bus)
+        emu.hub(controller_partner(bus))
+    emu.link_peers()
+    coral = {"boot": opts.path, "ready": opts.ready_path, "flashed": b""}
+
+    def first_plug():
+        if opts.state == "uninitialized":
+            emu.plug(opts.path, BOOTLOADER, coral=coral)
+        elif opts.state == "ready":
+            emu.plug(opts.ready_path, READY, coral=coral)
+        return False
+    if opts.appear_after_ms is None:
+        first_plug()
+    if opts.state == "none" or opts.appear_after_ms is not None:
         emu.write_bus()
     if opts.second_coral:
-        emu.plug(opts.second_coral, BOOTLOADER, faults=False)
+        boot, _, ready = opts.second_coral.partition(":")
+        emu.plug(boot, BOOTLOADER, faults=False,
+                 coral={"boot": boot, "ready": ready or emu.peers.get(boot, boot), "flashed": b""})
+    if opts.other_ready:
+        emu.plug(opts.other_ready, READY, faults=False,
+                 coral={"boot": emu.peers.get(opts.other_ready, opts.other_ready),
+                        "ready": opts.other_ready, "flashed": b""})
 
     loop = GLib.MainLoop()
     status = {"code": None}
@@ -435,6 +560,8 @@ def main():
     envp.append("UMOCKDEV_DIR=" + emu.tb.get_root_dir())
     emu.log("spawn")
     emu.command_running = True
+    if opts.appear_after_ms is not None:
+        GLib.timeout_add(opts.appear_after_ms, first_plug)
     pid, _, _, _ = GLib.spawn_async(command, envp=envp,
                                     flags=GLib.SpawnFlags.SEARCH_PATH | GLib.SpawnFlags.DO_NOT_REAP_CHILD
                                     | GLib.SpawnFlags.CHILD_INHERITS_STDIN)
@@ -450,7 +577,8 @@ def main():
 
     if opts.result:
         present = [{"path": d["path"], "id": "%04x:%04x" % (d["ident"]["vid"], d["ident"]["pid"]),
-                    "devnum": d["devnum"]} for d in emu.devices.values()]
+                    "devnum": d["devnum"], "flashed": d["coral"]["flashed"].hex()}
+                   for d in emu.devices.values()]
         with open(opts.result, "w") as f:
             json.dump({"exit": status["code"], "requests": emu.requests, "received": emu.flashed.hex(),
                        "received_any": bytes(emu.received).hex(), "devices": present,

@@ -22,7 +22,47 @@ pub fn xe_sim_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_coral-xe-sim"))
 }
 
-/// A firmware image from ../shared/firmware, or None (with the reason printed).
+/// A test cannot run here: a prerequisite (umockdev, ../shared/firmware,
+/// dfu-util) is missing. With `CI=true` this panics, so the run fails;
+/// otherwise it prints the reason, appends `<test>: <reason>` to the file
+/// `$CORAL_SKIP_LOG` names (scripts/test.sh counts those lines), and the
+/// caller returns early.
+pub fn skip(reason: &str) {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    let log = std::env::var_os("CORAL_SKIP_LOG").map(PathBuf::from);
+    skip_with(ci, log.as_deref(), &current_test(), reason);
+}
+
+/// This test's name, e.g. `e2e_init::a_stall_leaves_…`.
+pub fn current_test() -> String {
+    format!(
+        "{}::{}",
+        env!("CARGO_CRATE_NAME"),
+        std::thread::current().name().unwrap_or("main")
+    )
+}
+
+/// [`skip`] with its environment spelled out (for testing it).
+pub fn skip_with(ci: bool, log: Option<&Path>, test: &str, reason: &str) {
+    if ci {
+        panic!("{test}: {reason} (CI=true: a missing prerequisite fails the run)");
+    }
+    eprintln!("skipped {test}: {reason}");
+    if let Some(log) = log {
+        use std::io::Write;
+        let line = format!("{test}: {reason}\n");
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = written {
+            eprintln!("cannot record the skip in {}: {e}", log.display());
+        }
+    }
+}
+
+/// A firmware image from ../shared/firmware, or None (a [`skip`]).
 pub fn shared_firmware(name: &str) -> Option<PathBuf> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../shared/firmware")
@@ -30,12 +70,13 @@ pub fn shared_firmware(name: &str) -> Option<PathBuf> {
     if path.exists() {
         Some(path)
     } else {
-        eprintln!("skipped: {} is absent", path.display());
+        skip(&format!("{} is absent", path.display()));
         None
     }
 }
 
-/// True when umockdev and its Python bindings are installed (CI installs them).
+/// True when umockdev and its Python bindings are installed (CI installs
+/// them); false is a [`skip`].
 pub fn umockdev_available() -> bool {
     let ok = Command::new("/usr/bin/python3")
         .args(["-c", "import gi; gi.require_version('UMockdev', '1.0')"])
@@ -44,7 +85,7 @@ pub fn umockdev_available() -> bool {
         .unwrap_or(false)
         && Path::new("/usr/bin/umockdev-wrapper").exists();
     if !ok {
-        eprintln!("skipped: umockdev is not installed (scripts/test.sh installs it)");
+        skip("umockdev is not installed (scripts/test.sh installs it)");
     }
     ok
 }
