@@ -8,7 +8,9 @@ if [[ ! -f $image ]]; then
     echo "check-embed: skipped, $image is absent"
     exit 0
 fi
-export CARGO_TARGET_DIR="$PWD/target/embed"
+target_dir=$(cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+export CARGO_TARGET_DIR="$target_dir/embed"
 CORAL_EMBED_FIRMWARE="$PWD/$image" cargo build --quiet --bin coral
 out=$(CORAL_FIRMWARE_DIR=/nonexistent "$CARGO_TARGET_DIR/debug/coral" firmware show)
 echo "$out"

@@ -7,7 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --quiet --bin coral
-bin="${CARGO_TARGET_DIR:-$PWD/target}/debug/coral"
+target_dir=$(cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+bin="$target_dir/debug/coral"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite (README: "Test"). Installs missing Debian packages when
 # run as root, then: formatting, lints, unit + end-to-end tests (debug build),
-# the systemd unit check, the glibc-2.17 release build with its checks, and the
-# end-to-end suite once more against that release binary.
+# the systemd unit check, the glibc-2.17 release build and RPM with their
+# checks, and the end-to-end suite once more against that release binary.
+# Honours CARGO_TARGET_DIR. The last line is always the test summary:
+# `N passed, M failed, K skipped`.
 #
 #   scripts/test.sh            everything
 #   scripts/test.sh --quick    fmt, clippy and cargo test only
@@ -10,14 +12,56 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 quick=false
-[[ "${1:-}" == "--quick" ]] && quick=true
+if [[ "${1:-}" == "--quick" ]]; then quick=true; fi
 
-step() { printf '\n==> %s\n' "$*"; }
+current="setup"
+step() { current="$*"; printf '\n==> %s\n' "$*"; }
+
+# Where cargo writes: CARGO_TARGET_DIR (relative or absolute) or ./target.
+target_dir=$(cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+mkdir -p "$target_dir"
+# Tests that lack a prerequisite (and CI is not set) append a line here
+# (tests/support: skip); the summary counts them as skipped.
+export CORAL_SKIP_LOG="$target_dir/coral-skipped.log"
+: > "$CORAL_SKIP_LOG"
+results="$target_dir/coral-test-results.log"
+: > "$results"
+
+# `cargo test` prints one "test result: …" line per test binary. Skipped
+# tests return early, so cargo counts them as passed: they move to skipped.
+summary() {
+    local status=$?
+    local passed failed ignored skipped
+    read -r passed failed ignored < <(awk '
+        /^test result:/ {
+            for (i = 1; i <= NF; i++) {
+                if ($(i+1) ~ /^passed;?$/) p += $i
+                if ($(i+1) ~ /^failed;?$/) f += $i
+                if ($(i+1) ~ /^ignored;?$/) g += $i
+            }
+        }
+        END { print p + 0, f + 0, g + 0 }' "$results")
+    skipped=$(( $(grep -c . "$CORAL_SKIP_LOG" || true) ))
+    if (( skipped > 0 )); then
+        echo
+        echo "skipped:"
+        sed 's/^/  /' "$CORAL_SKIP_LOG"
+    fi
+    if (( status != 0 )); then
+        echo
+        echo "test.sh: failed at: $current (exit $status)"
+    fi
+    echo "$(( passed > skipped ? passed - skipped : 0 )) passed, $failed failed, $(( skipped + ignored )) skipped"
+    exit "$status"
+}
+trap summary EXIT
 
 # Debian packages the tests use: umockdev (emulated USB device), gi bindings
 # for the emulator, libusb headers for rusb (debug builds link the system
 # libusb), dfu-util (an independent DFU host), systemd (systemd-analyze
-# verify), rpm (listing the package), binutils (objdump), curl (firmware fetch).
+# verify), rpm (rpmbuild and the package checks), binutils (objdump), curl
+# (firmware fetch).
 packages=(umockdev gir1.2-umockdev-1.0 python3-gi libusb-1.0-0-dev pkg-config
           dfu-util systemd rpm binutils curl)
 missing=()
@@ -35,7 +79,22 @@ if ((${#missing[@]})); then
         exit 1
     fi
 fi
-rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
+if ! rustup component list --installed 2>/dev/null | grep -q '^clippy'; then
+    rustup component add clippy rustfmt
+fi
+
+# One cargo test run: output shown, and kept for the summary.
+run_tests() {
+    local log=$1
+    shift
+    local status
+    set +e
+    cargo test --quiet --no-fail-fast "$@" 2>&1 | tee "$log"
+    status=${PIPESTATUS[0]}
+    set -e
+    grep '^test result:' "$log" >> "$results" || true
+    return "$status"
+}
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -44,8 +103,8 @@ step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
 
 step "cargo test (unit, simulators, end-to-end through libusb + umockdev + fake xe)"
-cargo test --quiet 2>&1 | tee target/test-debug.log
-$quick && exit 0
+run_tests "$target_dir/test-debug.log"
+if $quick; then exit 0; fi
 
 step "systemd-analyze verify of the generated unit"
 scripts/check-service.sh
@@ -58,4 +117,4 @@ scripts/release.sh --rpm
 scripts/check-release.sh build/release/coral
 
 step "end-to-end suite against the release binary"
-CORAL_TEST_BIN="$PWD/build/release/coral" cargo test --quiet --test 'e2e_*' 2>&1 | tee target/test-release.log
+CORAL_TEST_BIN="$PWD/build/release/coral" run_tests "$target_dir/test-release.log" --test 'e2e_*'

@@ -1,11 +1,14 @@
 //! Wires the command line to the library: turns flags into options, builds
 //! the real or simulated environment, takes the lock, and calls one
-//! operation per subcommand. Results go to stdout; the log goes to stderr.
+//! operation per subcommand. Results go to stdout; the log goes to stderr
+//! (see [`crate::logging`] for how each line shows once).
 
 use crate::cli::{
-    AttachArgs, Cli, Command, DetachArgs, DoctorArgs, FirmwareArgs, FirmwareCommand, InitArgs,
-    ServiceCommand, StatusArgs, UpArgs, VmArgs, WatchArgs,
+    AttachArgs, Cli, Command, CompletionsArgs, DetachArgs, DoctorArgs, FirmwareArgs,
+    FirmwareCommand, InitArgs, ManArgs, ServiceCommand, StatusArgs, UpArgs, VmArgs, WatchArgs,
 };
+use crate::logging::Output;
+use crate::traced::{TracedBus, TracedXe};
 use anyhow::Context;
 use coral::clock::{Clock, SystemClock};
 use coral::config::ConfigPath;
@@ -25,39 +28,18 @@ use coral::xe::client::XeClient;
 use coral::xe::command::XeCommand;
 use coral::xe::inventory::{this_host_uuid, DEFAULT_INVENTORY};
 use coral::xe::XeRunner;
-use simplelog::{ColorChoice, ConfigBuilder, LevelFilter, TermLogger, TerminalMode};
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Log to stderr: no timestamps (the journal adds them), no colour off a terminal.
-pub fn init_logging(cli: &Cli) {
-    let level = if cli.quiet {
-        LevelFilter::Error
-    } else {
-        match cli.verbose {
-            0 => LevelFilter::Info,
-            1 => LevelFilter::Debug,
-            _ => LevelFilter::Trace,
-        }
-    };
-    let config = ConfigBuilder::new()
-        .set_time_level(LevelFilter::Off)
-        .set_thread_level(LevelFilter::Off)
-        .set_target_level(LevelFilter::Off)
-        .set_location_level(LevelFilter::Off)
-        .build();
-    // simplelog's "auto" only looks at TERM: colour only on a real terminal.
-    let colour = if std::io::stderr().is_terminal() {
-        ColorChoice::Auto
-    } else {
-        ColorChoice::Never
-    };
-    let _ = TermLogger::init(level, config, TerminalMode::Stderr, colour);
-}
-
 /// Run the chosen subcommand.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let out = Output::new(cli.quiet);
+    // Commands about the command line itself need no host at all.
+    match &cli.command {
+        Command::Completions(args) => return completions(args),
+        Command::Man(args) => return man(args, &out),
+        _ => {}
+    }
     // The simulation starts from a power loss where the Coral needs firmware,
     // and from a ready Coral where the command expects one.
     let simulated_coral = match &cli.command {
@@ -65,10 +47,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         _ => CoralState::Uninitialized,
     };
     let env = Environment::new(cli.simulate.then_some(simulated_coral))?;
-    let result = run_command(&cli, &env);
+    let result = run_command(&cli, &env, &out);
     // The simulated world lives on in its state file (not after a dry run,
     // nor after a command that only reads).
-    if let Environment::Simulated(host) = &env {
+    if let Environment::Simulated { host, .. } = &env {
         let changes = matches!(
             cli.command,
             Command::Init(_) | Command::Attach(_) | Command::Detach(_) | Command::Up(_)
@@ -80,33 +62,142 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     result
 }
 
-fn run_command(cli: &Cli, env: &Environment) -> anyhow::Result<()> {
-    let (cli, env) = (cli, env);
+fn run_command(cli: &Cli, env: &Environment, out: &Output) -> anyhow::Result<()> {
     match &cli.command {
-        Command::Init(args) => run_init(cli, env, args),
-        Command::Attach(args) => run_attach(cli, env, args),
-        Command::Detach(args) => run_detach(cli, env, args),
-        Command::Status(args) => run_status(env, args),
-        Command::Up(args) => run_up(cli, env, args),
+        Command::Init(args) => run_init(cli, env, out, args),
+        Command::Attach(args) => run_attach(cli, env, out, args),
+        Command::Detach(args) => run_detach(cli, env, out, args),
+        Command::Status(args) => run_status(env, out, args),
+        Command::Up(args) => run_up(cli, env, out, args),
         Command::Watch(args) => run_watch(cli, env, args),
         Command::Firmware(FirmwareCommand::Show(args)) => {
-            print(firmware_cmd::show(&firmware_choice(args))?)
+            out.data(&firmware_cmd::show(&firmware_choice(args))?);
+            Ok(())
         }
         Command::Firmware(FirmwareCommand::Install {
             file,
             allow_unknown_firmware,
             dir,
-        }) => print(firmware_cmd::install(
-            file,
-            dir,
-            *allow_unknown_firmware,
-            cli.dry_run || cli.simulate,
-        )?),
-        Command::Firmware(FirmwareCommand::Fetch { dir }) => {
-            print(firmware_cmd::fetch(dir, cli.dry_run || cli.simulate)?)
+        }) => {
+            out.result(&firmware_cmd::install(
+                file,
+                dir,
+                *allow_unknown_firmware,
+                cli.dry_run || cli.simulate,
+            )?);
+            Ok(())
         }
-        Command::Service(command) => run_service(cli, env, command),
-        Command::Doctor(args) => run_doctor(cli, env, args),
+        Command::Firmware(FirmwareCommand::Fetch { dir }) => {
+            out.result(&firmware_cmd::fetch(dir, cli.dry_run || cli.simulate)?);
+            Ok(())
+        }
+        Command::Service(command) => run_service(cli, env, out, command),
+        Command::Doctor(args) => run_doctor(cli, env, out, args),
+        Command::Completions(_) | Command::Man(_) => unreachable!("handled before the host"),
+    }
+}
+
+/// `coral completions SHELL`: the completion script on stdout.
+fn completions(args: &CompletionsArgs) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let mut command = Cli::command();
+    let mut script = Vec::new();
+    clap_complete::generate(args.shell, &mut command, "coral", &mut script);
+    write_stdout(&script)
+}
+
+/// Raw bytes to stdout; a reader that stopped early (`| head`) is no error.
+fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// `coral man [--dir DIR]`: coral(1) on stdout, or every page written to DIR.
+fn man(args: &ManArgs, out: &Output) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let command = Cli::command();
+    match &args.dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            clap_mangen::generate_to(command.clone(), dir)
+                .with_context(|| format!("cannot write the man pages into {}", dir.display()))?;
+            // The top page again, with the ENVIRONMENT and EXIT STATUS sections.
+            let mut page = Vec::new();
+            render_man_page(command, &mut page)?;
+            let path = dir.join("coral.1");
+            std::fs::write(&path, page)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            out.result(&format!("wrote the man pages into {}", dir.display()));
+        }
+        None => {
+            let mut page = Vec::new();
+            render_man_page(command, &mut page)?;
+            write_stdout(&page)?;
+        }
+    }
+    Ok(())
+}
+
+/// coral(1): clap_mangen's sections, then ENVIRONMENT and EXIT STATUS.
+fn render_man_page(command: clap::Command, page: &mut Vec<u8>) -> anyhow::Result<()> {
+    // Without the --help epilogue: the same facts get sections of their own.
+    let command = command.after_help("");
+    let man = clap_mangen::Man::new(command);
+    man.render_title(page)?;
+    man.render_name_section(page)?;
+    man.render_synopsis_section(page)?;
+    man.render_description_section(page)?;
+    man.render_options_section(page)?;
+    man.render_subcommands_section(page)?;
+    let mut extra = String::from(".SH ENVIRONMENT\n");
+    for (name, what) in crate::cli::ENVIRONMENT {
+        extra.push_str(&format!(".TP\n\\fB{}\\fR\n{}\n", roff(name), roff(what)));
+    }
+    extra.push_str(".SH \"EXIT STATUS\"\n");
+    for (code, what) in EXIT_CODES {
+        extra.push_str(&format!(".TP\n{code}\n{}\n", roff(what)));
+    }
+    extra.push_str(".SH FILES\n.TP\n/var/lib/coral/\nInstalled firmware images.\n.TP\n/run/coral.lock\nThe lock that serializes runs.\n.TP\n/etc/systemd/system/coral\\-up.service\nThe boot unit written by \\fBcoral service install\\fR.\n");
+    page.extend_from_slice(extra.as_bytes());
+    man.render_version_section(page)?;
+    Ok(())
+}
+
+/// Exit codes as README.md documents them.
+const EXIT_CODES: &[(u8, &str)] = &[
+    (0, "done, or nothing to do"),
+    (1, "other error"),
+    (2, "bad command line"),
+    (
+        3,
+        "no Coral found, or --device matches none / several Corals and no --device",
+    ),
+    (4, "no firmware image, or an image that fails verification"),
+    (5, "USB / DFU failure"),
+    (
+        6,
+        "a deadline passed: the Coral did not re-enumerate, XAPI did not list it",
+    ),
+    (7, "xe missing, failing or hanging; inventory unreadable"),
+    (
+        8,
+        "VM problem: not found, ambiguous, wrong power state, Coral held by another VM",
+    ),
+    (9, "another coral run holds the lock"),
+];
+
+/// Plain text as roff: backslashes and hyphens escaped, no control line.
+fn roff(text: &str) -> String {
+    let escaped = text.replace('\\', "\\e").replace('-', "\\-");
+    if escaped.starts_with('.') || escaped.starts_with('\'') {
+        format!("\\&{escaped}")
+    } else {
+        escaped
     }
 }
 
@@ -140,7 +231,12 @@ fn unit_spec(place: &service::Place) -> anyhow::Result<service::UnitSpec> {
     })
 }
 
-fn run_service(cli: &Cli, env: &Environment, command: &ServiceCommand) -> anyhow::Result<()> {
+fn run_service(
+    cli: &Cli,
+    env: &Environment,
+    out: &Output,
+    command: &ServiceCommand,
+) -> anyhow::Result<()> {
     match command {
         ServiceCommand::Install(args) => {
             let place = service_place(cli, args.root.root.as_deref());
@@ -153,7 +249,8 @@ fn run_service(cli: &Cli, env: &Environment, command: &ServiceCommand) -> anyhow
                 start: args.start,
                 restart: args.restart,
             };
-            print(service::install(&xe, &place, &spec, &request)?)
+            out.result(&service::install(&xe, &place, &spec, &request)?);
+            Ok(())
         }
         ServiceCommand::Show(args) => {
             let place = service_place(cli, args.root.root.as_deref());
@@ -168,16 +265,23 @@ fn run_service(cli: &Cli, env: &Environment, command: &ServiceCommand) -> anyhow
             let xe = xapi
                 .as_ref()
                 .map(|(runner, host)| XeClient::new(*runner, host.clone(), true));
-            print(service::show(xe.as_ref(), &place, &spec, request.as_ref())?)
+            out.data(&service::show(
+                xe.as_ref(),
+                &place,
+                &spec,
+                request.as_ref(),
+            )?);
+            Ok(())
         }
         ServiceCommand::Uninstall(args) => {
             let place = service_place(cli, args.root.root.as_deref());
-            print(service::uninstall(&place, args.vm.as_deref())?)
+            out.result(&service::uninstall(&place, args.vm.as_deref())?);
+            Ok(())
         }
     }
 }
 
-fn run_doctor(cli: &Cli, env: &Environment, args: &DoctorArgs) -> anyhow::Result<()> {
+fn run_doctor(cli: &Cli, env: &Environment, out: &Output, args: &DoctorArgs) -> anyhow::Result<()> {
     let place = service_place(cli, args.root.root.as_deref());
     let spec = unit_spec(&place)?;
     let choice = firmware_choice(&FirmwareArgs::default());
@@ -211,9 +315,9 @@ fn run_doctor(cli: &Cli, env: &Environment, args: &DoctorArgs) -> anyhow::Result
         lock_file: cli.lock.lock_file.clone(),
     });
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        out.data(&serde_json::to_string_pretty(&report)?);
     } else {
-        println!("{report}");
+        out.data(&report.to_string());
     }
     if report.passed {
         Ok(())
@@ -239,7 +343,13 @@ enum Environment {
         clock: SystemClock,
         xe: XeCommand,
     },
-    Simulated(Box<SimulatedHost>),
+    /// The simulated host lives as long as the process; its bus and `xe`
+    /// are traced at `-vv` exactly as the real backends trace themselves.
+    Simulated {
+        host: &'static SimulatedHost,
+        usb: TracedBus<'static>,
+        xe: TracedXe<'static>,
+    },
 }
 
 impl Environment {
@@ -249,7 +359,12 @@ impl Environment {
             let host = SimulatedHost::load_or_new(&state, coral)?;
             seed_sim_root(&sim_root(&state))?;
             log::info!("{} (state: {})", host.describe(), state.display());
-            Ok(Environment::Simulated(Box::new(host)))
+            let host: &'static SimulatedHost = Box::leak(Box::new(host));
+            Ok(Environment::Simulated {
+                host,
+                usb: TracedBus(host.bus()),
+                xe: TracedXe(host.xe()),
+            })
         } else {
             Ok(Environment::Real {
                 usb: RusbBus::new(),
@@ -262,14 +377,14 @@ impl Environment {
     fn usb(&self) -> &dyn UsbBus {
         match self {
             Environment::Real { usb, .. } => usb,
-            Environment::Simulated(host) => host.bus(),
+            Environment::Simulated { usb, .. } => usb,
         }
     }
 
     fn clock(&self) -> &dyn Clock {
         match self {
             Environment::Real { clock, .. } => clock,
-            Environment::Simulated(host) => host.clock(),
+            Environment::Simulated { host, .. } => host.clock(),
         }
     }
 
@@ -282,16 +397,16 @@ impl Environment {
                     .unwrap_or_else(|| PathBuf::from(DEFAULT_INVENTORY));
                 Ok((xe, this_host_uuid(&inventory)?))
             }
-            Environment::Simulated(host) => Ok((host.xe(), host.host_uuid().to_string())),
+            Environment::Simulated { host, xe, .. } => Ok((xe, host.host_uuid().to_string())),
         }
     }
 
     fn is_simulated(&self) -> bool {
-        matches!(self, Environment::Simulated(_))
+        matches!(self, Environment::Simulated { .. })
     }
 }
 
-fn run_init(cli: &Cli, env: &Environment, args: &InitArgs) -> anyhow::Result<()> {
+fn run_init(cli: &Cli, env: &Environment, out: &Output, args: &InitArgs) -> anyhow::Result<()> {
     let opts = InitOptions {
         device: args.device.device.clone(),
         force: args.force,
@@ -307,7 +422,7 @@ fn run_init(cli: &Cli, env: &Environment, args: &InitArgs) -> anyhow::Result<()>
             image_name(&image)
         );
         for coral in env.usb().list_corals()? {
-            println!("{coral}");
+            out.data(&coral.to_string());
         }
         return Ok(());
     }
@@ -315,33 +430,32 @@ fn run_init(cli: &Cli, env: &Environment, args: &InitArgs) -> anyhow::Result<()>
     let outcomes = init(env.usb(), env.clock(), &mut load, &opts)?;
     for outcome in &outcomes {
         match outcome {
-            InitOutcome::AlreadyReady { device } => {
-                println!(
-                    "Coral at {} is already ready (18d1:9302); nothing to do",
-                    device.path
-                )
-            }
-            InitOutcome::Initialized { after, elapsed, .. } => println!(
+            InitOutcome::AlreadyReady { device } => out.result(&format!(
+                "Coral at {} is already ready (18d1:9302); nothing to do",
+                device.path
+            )),
+            InitOutcome::Initialized { after, elapsed, .. } => out.result(&format!(
                 "Coral ready at {} after {:.1} s",
                 after.path,
                 elapsed.as_secs_f64()
-            ),
+            )),
         }
     }
     Ok(())
 }
 
-fn run_attach(cli: &Cli, env: &Environment, args: &AttachArgs) -> anyhow::Result<()> {
+fn run_attach(cli: &Cli, env: &Environment, out: &Output, args: &AttachArgs) -> anyhow::Result<()> {
     let opts = attach_options(&args.vm, args.device.device.clone())?;
     let (runner, host_uuid) = env.xapi()?;
     let xe = XeClient::new(runner, host_uuid, cli.dry_run);
     let _lock = take_lock(cli, env)?;
     let report = attach(env.usb(), &xe, env.clock(), &opts)?;
-    print_planned(&xe);
-    print(report.to_string())
+    print_planned(&xe, out);
+    out.result(&report.to_string());
+    Ok(())
 }
 
-fn run_detach(cli: &Cli, env: &Environment, args: &DetachArgs) -> anyhow::Result<()> {
+fn run_detach(cli: &Cli, env: &Environment, out: &Output, args: &DetachArgs) -> anyhow::Result<()> {
     let opts = DetachOptions {
         vm: args.vm.clone(),
         device: args.device.device.clone(),
@@ -350,11 +464,12 @@ fn run_detach(cli: &Cli, env: &Environment, args: &DetachArgs) -> anyhow::Result
     let xe = XeClient::new(runner, host_uuid, cli.dry_run);
     let _lock = take_lock(cli, env)?;
     let text = detach(env.usb(), &xe, &opts)?;
-    print_planned(&xe);
-    print(text)
+    print_planned(&xe, out);
+    out.result(&text);
+    Ok(())
 }
 
-fn run_status(env: &Environment, args: &StatusArgs) -> anyhow::Result<()> {
+fn run_status(env: &Environment, out: &Output, args: &StatusArgs) -> anyhow::Result<()> {
     // Status still shows the USB side where xe is not available (not a dom0).
     let xapi = match env.xapi() {
         Ok(xapi) => Some(xapi),
@@ -368,15 +483,16 @@ fn run_status(env: &Environment, args: &StatusArgs) -> anyhow::Result<()> {
         .map(|(runner, host)| XeClient::new(*runner, host.clone(), false));
     let report = status(env.usb(), client.as_ref())?;
     if args.json {
-        print(serde_json::to_string_pretty(&report)?)
+        out.data(&serde_json::to_string_pretty(&report)?);
     } else {
-        print(report.render_table())
+        out.data(&report.render_table());
     }
+    Ok(())
 }
 
-fn run_up(cli: &Cli, env: &Environment, args: &UpArgs) -> anyhow::Result<()> {
+fn run_up(cli: &Cli, env: &Environment, out: &Output, args: &UpArgs) -> anyhow::Result<()> {
     if args.vm.vm.is_none() {
-        return run_up_all(cli, env, args);
+        return run_up_all(cli, env, out, args);
     }
     let opts = UpOptions {
         replug_timeout: seconds("--timeout", args.timeout)?,
@@ -390,16 +506,17 @@ fn run_up(cli: &Cli, env: &Environment, args: &UpArgs) -> anyhow::Result<()> {
     let xe = XeClient::new(runner, host_uuid, cli.dry_run);
     let _lock = take_lock(cli, env)?;
     let report = up(env.usb(), &xe, env.clock(), &mut load, &opts)?;
-    print_planned(&xe);
+    print_planned(&xe, out);
     if let Some(attach) = &report.attach {
-        println!("{attach}");
+        out.result(&attach.to_string());
     }
-    print(report.to_string())
+    out.result(&report.to_string());
+    Ok(())
 }
 
 /// `coral up` without --vm: every config entry, within the boot budget. The
 /// config is read and checked before any USB or `xe` call.
-fn run_up_all(cli: &Cli, env: &Environment, args: &UpArgs) -> anyhow::Result<()> {
+fn run_up_all(cli: &Cli, env: &Environment, out: &Output, args: &UpArgs) -> anyhow::Result<()> {
     let place = service_place(cli, None);
     let config = coral::config::load(&place.config.file)?.ok_or_else(|| {
         fail(
@@ -416,10 +533,10 @@ fn run_up_all(cli: &Cli, env: &Environment, args: &UpArgs) -> anyhow::Result<()>
     let xe = XeClient::new(runner, host_uuid, cli.dry_run);
     let _lock = take_lock(cli, env)?;
     let report = boot::up_all(env.usb(), &xe, env.clock(), &mut load, &config, cli.dry_run)?;
-    print_planned(&xe);
+    print_planned(&xe, out);
     for outcome in &report.outcomes {
         if let Ok(up) = &outcome.result {
-            println!("{}: {up}", outcome.entry.label());
+            out.result(&format!("{}: {up}", outcome.entry.label()));
         }
     }
     report.into_result()
@@ -505,7 +622,7 @@ fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<(
     let (runner, host_uuid) = env.xapi()?;
     let xe = XeClient::new(runner, host_uuid, cli.dry_run);
     let state = match env {
-        Environment::Simulated(_) => StateStore::in_dir(
+        Environment::Simulated { .. } => StateStore::in_dir(
             &std::env::temp_dir().join(format!("coral-simulate-{}", std::process::id())),
         ),
         Environment::Real { .. } => StateStore::from_env(),
@@ -522,7 +639,7 @@ fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<(
         })
     };
     let (wakeups, clock): (Box<dyn Wakeups + '_>, Box<dyn Clock + '_>) = match env {
-        Environment::Simulated(host) => (
+        Environment::Simulated { host, .. } => (
             Box::new(SimulatedWakeups::new(host)),
             Box::new(ClockRef(host.clock())),
         ),
@@ -631,15 +748,9 @@ fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
     })
 }
 
-fn print_planned(xe: &XeClient) {
+/// A dry run's plan is what the user asked to see: printed even with `-q`.
+fn print_planned(xe: &XeClient, out: &Output) {
     for command in xe.planned_commands() {
-        println!("would run: {command}");
+        out.data(&format!("would run: {command}"));
     }
-}
-
-fn print(text: String) -> anyhow::Result<()> {
-    if !text.is_empty() {
-        println!("{text}");
-    }
-    Ok(())
 }

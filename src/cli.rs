@@ -6,7 +6,7 @@ use std::path::PathBuf;
 /// Wake a Google Coral USB Accelerator after a power loss and hand it to an
 /// XCP-ng VM. Run as root in dom0.
 #[derive(Debug, Parser)]
-#[command(name = "coral", version, about, long_about = None)]
+#[command(name = "coral", version, about, long_about = None, after_help = environment_help())]
 pub struct Cli {
     /// Run against the built-in simulated Coral and XCP-ng host (no hardware needed).
     #[arg(long, global = true)]
@@ -20,7 +20,7 @@ pub struct Cli {
     #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
     pub verbose: u8,
 
-    /// Only errors.
+    /// Print nothing on success; only errors.
     #[arg(short, long, global = true)]
     pub quiet: bool,
 
@@ -55,6 +55,10 @@ pub enum Command {
     Service(ServiceCommand),
     /// Check, read-only, everything the boot path depends on; exit 0 only when all pass.
     Doctor(DoctorArgs),
+    /// Print a shell completion script: `coral completions bash > /etc/bash_completion.d/coral`.
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff): `coral man | man -l -`; `--dir DIR` writes one page per command.
+    Man(ManArgs),
 }
 
 /// Options of `coral doctor`.
@@ -66,6 +70,22 @@ pub struct DoctorArgs {
 
     #[command(flatten)]
     pub root: ServiceRootArgs,
+}
+
+/// Options of `coral completions`.
+#[derive(Debug, Args, Clone)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// Options of `coral man`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ManArgs {
+    /// Write coral.1 and a page per subcommand (coral-up.1, …) into DIR instead.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 /// Selecting a Coral.
@@ -102,7 +122,7 @@ pub struct InitArgs {
     pub force: bool,
 
     /// Seconds to wait for the Coral to come back as 18d1:9302 after the reset.
-    #[arg(long, value_name = "SECS", default_value_t = coral::ops::init::DEFAULT_REPLUG_TIMEOUT.as_secs_f64())]
+    #[arg(long, value_name = "SECS", default_value_t = coral::ops::init::DEFAULT_REPLUG_TIMEOUT.as_secs_f64(), value_parser = positive_seconds)]
     pub timeout: f64,
 
     /// Seconds to wait for a Coral to appear on the USB bus (0: fail at once if none).
@@ -114,7 +134,7 @@ pub struct InitArgs {
 #[derive(Debug, Args, Clone, Default)]
 pub struct VmArgs {
     /// The VM: its uuid or its exact name-label (`coral up` without it: every entry of the config).
-    #[arg(long, value_name = "UUID|NAME")]
+    #[arg(long, value_name = "UUID|NAME", value_parser = VmReference)]
     pub vm: Option<String>,
 
     /// Start the VM afterwards if it is halted.
@@ -130,11 +150,11 @@ pub struct VmArgs {
     pub force_shutdown: bool,
 
     /// Seconds to wait for a clean shutdown.
-    #[arg(long, value_name = "SECS", default_value_t = 180.0)]
+    #[arg(long, value_name = "SECS", default_value_t = 180.0, value_parser = positive_seconds)]
     pub shutdown_timeout: f64,
 
     /// Seconds to wait for XAPI to list the ready Coral (its USB scan is asynchronous).
-    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = positive_seconds)]
     pub scan_timeout: f64,
 }
 
@@ -153,7 +173,7 @@ pub struct AttachArgs {
 #[derive(Debug, Args, Clone, Default)]
 pub struct DetachArgs {
     /// The VM: its uuid or its exact name-label.
-    #[arg(long, value_name = "UUID|NAME")]
+    #[arg(long, value_name = "UUID|NAME", value_parser = VmReference)]
     pub vm: String,
 
     #[command(flatten)]
@@ -181,7 +201,7 @@ pub struct UpArgs {
     pub firmware: FirmwareArgs,
 
     /// Seconds to wait for the Coral to come back as 18d1:9302 after the reset.
-    #[arg(long, value_name = "SECS", default_value_t = coral::ops::init::DEFAULT_REPLUG_TIMEOUT.as_secs_f64())]
+    #[arg(long, value_name = "SECS", default_value_t = coral::ops::init::DEFAULT_REPLUG_TIMEOUT.as_secs_f64(), value_parser = positive_seconds)]
     pub timeout: f64,
 
     /// Seconds to wait for a Coral to appear on the USB bus (it may enumerate late at boot).
@@ -195,6 +215,7 @@ pub struct LockArgs {
     /// Lock file that serializes coral runs.
     #[arg(
         long,
+        global = true,
         value_name = "FILE",
         env = "CORAL_LOCK",
         default_value = "/run/coral.lock"
@@ -202,11 +223,11 @@ pub struct LockArgs {
     pub lock_file: PathBuf,
 
     /// Fail at once if another coral run holds the lock.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub no_wait: bool,
 
-    /// Seconds to wait for another coral run to finish.
-    #[arg(long, value_name = "SECS", default_value_t = 300.0)]
+    /// Seconds to wait for another coral run to finish (0: do not wait).
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 300.0, value_parser = seconds_or_zero)]
     pub lock_timeout: f64,
 }
 
@@ -301,7 +322,7 @@ pub struct ServiceRootArgs {
 #[derive(Debug, Args, Clone, Default)]
 pub struct ServiceInstallArgs {
     /// The VM the service hands the Coral to (uuid or exact name-label).
-    #[arg(long, value_name = "UUID|NAME")]
+    #[arg(long, value_name = "UUID|NAME", value_parser = VmReference)]
     pub vm: String,
 
     /// Start the VM if it is halted (else XCP-ng's auto_poweron must start it; see README).
@@ -324,7 +345,7 @@ pub struct ServiceInstallArgs {
 #[derive(Debug, Args, Clone, Default)]
 pub struct WatchArgs {
     /// The VM that keeps the Coral (uuid or exact name-label).
-    #[arg(long, value_name = "UUID|NAME")]
+    #[arg(long, value_name = "UUID|NAME", value_parser = VmReference)]
     pub vm: Option<String>,
 
     #[command(flatten)]
@@ -346,18 +367,185 @@ pub struct WatchArgs {
     pub max_restarts_per_hour: u32,
 
     /// Seconds between XAPI health checks (USB changes are noticed at once).
-    #[arg(long, value_name = "SECS", default_value_t = coral::ops::watch::DEFAULT_XAPI_CHECK.as_secs_f64())]
+    #[arg(long, value_name = "SECS", default_value_t = coral::ops::watch::DEFAULT_XAPI_CHECK.as_secs_f64(), value_parser = positive_seconds)]
     pub xapi_check: f64,
 
     /// Seconds to wait for the Coral to come back as 18d1:9302 after the reset.
-    #[arg(long, value_name = "SECS", default_value_t = coral::ops::init::DEFAULT_REPLUG_TIMEOUT.as_secs_f64())]
+    #[arg(long, value_name = "SECS", default_value_t = coral::ops::init::DEFAULT_REPLUG_TIMEOUT.as_secs_f64(), value_parser = positive_seconds)]
     pub timeout: f64,
 
     /// Seconds to wait for a clean shutdown (restarts only).
-    #[arg(long, value_name = "SECS", default_value_t = 180.0)]
+    #[arg(long, value_name = "SECS", default_value_t = 180.0, value_parser = positive_seconds)]
     pub shutdown_timeout: f64,
 
     /// Seconds to wait for XAPI to list the ready Coral.
-    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = positive_seconds)]
     pub scan_timeout: f64,
+}
+
+/// Every environment variable `coral` reads, with what it does (for `--help`
+/// and the man page's ENVIRONMENT section).
+pub const ENVIRONMENT: &[(&str, &str)] = &[
+    (
+        "CORAL_FIRMWARE",
+        "firmware image to upload when --firmware is not given",
+    ),
+    (
+        "CORAL_FIRMWARE_DIR",
+        "where installed firmware images live (default /var/lib/coral)",
+    ),
+    (
+        "CORAL_FIRMWARE_URL_BASE",
+        "where `coral firmware fetch` downloads from (default: Google's libedgetpu)",
+    ),
+    (
+        "CORAL_LOCK",
+        "the lock file, as --lock-file (default /run/coral.lock)",
+    ),
+    (
+        "CORAL_XE",
+        "the `xe` to run (default: xe on PATH, then /opt/xensource/bin/xe)",
+    ),
+    (
+        "CORAL_INVENTORY",
+        "where this host's uuid is read (default /etc/xensource-inventory)",
+    ),
+    (
+        "CORAL_CONFIG",
+        "the Coral -> VM config (default /etc/coral/coral.toml)",
+    ),
+    (
+        "CORAL_STATE_DIR",
+        "where `coral watch` keeps each mapping's state (default /var/lib/coral)",
+    ),
+    (
+        "CORAL_SIM_STATE",
+        "the --simulate state file (default $XDG_RUNTIME_DIR/coral-sim.json)",
+    ),
+    (
+        "CORAL_USB_POLICY",
+        "the usb-policy file `coral doctor` reads (default /etc/xensource/usb-policy.conf)",
+    ),
+    (
+        "XDG_RUNTIME_DIR",
+        "where the --simulate state file goes when CORAL_SIM_STATE is not set",
+    ),
+    (
+        "PATH",
+        "searched for `xe`, and for `curl` by `coral firmware fetch`",
+    ),
+    (
+        "JOURNAL_STREAM",
+        "set by systemd: when it names stderr, log lines carry journald priorities",
+    ),
+];
+
+/// The "Environment:" block at the end of `--help`.
+pub fn environment_help() -> String {
+    let width = ENVIRONMENT
+        .iter()
+        .map(|(name, _)| name.len())
+        .max()
+        .unwrap_or(0);
+    let mut text = String::from("Environment:\n");
+    for (name, what) in ENVIRONMENT {
+        text.push_str(&format!("  {name:<width$}  {what}\n"));
+    }
+    text.push_str("\nExit codes: 0 done, 1 other, 2 usage, 3 no Coral, 4 firmware, 5 USB/DFU, 6 deadline, 7 xe, 8 VM, 9 lock.");
+    text
+}
+
+/// A number of seconds that must be more than 0 (a deadline of 0 could never be met).
+pub fn positive_seconds(text: &str) -> Result<f64, String> {
+    let value = seconds_or_zero(text)?;
+    if value == 0.0 {
+        return Err("give a number of seconds greater than 0".to_string());
+    }
+    Ok(value)
+}
+
+/// A number of seconds, 0 or more, that fits a duration.
+pub fn seconds_or_zero(text: &str) -> Result<f64, String> {
+    let value: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| "give a number of seconds, e.g. 30 or 2.5".to_string())?;
+    if std::time::Duration::try_from_secs_f64(value).is_err() || value > 86_400.0 * 365.0 {
+        return Err("give a number of seconds, 0 or more and at most a year".to_string());
+    }
+    Ok(value)
+}
+
+/// A VM reference: its uuid or exact name-label. Empty, blank or holding
+/// control characters is refused before anything runs (it cannot name a VM
+/// a person typed, and would garble logs and the unit file).
+pub fn vm_reference(text: &str) -> Result<String, String> {
+    if text.trim().is_empty() {
+        return Err("give the VM's uuid or exact name-label (it is empty)".to_string());
+    }
+    if text.chars().any(char::is_control) {
+        return Err("a VM name-label cannot hold control characters".to_string());
+    }
+    Ok(text.to_string())
+}
+
+/// clap parser for `--vm`: [`vm_reference`], with the rejected value shown
+/// escaped (clap's own message would echo control characters to the terminal).
+#[derive(Clone, Copy, Debug)]
+pub struct VmReference;
+
+impl clap::builder::TypedValueParser for VmReference {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        _cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<String, clap::Error> {
+        let flag = arg
+            .and_then(|a| a.get_long())
+            .map_or_else(|| "--vm".to_string(), |l| format!("--{l}"));
+        let invalid = |why: &str| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value {value:?} for '{flag}': {why}\n"),
+            )
+        };
+        let text = value.to_str().ok_or_else(|| invalid("not valid UTF-8"))?;
+        vm_reference(text).map_err(|why| invalid(&why))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn seconds_are_checked() {
+        assert!(positive_seconds("0").is_err());
+        assert!(positive_seconds("-1").is_err());
+        assert!(positive_seconds("nan").is_err());
+        assert!(positive_seconds("inf").is_err());
+        assert_eq!(positive_seconds("2.5"), Ok(2.5));
+        assert_eq!(seconds_or_zero("0"), Ok(0.0));
+    }
+
+    #[test]
+    fn vm_references_are_checked() {
+        assert!(vm_reference("").is_err());
+        assert!(vm_reference("  ").is_err());
+        assert!(vm_reference("frigate\n").is_err());
+        assert!(vm_reference("a\u{1b}[2Jb").is_err());
+        assert_eq!(
+            vm_reference("my \"cam\" vm $x 100%").as_deref(),
+            Ok("my \"cam\" vm $x 100%")
+        );
+    }
 }

@@ -2,18 +2,22 @@
 
 mod app;
 mod cli;
+mod logging;
+mod traced;
 mod watch_runtime;
 
 use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Bad values (`--timeout 0`, `--vm ""`) end here with exit 2, before any
+    // USB request or `xe` call.
     let cli = cli::Cli::parse();
-    app::init_logging(&cli);
+    logging::init(cli.quiet, cli.verbose);
     match app::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("coral: {err:#}");
+            logging::error_line(&format!("coral: {err:#}"));
             ExitCode::from(coral::error::exit_code_of(&err))
         }
     }

@@ -1,0 +1,111 @@
+//! `-vv` under `--simulate`: the simulated USB bus and `xe` traced exactly
+//! as the real backends trace themselves (`coral::usb::rusb_backend`,
+//! `coral::xe::command`): every USB request and every `xe` call.
+
+use coral::usb::{CoralDevice, InterfaceInfo, ResetOutcome, UsbBus, UsbError, UsbTransport};
+use coral::xe::{display_args, XeError, XeRunner};
+use std::time::Duration;
+
+/// A USB bus whose every request is logged at trace level.
+pub struct TracedBus<'a>(pub &'a dyn UsbBus);
+
+impl UsbBus for TracedBus<'_> {
+    fn list_corals(&self) -> Result<Vec<CoralDevice>, UsbError> {
+        let result = self.0.list_corals();
+        match &result {
+            Ok(corals) => log::trace!("list Corals: {} found", corals.len()),
+            Err(err) => log::trace!("list Corals: {err}"),
+        }
+        result
+    }
+
+    fn open(&self, device: &CoralDevice) -> Result<Box<dyn UsbTransport>, UsbError> {
+        log::trace!("open {} ({})", device.path, device.state.id());
+        let inner = self.0.open(device)?;
+        Ok(Box::new(TracedTransport(inner)))
+    }
+}
+
+/// An open device whose every request is logged at trace level.
+struct TracedTransport(Box<dyn UsbTransport>);
+
+/// Log a failed request and pass the result on.
+fn traced<T>(what: &str, result: Result<T, UsbError>) -> Result<T, UsbError> {
+    if let Err(err) = &result {
+        log::trace!("{what}: {err}");
+    }
+    result
+}
+
+impl UsbTransport for TracedTransport {
+    fn interfaces(&self) -> Result<Vec<InterfaceInfo>, UsbError> {
+        let result = traced("configuration descriptor", self.0.interfaces());
+        if let Ok(interfaces) = &result {
+            log::trace!("configuration descriptor: {} interfaces", interfaces.len());
+        }
+        result
+    }
+
+    fn claim_interface(&mut self, number: u8) -> Result<(), UsbError> {
+        log::trace!("claim interface {number}");
+        traced("claim interface", self.0.claim_interface(number))
+    }
+
+    fn control_in(
+        &mut self,
+        request_type: u8,
+        request: u8,
+        value: u16,
+        index: u16,
+        buf: &mut [u8],
+    ) -> Result<usize, UsbError> {
+        let what = format!("control in {request_type:#04x}/{request} value {value}");
+        let n = traced(
+            &what,
+            self.0.control_in(request_type, request, value, index, buf),
+        )?;
+        log::trace!("{what} -> {n} bytes");
+        Ok(n)
+    }
+
+    fn control_out(
+        &mut self,
+        request_type: u8,
+        request: u8,
+        value: u16,
+        index: u16,
+        data: &[u8],
+    ) -> Result<usize, UsbError> {
+        let what = format!("control out {request_type:#04x}/{request} value {value}");
+        let n = traced(
+            &what,
+            self.0
+                .control_out(request_type, request, value, index, data),
+        )?;
+        log::trace!("{what}: {n} bytes");
+        Ok(n)
+    }
+
+    fn reset(self: Box<Self>) -> Result<ResetOutcome, UsbError> {
+        let outcome = traced("port reset", self.0.reset())?;
+        log::trace!("port reset: {outcome:?}");
+        Ok(outcome)
+    }
+}
+
+/// An `xe` whose every call is logged at trace level.
+pub struct TracedXe<'a>(pub &'a dyn XeRunner);
+
+impl XeRunner for TracedXe<'_> {
+    fn run(&self, args: &[String], timeout: Duration) -> Result<String, XeError> {
+        log::trace!("xe {}", display_args(args));
+        let result = self.0.run(args, timeout);
+        if let Err(err) = &result {
+            log::trace!(
+                "xe {}: {err}",
+                args.first().map(String::as_str).unwrap_or("")
+            );
+        }
+        result
+    }
+}
