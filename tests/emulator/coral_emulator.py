@@ -33,6 +33,7 @@ import gc
 import json
 import os
 import shutil
+import signal
 import struct
 import sys
 import time
@@ -137,7 +138,22 @@ class Emulator:
             self.log("uevent %s lost (a listener went away while it was sent)" % action)
 
     def log(self, what):
-        self.events.append({"t_ms": round((time.monotonic() - self.t0) * 1000, 1), "event": what})
+        self.events.append({"t_ms": round((time.monotonic() - self.t0) * 1000, 1),
+                            "unix_ms": int(time.time() * 1000), "event": what})
+
+    def drop(self, coral):
+        """A brownout: the Coral leaves the bus and comes back, --drop-gap-ms
+        later, as a fresh boot loader at its boot-loader port (its firmware
+        is lost), whatever identity it had."""
+        dev = next((d for d in self.devices.values() if d["coral"] is coral), None)
+        if dev is not None:
+            self.unplug(dev)
+
+        def back():
+            self.plug(coral["boot"], BOOTLOADER, faults=False, coral=coral)
+            return False
+        GLib.timeout_add(self.opts.drop_gap_ms, back)
+        return False
 
     # -- devices ---------------------------------------------------------------
     def hub(self, bus):
@@ -516,6 +532,13 @@ def main():
     parser.add_argument("--start-state", type=int, default=IDLE, help="DFU state an interrupted run left")
     parser.add_argument("--endless-upload", action="store_true", help="UPLOAD never sends a short block")
     parser.add_argument("--appear-after-ms", type=int, help="the Coral enumerates this long after the start")
+    parser.add_argument("--second-state", choices=["uninitialized", "ready"], default="uninitialized",
+                        help="the --second-coral's identity at the start")
+    parser.add_argument("--drop-at-ms", type=int, action="append", default=[], metavar="MS",
+                        help="the (first) Coral drops off the bus MS after the start and comes back as a boot loader")
+    parser.add_argument("--drop-gap-ms", type=int, default=200, help="how long a dropped Coral stays off the bus")
+    parser.add_argument("--sigterm-at-ms", type=int, action="append", default=[], metavar="MS",
+                        help="send SIGTERM to the command MS after the start")
     parser.add_argument("--bus-file", help="JSON list of present devices, for the fake xe")
     parser.add_argument("--result", help="write the JSON result here")
     parser.add_argument("command", nargs=argparse.REMAINDER)
@@ -546,8 +569,11 @@ def main():
         emu.write_bus()
     if opts.second_coral:
         boot, _, ready = opts.second_coral.partition(":")
-        emu.plug(boot, BOOTLOADER, faults=False,
-                 coral={"boot": boot, "ready": ready or emu.peers.get(boot, boot), "flashed": b""})
+        second = {"boot": boot, "ready": ready or emu.peers.get(boot, boot), "flashed": b""}
+        if opts.second_state == "ready":
+            emu.plug(second["ready"], READY, faults=False, coral=second)
+        else:
+            emu.plug(boot, BOOTLOADER, faults=False, coral=second)
     if opts.other_ready:
         emu.plug(opts.other_ready, READY, faults=False,
                  coral={"boot": emu.peers.get(opts.other_ready, opts.other_ready),
@@ -573,6 +599,16 @@ def main():
         # Let a re-enumeration already under way complete (e.g. after dfu-util -R).
         GLib.timeout_add(opts.reenumerate_ms + 50 if emu.reenumerating else 0, lambda: loop.quit() or False)
     GLib.child_watch_add(GLib.PRIORITY_DEFAULT, pid, exited)
+    for at in opts.drop_at_ms:
+        GLib.timeout_add(at, emu.drop, coral)
+
+    def sigterm():
+        if status["code"] is None:
+            emu.log("sigterm")
+            os.kill(pid, signal.SIGTERM)
+        return False
+    for at in opts.sigterm_at_ms:
+        GLib.timeout_add(at, sigterm)
     loop.run()
 
     if opts.result:
