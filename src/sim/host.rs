@@ -11,7 +11,7 @@ use super::xapi::{
 };
 use crate::clock::{Clock, VirtualClock};
 use crate::firmware::{FirmwareImage, FirmwareSource};
-use crate::usb::{CoralDevice, CoralState, UsbBus};
+use crate::usb::{CoralDevice, CoralState, UsbBus, UsbError, UsbTransport};
 use crate::xe::{XeError, XeRunner};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -21,6 +21,7 @@ use std::time::Duration;
 pub struct SimulatedHost {
     clock: Rc<VirtualClock>,
     bus: Rc<SimBus>,
+    udev: Udev,
     xe: BusSyncedXe,
     host_uuid: String,
 }
@@ -53,16 +54,22 @@ impl SimulatedHost {
     ) -> Self {
         world.set_usb_devices(&host_uuid, as_xapi_devices(&bus.snapshot()), clock.now());
         world.scan_now(&host_uuid);
-        let xe = BusSyncedXe {
-            inner: InProcessXe::new(Rc::new(RefCell::new(world)), clock.clone()),
+        let world = Rc::new(RefCell::new(world));
+        let udev = Udev(Rc::new(UdevState {
+            world: world.clone(),
             bus: bus.clone(),
             clock: clock.clone(),
             host_uuid: host_uuid.clone(),
             last_seen: RefCell::new(Some(bus.snapshot())),
+        }));
+        let xe = BusSyncedXe {
+            inner: InProcessXe::new(world, clock.clone()),
+            udev: udev.clone(),
         };
         SimulatedHost {
             clock,
             bus,
+            udev,
             xe,
             host_uuid,
         }
@@ -86,9 +93,11 @@ impl SimulatedHost {
         self.clock.as_ref()
     }
 
-    /// The simulated USB bus.
+    /// The simulated USB bus, as the product sees it: every change it
+    /// shows reaches XAPI as a udev event would (device removed, device
+    /// added), each starting an asynchronous scan.
     pub fn bus(&self) -> &dyn UsbBus {
-        self.bus.as_ref()
+        &self.udev
     }
 
     /// The simulated `xe`.
@@ -116,29 +125,57 @@ impl SimulatedHost {
     }
 }
 
-/// An `xe` whose XAPI sees the simulated USB bus: before each call, a change
-/// on the bus since the last call reaches the world as udev would report it
-/// (which schedules xapi's asynchronous scan).
-struct BusSyncedXe {
-    inner: InProcessXe,
+/// udev on the simulated host: whenever the bus differs from what XAPI was
+/// last told (seen at a USB listing or before an `xe` call), XAPI is told,
+/// which schedules its asynchronous scan. A re-enumeration seen as "gone"
+/// then "back" is two events and two scans, as on a real host.
+#[derive(Clone)]
+struct Udev(Rc<UdevState>);
+
+struct UdevState {
+    world: Rc<RefCell<World>>,
     bus: Rc<SimBus>,
     clock: Rc<VirtualClock>,
     host_uuid: String,
     last_seen: RefCell<Option<Vec<CoralDevice>>>,
 }
 
+impl Udev {
+    fn sync(&self) {
+        let s = &self.0;
+        let now_present = s.bus.snapshot();
+        let changed = s.last_seen.borrow().as_ref() != Some(&now_present);
+        if changed {
+            s.world.borrow_mut().set_usb_devices(
+                &s.host_uuid,
+                as_xapi_devices(&now_present),
+                s.clock.now(),
+            );
+            *s.last_seen.borrow_mut() = Some(now_present);
+        }
+    }
+}
+
+impl UsbBus for Udev {
+    fn list_corals(&self) -> Result<Vec<CoralDevice>, UsbError> {
+        self.sync();
+        self.0.bus.list_corals()
+    }
+
+    fn open(&self, device: &CoralDevice) -> Result<Box<dyn UsbTransport>, UsbError> {
+        self.0.bus.open(device)
+    }
+}
+
+/// An `xe` whose XAPI sees the simulated USB bus.
+struct BusSyncedXe {
+    inner: InProcessXe,
+    udev: Udev,
+}
+
 impl XeRunner for BusSyncedXe {
     fn run(&self, args: &[String], timeout: Duration) -> Result<String, XeError> {
-        let now_present = self.bus.snapshot();
-        let changed = self.last_seen.borrow().as_ref() != Some(&now_present);
-        if changed {
-            self.inner.world.borrow_mut().set_usb_devices(
-                &self.host_uuid,
-                as_xapi_devices(&now_present),
-                self.clock.now(),
-            );
-            *self.last_seen.borrow_mut() = Some(now_present);
-        }
+        self.udev.sync();
         self.inner.run(args, timeout)
     }
 }
