@@ -189,7 +189,10 @@ fn run_init(cli: &Cli, env: &Environment, args: &InitArgs) -> anyhow::Result<()>
 fn run_attach(cli: &Cli, env: &Environment, args: &AttachArgs) -> anyhow::Result<()> {
     let opts = attach_options(&args.vm, args.device.device.clone())?;
     let (runner, host_uuid) = env.xapi()?;
-    let xe = XeClient::new(runner, host_uuid, cli.dry_run);
+    let xe = XeClient::new(runner, host_uuid, cli.dry_run).waiting_for_xapi(
+        env.clock(),
+        seconds("--xapi-timeout", args.vm.xapi_timeout)?,
+    );
     let _lock = take_lock(cli, env)?;
     let report = attach(env.usb(), &xe, env.clock(), &opts)?;
     print_planned(&xe);
@@ -238,7 +241,10 @@ fn run_up(cli: &Cli, env: &Environment, args: &UpArgs) -> anyhow::Result<()> {
     let choice = firmware_choice(&args.firmware);
     let mut load = || load_firmware(&choice, env.is_simulated());
     let (runner, host_uuid) = env.xapi()?;
-    let xe = XeClient::new(runner, host_uuid, cli.dry_run);
+    let xe = XeClient::new(runner, host_uuid, cli.dry_run).waiting_for_xapi(
+        env.clock(),
+        seconds("--xapi-timeout", args.vm.xapi_timeout)?,
+    );
     let _lock = take_lock(cli, env)?;
     let report = up(env.usb(), &xe, env.clock(), &mut load, &opts)?;
     print_planned(&xe);
