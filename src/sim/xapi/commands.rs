@@ -186,6 +186,7 @@ impl World {
             "usb-group-param-get" => self.param_get(&a, "USB_group", self.group_records()),
             "vusb-param-get" => self.param_get(&a, "VUSB", self.vusb_records()),
             "vm-param-get" => self.param_get(&a, "VM", self.vm_records()),
+            "host-param-get" => self.param_get(&a, "host", self.host_records()),
             "pusb-param-set" => self.pusb_param_set(&a),
             "pusb-scan" => {
                 let host = a.require("host-uuid")?.to_string();
