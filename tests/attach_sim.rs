@@ -422,10 +422,8 @@ fn a_clean_shutdown_outliving_its_deadline_is_followed_and_the_vm_runs_with_the_
         .filter(|c| c[0] == "vm-shutdown")
         .collect();
     assert_eq!(shutdowns.len(), 1, "no second shutdown: {shutdowns:?}");
-}
 
-#[test]
-fn force_shutdown_after_the_deadline_voids_the_pending_clean_one() {
+    // With --force-shutdown: the hard shutdown voids the pending clean one.
     let r = rig_with("frigate", PowerState::Running, |w, _| {
         w.config.shutdown_ms = 8_000
     });
