@@ -105,6 +105,9 @@ pub struct VusbInfo {
     pub attached: bool,
 }
 
+/// A USB group's PUSB uuids and VUSB uuids.
+pub type GroupMembers = (Vec<String>, Vec<String>);
+
 /// A VM, as far as decisions go (its name is free text, read apart).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmInfo {
@@ -304,10 +307,7 @@ impl<'a> XeClient<'a> {
     }
 
     /// A USB group's PUSBs and VUSBs now (None: the group is gone).
-    pub fn group_members(
-        &self,
-        group: &str,
-    ) -> Result<Option<(Vec<String>, Vec<String>)>, XeError> {
+    pub fn group_members(&self, group: &str) -> Result<Option<GroupMembers>, XeError> {
         let fields = &["uuid", "PUSB-uuids", "VUSB-uuids"];
         let args = vec![
             "usb-group-list".to_string(),
