@@ -151,6 +151,7 @@ pub fn wait_for_pusb(
     let started = clock.now();
     let deadline = started + timeout;
     let mut kicked = false;
+    log::debug!("scan wait: waiting for XAPI to list the Coral at {path}");
     clock.sleep(first_look_after.min(timeout));
     loop {
         let pusbs = xe
