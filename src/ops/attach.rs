@@ -7,9 +7,7 @@
 //! outlives its deadline is followed to its end inside xapi before the
 //! procedure acts on the outcome.
 
-use super::xapi_common::{
-    pusb_at, ready_coral, resolve_vm, wait_for_pusb, xe_fail, Vm, SCAN_POLL_INTERVAL,
-};
+use super::xapi_common::{pusb_at, ready_coral, resolve_vm, wait_for_pusb, xe_fail, Vm};
 use crate::clock::Clock;
 use crate::error::{fail, FailureKind};
 use crate::usb::UsbBus;
@@ -183,12 +181,8 @@ pub fn attach_planned(
         let pusb = match listed {
             Some(pusb) => pusb,
             None => {
-                let pause = if reenumerated.is_some() {
-                    SCAN_POLL_INTERVAL
-                } else {
-                    Duration::ZERO
-                };
-                match wait_for_pusb(xe, clock, path, &distrust, pause, opts.scan_timeout)? {
+                let after_reset = reenumerated.is_some();
+                match wait_for_pusb(xe, clock, path, &distrust, after_reset, opts.scan_timeout)? {
                     Some(pusb) => pusb,
                     None => {
                         report.say(format!(

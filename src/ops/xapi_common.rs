@@ -135,24 +135,28 @@ pub fn pusb_at<'p>(
 }
 
 /// The Coral's PUSB on this host, polled until `timeout` (XAPI's scan is
-/// asynchronous). `kick_now`: ask for a scan before the first look (else
-/// only after a first look found nothing); `first_look_after`: a pause
-/// before the first look (right after a re-enumeration, udev's own scan is
-/// on its way). A failed `pusb-scan` is not fatal: udev-triggered scans may
-/// list the device anyway. `Ok(None)` only in a dry run.
+/// asynchronous). `after_reset`: this run just re-enumerated the Coral, so
+/// udev's own scans are on their way: pause before the first look and ask
+/// for a scan only after two looks found nothing (else after one). A
+/// failed `pusb-scan` is not fatal: udev-triggered scans may list the
+/// device anyway. `Ok(None)` only in a dry run.
 pub fn wait_for_pusb(
     xe: &XeClient,
     clock: &dyn Clock,
     path: &str,
     distrust: &[String],
-    first_look_after: Duration,
+    after_reset: bool,
     timeout: Duration,
 ) -> anyhow::Result<Option<PusbInfo>> {
     let started = clock.now();
     let deadline = started + timeout;
     let mut kicked = false;
+    let mut misses = 0;
+    let kick_after = if after_reset { 2 } else { 1 };
     log::debug!("scan wait: waiting for XAPI to list the Coral at {path}");
-    clock.sleep(first_look_after.min(timeout));
+    if after_reset {
+        clock.sleep(SCAN_POLL_INTERVAL.min(timeout));
+    }
     loop {
         let pusbs = xe
             .ready_pusbs()
@@ -164,7 +168,8 @@ pub fn wait_for_pusb(
             );
             return Ok(Some(found.clone()));
         }
-        if !kicked {
+        misses += 1;
+        if !kicked && misses >= kick_after {
             kicked = true;
             log::info!("XAPI does not list the Coral at {path} yet; asking it to scan USB");
             if let Err(err) = xe.pusb_scan() {
