@@ -121,13 +121,13 @@ def xapi_wait_seen_by_coral(stderr):
     between polls while XAPI's scan ran, from coral's -v log."""
     total, in_scan, scanning, scan_wait = 0.0, 0.0, False, 0.0
     for line in stderr.splitlines():
+        if "scan wait: waiting for XAPI" in line:
+            scanning = True  # the scan wait is timed from here
         m = re.search(r"xe (\S+) answered in ([0-9.]+) ms", line)
         if m:
             total += float(m.group(2))
             if scanning:
                 in_scan += float(m.group(2))
-            if m.group(1) == "pusb-scan":
-                scanning = True  # the scan wait is timed from here
         m = re.search(r"after ([0-9.]+) ms of scan wait", line)
         if m:
             scanning = False

@@ -447,7 +447,10 @@ fn run_init(cli: &Cli, env: &Environment, out: &Output, args: &InitArgs) -> anyh
 fn run_attach(cli: &Cli, env: &Environment, out: &Output, args: &AttachArgs) -> anyhow::Result<()> {
     let opts = attach_options(&args.vm, args.device.device.clone())?;
     let (runner, host_uuid) = env.xapi()?;
-    let xe = XeClient::new(runner, host_uuid, cli.dry_run);
+    let xe = XeClient::new(runner, host_uuid, cli.dry_run).waiting_for_xapi(
+        env.clock(),
+        seconds("--xapi-timeout", args.vm.xapi_timeout)?,
+    );
     let _lock = take_lock(cli, env)?;
     let report = attach(env.usb(), &xe, env.clock(), &opts)?;
     print_planned(&xe, out);
@@ -503,7 +506,10 @@ fn run_up(cli: &Cli, env: &Environment, out: &Output, args: &UpArgs) -> anyhow::
     let choice = firmware_choice(&args.firmware);
     let mut load = || load_firmware(&choice, env.is_simulated());
     let (runner, host_uuid) = env.xapi()?;
-    let xe = XeClient::new(runner, host_uuid, cli.dry_run);
+    let xe = XeClient::new(runner, host_uuid, cli.dry_run).waiting_for_xapi(
+        env.clock(),
+        seconds("--xapi-timeout", args.vm.xapi_timeout)?,
+    );
     let _lock = take_lock(cli, env)?;
     let report = up(env.usb(), &xe, env.clock(), &mut load, &opts)?;
     print_planned(&xe, out);
@@ -570,6 +576,7 @@ fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<(
     let mappings = match &args.vm {
         Some(vm) => vec![Mapping {
             vm: vm.clone(),
+            name: None,
             device: args.device.device.clone(),
             start: args.start,
             restart: args.restart,
@@ -590,6 +597,7 @@ fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<(
                 .iter()
                 .map(|entry| Mapping {
                     vm: entry.vm_uuid.clone(),
+                    name: Some(entry.vm_name.clone()),
                     device: entry.device.clone(),
                     start: entry.start,
                     restart: entry.restart,

@@ -156,6 +156,11 @@ pub struct VmArgs {
     /// Seconds to wait for XAPI to list the ready Coral (its USB scan is asynchronous).
     #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = positive_seconds)]
     pub scan_timeout: f64,
+
+    /// Seconds to wait for xapi while it is down or still starting (boot,
+    /// toolstack restart); other XAPI errors are never retried.
+    #[arg(long, value_name = "SECS", default_value_t = 120.0)]
+    pub xapi_timeout: f64,
 }
 
 /// Options of `coral attach`.

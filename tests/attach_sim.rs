@@ -8,7 +8,8 @@ use coral::ops::attach::{attach, AttachOptions, AttachReport};
 use coral::sim::coral::{SimBus, SimCoralConfig};
 use coral::sim::host::SimulatedHost;
 use coral::sim::xapi::{
-    coral_ready_device, Fault, FaultKind, GuestShutdown, PowerState, World, WorldConfig,
+    coral_ready_device, Fault, FaultKind, GuestShutdown, Outage, OutageKind, PowerState, World,
+    WorldConfig,
 };
 use coral::usb::CoralState;
 use coral::xe::client::XeClient;
@@ -70,8 +71,14 @@ fn opts(vm: &str, restart: bool) -> AttachOptions {
     }
 }
 
+/// The client as `coral` builds it: waiting for xapi while it is down.
+fn client(r: &Rig, dry_run: bool) -> XeClient<'_> {
+    XeClient::new(r.host.xe(), r.host_uuid.clone(), dry_run)
+        .waiting_for_xapi(r.host.clock(), Duration::from_secs(120))
+}
+
 fn run(r: &Rig, o: &AttachOptions) -> anyhow::Result<AttachReport> {
-    let xe = XeClient::new(r.host.xe(), r.host_uuid.clone(), false);
+    let xe = client(r, false);
     attach(r.host.bus(), &xe, r.host.clock(), o)
 }
 
@@ -144,7 +151,8 @@ fn call_counts_per_scenario() {
 
 #[test]
 fn every_mutating_call_failing_in_turn_leaves_the_vm_as_it_was_and_a_rerun_converges() {
-    for command in ["pusb-param-set", "vusb-create", "vm-shutdown", "vm-start"] {
+    // (A single failing vm-start is retried: see the start tests.)
+    for command in ["pusb-param-set", "vusb-create", "vm-shutdown"] {
         let r = rig_with("frigate", PowerState::Running, |w, _| {
             w.faults.push(Fault {
                 command: command.into(),
@@ -173,17 +181,33 @@ fn every_mutating_call_failing_in_turn_leaves_the_vm_as_it_was_and_a_rerun_conve
 
 #[test]
 fn shutdowns_that_hang_or_are_never_acknowledged_leave_the_vm_running() {
-    for behaviour in [GuestShutdown::NeverAcknowledges, GuestShutdown::NeverHalts] {
-        let r = rig_with("frigate", PowerState::Running, |w, vm| {
-            w.vm_mut(vm).unwrap().guest_shutdown = behaviour
-        });
-        let err = run(&r, &opts("frigate", true)).unwrap_err();
-        assert_eq!(exit_code_of(&err), 8, "{err:#}");
-        let (vusbs, power, _) = outcome(&r);
-        assert_eq!(power, PowerState::Running);
-        assert!(vusbs.is_empty());
-        assert!(r.host.world().borrow().power_history.is_empty());
-    }
+    let r = rig_with("frigate", PowerState::Running, |w, vm| {
+        w.vm_mut(vm).unwrap().guest_shutdown = GuestShutdown::NeverAcknowledges
+    });
+    let err = run(&r, &opts("frigate", true)).unwrap_err();
+    assert_eq!(exit_code_of(&err), 8, "{err:#}");
+    let (vusbs, power, _) = outcome(&r);
+    assert_eq!(power, PowerState::Running);
+    assert!(vusbs.is_empty());
+    assert!(r.host.world().borrow().power_history.is_empty());
+
+    // A guest that acknowledges but never halts: xapi is still shutting it
+    // down when coral gives up; the VUSB is kept and the error says so.
+    let r = rig_with("frigate", PowerState::Running, |w, vm| {
+        w.vm_mut(vm).unwrap().guest_shutdown = GuestShutdown::NeverHalts
+    });
+    let err = run(&r, &opts("frigate", true)).unwrap_err();
+    let message = format!("{err:#}");
+    assert_eq!(exit_code_of(&err), 8, "{message}");
+    assert!(
+        message.contains("DOWN") && message.contains(&format!("xe vm-start uuid={}", r.vm)),
+        "{message}"
+    );
+    assert!(message.contains("is kept"), "{message}");
+    let (vusbs, power, _) = outcome(&r);
+    assert_eq!(power, PowerState::Running);
+    assert_eq!(vusbs, vec![false], "kept and reported");
+    assert!(r.host.world().borrow().power_history.is_empty());
     let r = rig_with("frigate", PowerState::Running, |w, _| {
         w.faults.push(Fault {
             command: "vm-shutdown".into(),
@@ -199,6 +223,10 @@ fn shutdowns_that_hang_or_are_never_acknowledged_leave_the_vm_running() {
         "{err:#}"
     );
     assert_eq!(outcome(&r).1, PowerState::Running);
+    assert!(
+        outcome(&r).0.is_empty(),
+        "nothing pending in xapi: rolled back"
+    );
 
     // --force-shutdown: a hard power-off only after the clean one failed.
     let r = rig_with("frigate", PowerState::Running, |w, vm| {
@@ -331,7 +359,7 @@ fn two_ready_corals_need_device_and_a_coral_only_on_another_host_is_never_used()
 #[test]
 fn dry_run_reads_and_plans_but_changes_nothing() {
     let r = rig(PowerState::Running);
-    let xe = XeClient::new(r.host.xe(), r.host_uuid.clone(), true);
+    let xe = client(&r, true);
     attach(r.host.bus(), &xe, r.host.clock(), &opts("frigate", true)).unwrap();
     let planned = xe.planned_commands();
     let verbs: Vec<&str> = planned
@@ -344,4 +372,296 @@ fn dry_run_reads_and_plans_but_changes_nothing() {
     );
     assert!(calls(&r).iter().all(|c| !WRITES.contains(&c[0].as_str())));
     assert!(r.host.world().borrow().vusbs.is_empty());
+}
+
+fn power_transitions(r: &Rig, vm: &str) -> Vec<(PowerState, PowerState)> {
+    r.host
+        .world()
+        .borrow()
+        .power_history
+        .iter()
+        .filter(|e| e.vm_uuid == vm)
+        .map(|e| (e.from, e.to))
+        .collect()
+}
+
+/// Let everything xapi still has in flight land.
+fn settle(r: &Rig) {
+    r.host.clock().sleep(Duration::from_secs(3_600));
+}
+
+fn writes(r: &Rig) -> Vec<Vec<String>> {
+    calls(r)
+        .into_iter()
+        .filter(|c| WRITES.contains(&c[0].as_str()))
+        .collect()
+}
+
+#[test]
+fn a_clean_shutdown_outliving_its_deadline_is_followed_and_the_vm_runs_with_the_coral() {
+    // The guest takes 8 s to halt; coral's deadline is 3 s (issue 8.1).
+    let r = rig_with("frigate", PowerState::Running, |w, _| {
+        w.config.shutdown_ms = 8_000
+    });
+    let mut o = opts("frigate", true);
+    o.shutdown_timeout = Duration::from_secs(3);
+    let result = run(&r, &o);
+    settle(&r);
+    assert_eq!(
+        power_transitions(&r, &r.vm),
+        vec![
+            (PowerState::Running, PowerState::Halted),
+            (PowerState::Halted, PowerState::Running)
+        ],
+        "the VM that halted late was started again: {result:?}"
+    );
+    assert_eq!(outcome(&r).0, vec![true], "with the Coral");
+    result.expect("the restart completed");
+    let shutdowns: Vec<_> = calls(&r)
+        .into_iter()
+        .filter(|c| c[0] == "vm-shutdown")
+        .collect();
+    assert_eq!(shutdowns.len(), 1, "no second shutdown: {shutdowns:?}");
+
+    // With --force-shutdown: the hard shutdown voids the pending clean one.
+    let r = rig_with("frigate", PowerState::Running, |w, _| {
+        w.config.shutdown_ms = 8_000
+    });
+    let mut o = opts("frigate", true);
+    o.shutdown_timeout = Duration::from_secs(3);
+    o.force_shutdown = true;
+    run(&r, &o).unwrap();
+    settle(&r);
+    assert_eq!(
+        power_transitions(&r, &r.vm),
+        vec![
+            (PowerState::Running, PowerState::Halted),
+            (PowerState::Halted, PowerState::Running)
+        ],
+        "the voided clean shutdown never lands later"
+    );
+    assert_eq!(outcome(&r).0, vec![true]);
+}
+
+#[test]
+fn a_vusb_create_that_outlives_its_deadline_is_adopted_not_left_unaccounted() {
+    let r = rig_with("frigate", PowerState::Halted, |w, _| {
+        w.faults.push(Fault {
+            command: "vusb-create".into(),
+            nth: None,
+            kind: FaultKind::Slow { ms: 45_000 },
+        })
+    });
+    let result = run(&r, &opts("frigate", false));
+    settle(&r);
+    let (vusbs, _, _) = outcome(&r);
+    match &result {
+        Ok(report) => {
+            assert_eq!(vusbs, vec![false], "{report}");
+            assert!(report.to_string().contains("VUSB"), "{report}");
+        }
+        Err(err) => assert!(vusbs.is_empty(), "an error left a VUSB behind: {err:#}"),
+    }
+    result.expect("the late VUSB is adopted");
+}
+
+#[test]
+fn xapi_down_then_starting_is_waited_for_and_other_errors_are_not_retried() {
+    let r = rig_with("frigate", PowerState::Halted, |w, _| {
+        w.outages.push(Outage {
+            from_ms: 0,
+            until_ms: 4_000,
+            kind: OutageKind::Refused,
+        });
+        w.outages.push(Outage {
+            from_ms: 4_000,
+            until_ms: 9_000,
+            kind: OutageKind::StillBooting,
+        });
+    });
+    run(&r, &opts("frigate", false)).expect("xapi came up within --xapi-timeout");
+    assert_eq!(outcome(&r).0, vec![false]);
+    assert!(r.host.clock().now() >= Duration::from_secs(9));
+
+    // Never up: bounded, exit 7, nothing written.
+    let r = rig_with("frigate", PowerState::Halted, |w, _| {
+        w.outages.push(Outage {
+            from_ms: 0,
+            until_ms: u64::MAX,
+            kind: OutageKind::Refused,
+        })
+    });
+    let err = run(&r, &opts("frigate", false)).unwrap_err();
+    assert_eq!(exit_code_of(&err), 7, "{err:#}");
+    assert!(!format!("{err:#}").contains('\n'));
+    assert!(writes(&r).is_empty());
+
+    // An API refusal is not "xapi unavailable": no retry.
+    let r = rig_with("frigate", PowerState::Halted, |w, _| {
+        w.faults.push(Fault {
+            command: "vm-list".into(),
+            nth: None,
+            kind: FaultKind::Fail {
+                code: "INTERNAL_ERROR".into(),
+                params: vec!["db".into()],
+            },
+        })
+    });
+    let err = run(&r, &opts("frigate", false)).unwrap_err();
+    assert_eq!(exit_code_of(&err), 7);
+    assert_eq!(calls(&r).len(), 1, "one call, no retry: {err:#}");
+}
+
+#[test]
+fn a_vm_with_a_vusb_on_another_hosts_device_is_refused_before_any_write() {
+    let r = rig_with("frigate", PowerState::Halted, |w, vm| {
+        let other_group = w.pusbs[0].usb_group_uuid.clone();
+        let uuid = w.new_uuid();
+        w.vusbs.push(coral::sim::xapi::Vusb {
+            uuid,
+            vm_uuid: vm.to_string(),
+            usb_group_uuid: other_group,
+            currently_attached: false,
+            other_config: Default::default(),
+        });
+    });
+    let other_vusb = r.host.world().borrow().vusbs[0].uuid.clone();
+    let err = run(&r, &opts("frigate", true)).unwrap_err();
+    let message = err.to_string();
+    assert_eq!(exit_code_of(&err), 8, "{message}");
+    assert!(
+        message.contains(&other_vusb) && message.contains("xcp-b"),
+        "names the other VUSB and its host: {message}"
+    );
+    assert!(writes(&r).is_empty(), "{:?}", writes(&r));
+    assert_eq!(r.host.world().borrow().vusbs.len(), 1);
+}
+
+#[test]
+fn known_preconditions_fail_before_any_write() {
+    // HA restart priority, with passthrough still off.
+    let r = rig_with("frigate", PowerState::Halted, |w, vm| {
+        w.vm_mut(vm).unwrap().ha_restart_priority = "restart".into()
+    });
+    let err = run(&r, &opts("frigate", false)).unwrap_err();
+    assert_eq!(exit_code_of(&err), 8, "{err}");
+    assert!(writes(&r).is_empty(), "{:?}", writes(&r));
+
+    // Six VUSBs already (on groups of other devices).
+    let r = rig_with("frigate", PowerState::Halted, |w, vm| {
+        for _ in 0..6 {
+            let group = w.new_uuid();
+            w.groups.push(coral::sim::xapi::UsbGroup {
+                uuid: group.clone(),
+                name_label: "Group of 0781 5581 USBs".into(),
+                name_description: String::new(),
+                other_config: Default::default(),
+            });
+            let uuid = w.new_uuid();
+            w.vusbs.push(coral::sim::xapi::Vusb {
+                uuid,
+                vm_uuid: vm.to_string(),
+                usb_group_uuid: group,
+                currently_attached: false,
+                other_config: Default::default(),
+            });
+        }
+    });
+    let err = run(&r, &opts("frigate", false)).unwrap_err();
+    assert!(err.to_string().contains("6 VUSBs"), "{err}");
+    assert!(writes(&r).is_empty(), "{:?}", writes(&r));
+}
+
+#[test]
+fn a_vm_name_with_a_line_break_is_refused_before_any_call() {
+    let r = rig(PowerState::Halted);
+    let err = run(&r, &opts("cam\nfrigate", false)).unwrap_err();
+    let message = format!("{err:#}");
+    assert_eq!(exit_code_of(&err), 8, "{message}");
+    assert!(!message.contains('\n'), "one line: {message}");
+    assert!(calls(&r).is_empty(), "{:?}", calls(&r));
+}
+
+#[test]
+fn a_name_posing_as_another_vms_uuid_never_steers_coral() {
+    // VM "cam" is named so that xe's human output shows a second uuid line,
+    // the uuid of a running VM that has nothing to do with the Coral.
+    let mut victim = String::new();
+    let r = rig_with("cam", PowerState::Running, |w, vm| {
+        let host = w.hosts[0].uuid.clone();
+        victim = w.add_vm("database", PowerState::Running, Some(&host));
+        w.vm_mut(vm).unwrap().name_label = format!("cam\n     uuid ( RO): {victim}");
+    });
+    let result = run(&r, &opts(&r.vm, true));
+    settle(&r);
+    let world = r.host.world();
+    let world = world.borrow();
+    assert!(
+        world.power_history.iter().all(|e| e.vm_uuid != victim),
+        "the other VM was never touched: {result:?}"
+    );
+    assert!(world.vusbs.iter().all(|v| v.vm_uuid != victim));
+    drop(world);
+    result.expect("the VM given by uuid is restarted with the Coral");
+    assert_eq!(outcome(&r).0, vec![true]);
+}
+
+#[test]
+fn a_transient_start_failure_keeps_the_coral() {
+    let fail_start = |nth| Fault {
+        command: "vm-start".into(),
+        nth: Some(nth),
+        kind: FaultKind::Fail {
+            code: "INTERNAL_ERROR".into(),
+            params: vec!["usb reset failed".into()],
+        },
+    };
+    // Fails once: retried with the VUSB.
+    let r = rig_with("frigate", PowerState::Running, |w, _| {
+        w.faults.push(fail_start(1))
+    });
+    run(&r, &opts("frigate", true)).expect("the second start works");
+    assert_eq!(outcome(&r).0, vec![true], "running with the Coral");
+
+    // A VUSB from before this run: same.
+    let r = rig_with("frigate", PowerState::Running, |w, _| {
+        w.faults.push(fail_start(1))
+    });
+    run(&r, &opts("frigate", false)).unwrap();
+    assert_eq!(outcome(&r).0, vec![false], "pending");
+    run(&r, &opts("frigate", true)).expect("the second start works");
+    assert_eq!(outcome(&r).0, vec![true]);
+
+    // Fails twice: started without it, and the error says how to restore it.
+    let r = rig_with("frigate", PowerState::Running, |w, _| {
+        w.faults.push(fail_start(1));
+        w.faults.push(fail_start(2));
+    });
+    let err = run(&r, &opts("frigate", true)).unwrap_err();
+    let message = format!("{err:#}");
+    let (vusbs, power, _) = outcome(&r);
+    assert_eq!(power, PowerState::Running, "{message}");
+    assert!(vusbs.is_empty(), "{message}");
+    assert!(
+        message.contains("was removed")
+            && message.contains(&format!("coral attach --vm {} --restart", r.vm)),
+        "{message}"
+    );
+}
+
+#[test]
+fn status_while_xapi_is_down_shows_the_usb_side() {
+    let r = rig_with("frigate", PowerState::Halted, |w, _| {
+        w.outages.push(Outage {
+            from_ms: 0,
+            until_ms: u64::MAX,
+            kind: OutageKind::StillBooting,
+        })
+    });
+    let xe = XeClient::new(r.host.xe(), r.host_uuid.clone(), false);
+    let report = coral::ops::status::status(r.host.bus(), Some(&xe)).expect("exit 0");
+    assert!(!report.xapi_available);
+    assert_eq!(report.corals.len(), 1);
+    assert_eq!(report.corals[0].usb_state, "ready");
+    assert!(report.corals[0].pusb_uuid.is_none());
 }

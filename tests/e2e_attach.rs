@@ -257,3 +257,73 @@ fn xe_missing_or_no_inventory_is_exit_7() {
     assert_eq!(run.status, Some(7), "{}", run.stderr);
     assert!(run.stderr.contains("XCP-ng dom0"), "{}", run.stderr);
 }
+
+#[test]
+fn a_killed_xe_vm_shutdown_goes_on_in_xapi_and_the_vm_is_started_again() {
+    if !umockdev_available() {
+        return;
+    }
+    // The guest takes 3 s to halt; coral kills `xe vm-shutdown` after 1 s.
+    let mut config = fast_config();
+    config.shutdown_ms = 3_000;
+    let (world, host, vm) = pool(
+        config,
+        "frigate",
+        PowerState::Running,
+        vec![coral_ready_device("2-4")],
+    );
+    let xapi = FakeXapi::new(world, &host);
+    let run = attach(
+        &xapi,
+        &[
+            "attach",
+            "--vm",
+            "frigate",
+            "--restart",
+            "--shutdown-timeout",
+            "1",
+        ],
+    );
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let world = xapi.world();
+    let history: Vec<_> = world.power_history.iter().map(|e| (e.from, e.to)).collect();
+    assert_eq!(
+        history,
+        vec![
+            (PowerState::Running, PowerState::Halted),
+            (PowerState::Halted, PowerState::Running)
+        ],
+        "{}",
+        run.stderr
+    );
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert_eq!(
+        vusbs_on_ready_group(&world, &host, &vm, "2-4"),
+        vec![(true, true)]
+    );
+}
+
+#[test]
+fn status_while_xapi_is_starting_shows_the_usb_side_and_exits_0() {
+    if !umockdev_available() {
+        return;
+    }
+    let (mut world, host, _) = pool(
+        fast_config(),
+        "frigate",
+        PowerState::Running,
+        vec![coral_ready_device("2-4")],
+    );
+    world.outages.push(coral::sim::xapi::Outage {
+        from_ms: 0,
+        until_ms: u64::MAX,
+        kind: coral::sim::xapi::OutageKind::StillBooting,
+    });
+    let xapi = FakeXapi::new(world, &host);
+    let run = attach(&xapi, &["status", "--json"]);
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    let json: serde_json::Value = serde_json::from_str(&run.stdout).expect(&run.stdout);
+    assert_eq!(json["xapi_available"], false);
+    assert_eq!(json["corals"][0]["usb_state"], "ready");
+    assert!(run.stderr.contains("XAPI not available"), "{}", run.stderr);
+}

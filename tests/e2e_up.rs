@@ -292,14 +292,17 @@ fn a_start_that_fails_with_the_coral_starts_the_vm_without_it() {
         PowerState::Running,
         vec![coral_ready_device("2-4")],
     );
-    world.faults.push(Fault {
-        command: "vm-start".into(),
-        nth: Some(1),
-        kind: FaultKind::Fail {
-            code: "INTERNAL_ERROR".into(),
-            params: vec!["usb reset failed".into()],
-        },
-    });
+    // Twice: a single failure is retried with the Coral.
+    for nth in [1, 2] {
+        world.faults.push(Fault {
+            command: "vm-start".into(),
+            nth: Some(nth),
+            kind: FaultKind::Fail {
+                code: "INTERNAL_ERROR".into(),
+                params: vec!["usb reset failed".into()],
+            },
+        });
+    }
     let xapi = FakeXapi::new(world, &host);
     let run = up(&xapi, &["--state", "ready"], &["--restart"]);
     assert_eq!(run.status, Some(7), "{}", run.stderr);
@@ -315,4 +318,41 @@ fn a_start_that_fails_with_the_coral_starts_the_vm_without_it() {
         "never left down"
     );
     assert!(world.vusbs.is_empty(), "no stray VUSB");
+}
+
+#[test]
+fn up_at_boot_waits_while_xapi_is_down_then_starting() {
+    if !ready() {
+        return;
+    }
+    let (mut world, host, vm) = pool(
+        fast_config(),
+        "frigate",
+        PowerState::Halted,
+        vec![coral_bootloader_device("1-4")],
+    );
+    world.outages.push(coral::sim::xapi::Outage {
+        from_ms: 0,
+        until_ms: 1_500,
+        kind: coral::sim::xapi::OutageKind::Refused,
+    });
+    world.outages.push(coral::sim::xapi::Outage {
+        from_ms: 1_500,
+        until_ms: 2_500,
+        kind: coral::sim::xapi::OutageKind::StillBooting,
+    });
+    let xapi = FakeXapi::new(world, &host);
+    let run = up(&xapi, &[], &[]);
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    assert_eq!(
+        run.stderr.matches("xapi is not available yet").count(),
+        1,
+        "logged once: {}",
+        run.stderr
+    );
+    let world = xapi.world();
+    assert_eq!(
+        vusbs_on_ready_group(&world, &host, &vm, "2-4"),
+        vec![(true, false)]
+    );
 }

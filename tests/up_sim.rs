@@ -11,7 +11,9 @@ use coral::ops::init::InitOutcome;
 use coral::ops::up::{up, UpOptions, UpReport};
 use coral::sim::coral::{SimBus, SimCoralConfig};
 use coral::sim::host::SimulatedHost;
-use coral::sim::xapi::{PowerState, World, WorldConfig};
+use coral::sim::xapi::{
+    coral_bootloader_device, coral_ready_device, Outage, OutageKind, PowerState, World, WorldConfig,
+};
 use coral::usb::CoralState;
 use coral::xe::client::XeClient;
 use std::rc::Rc;
@@ -218,7 +220,11 @@ fn dry_run_verifies_the_firmware_and_changes_nothing() {
     let report = run_up(&s, &options(true, true), &mut loads).unwrap();
 
     assert_eq!(loads, 1, "the image is checked");
-    assert!(report.attach.is_none());
+    let planned = report
+        .attach
+        .expect("the VM and XAPI were checked")
+        .to_string();
+    assert!(planned.starts_with("dry run:"), "{planned}");
     let corals = s.host.bus().list_corals().unwrap();
     assert_eq!(corals[0].state, CoralState::Uninitialized);
     let world = s.host.world();
@@ -246,4 +252,187 @@ fn the_built_in_simulation_recovers_from_power_loss() {
     assert_eq!(world.vusbs.len(), 1);
     assert!(world.vusbs[0].currently_attached);
     assert_eq!(world.power_history.len(), 2);
+}
+
+fn client(s: &Scenario, dry_run: bool) -> XeClient<'_> {
+    XeClient::new(s.host.xe(), s.host.host_uuid().to_string(), dry_run)
+        .waiting_for_xapi(s.host.clock(), Duration::from_secs(120))
+}
+
+fn run_up_waiting(s: &Scenario, opts: &UpOptions) -> anyhow::Result<UpReport> {
+    let xe = client(s, opts.dry_run);
+    let mut load = || Ok(image());
+    up(s.host.bus(), &xe, s.host.clock(), &mut load, opts)
+}
+
+fn writes(world: &World) -> Vec<Vec<String>> {
+    world
+        .calls
+        .iter()
+        .filter(|c| !READ_COMMANDS.contains(&c.args[0].as_str()))
+        .map(|c| c.args.clone())
+        .collect()
+}
+
+#[test]
+fn a_wrong_vm_name_fails_before_any_usb_write() {
+    let s = scenario(CoralState::Uninitialized, PowerState::Halted);
+    let mut o = options(false, false);
+    o.attach.vm = "frigat".into();
+    let err = run_up_waiting(&s, &o).unwrap_err();
+    assert_eq!(coral::error::exit_code_of(&err), 8, "{err:#}");
+    assert!(
+        s.host.sim_bus().requests().is_empty(),
+        "no USB request before the VM is known"
+    );
+    assert_eq!(
+        s.host.bus().list_corals().unwrap()[0].state,
+        CoralState::Uninitialized
+    );
+}
+
+#[test]
+fn up_at_boot_waits_for_xapi_before_touching_the_coral() {
+    let s = scenario(CoralState::Uninitialized, PowerState::Halted);
+    {
+        let world = s.host.world();
+        let mut world = world.borrow_mut();
+        world.outages.push(Outage {
+            from_ms: 0,
+            until_ms: 3_000,
+            kind: OutageKind::Refused,
+        });
+        world.outages.push(Outage {
+            from_ms: 3_000,
+            until_ms: 7_000,
+            kind: OutageKind::StillBooting,
+        });
+    }
+    let report = run_up_waiting(&s, &options(false, false)).expect("xapi came up in time");
+    assert!(matches!(report.init, Some(InitOutcome::Initialized { .. })));
+    let world = s.host.world();
+    let world = world.borrow();
+    vusb_on_ready_group(&world, &s.vm_uuid);
+    let first_request = s.host.sim_bus().requests().len();
+    assert!(first_request > 0);
+}
+
+/// A boot after a power loss: the database still holds the ready Coral's
+/// PUSB, group and the VM's VUSB from before; the bus shows the boot
+/// loader; xapi's start-up scan read the bus then and commits at `late_ms`.
+fn stale_boot(power: PowerState, late_ms: u64, scan_read_ms: u64) -> Scenario {
+    let s = scenario(CoralState::Uninitialized, power);
+    {
+        let world = s.host.world();
+        let mut w = world.borrow_mut();
+        w.config.scan_read_ms = scan_read_ms;
+        let host = s.host.host_uuid().to_string();
+        w.pending_scans.clear();
+        let group = w.new_uuid();
+        w.groups.push(coral::sim::xapi::UsbGroup {
+            uuid: group.clone(),
+            name_label: "Group of 18d1 9302 USBs".into(),
+            name_description: String::new(),
+            other_config: Default::default(),
+        });
+        let pusb = w.new_uuid();
+        w.pusbs.push(coral::sim::xapi::Pusb {
+            uuid: pusb,
+            usb_group_uuid: group.clone(),
+            host_uuid: host.clone(),
+            device: coral_ready_device("2-4"),
+            passthrough_enabled: true,
+        });
+        let vusb = w.new_uuid();
+        w.vusbs.push(coral::sim::xapi::Vusb {
+            uuid: vusb,
+            vm_uuid: s.vm_uuid.clone(),
+            usb_group_uuid: group,
+            currently_attached: false,
+            other_config: Default::default(),
+        });
+        w.queue_scan_that_saw(&host, vec![coral_bootloader_device("1-4")], late_ms);
+    }
+    s
+}
+
+#[test]
+fn stale_records_and_late_scans_never_leave_the_vm_without_the_coral() {
+    for scan_read_ms in [0, 300] {
+        for late_ms in (0..12).map(|i| 250 + i * 400) {
+            let s = stale_boot(PowerState::Halted, late_ms, scan_read_ms);
+            let result = run_up_waiting(&s, &options(false, false));
+            s.host.clock().sleep(Duration::from_secs(120));
+            let world = s.host.world();
+            let world = world.borrow();
+            let case = format!("late scan at {late_ms} ms, read {scan_read_ms} ms: {result:?}");
+            let pusb = world
+                .pusbs
+                .iter()
+                .find(|p| p.device.path == "2-4" && p.device.product_id == "9302")
+                .unwrap_or_else(|| panic!("{case}: XAPI lists the Coral"));
+            let vusbs: Vec<_> = world
+                .vusbs
+                .iter()
+                .filter(|v| v.vm_uuid == s.vm_uuid)
+                .collect();
+            match &result {
+                Ok(_) => {
+                    assert_eq!(vusbs.len(), 1, "{case}");
+                    assert_eq!(vusbs[0].usb_group_uuid, pusb.usb_group_uuid, "{case}");
+                }
+                Err(err) => assert!(
+                    coral::error::exit_code_of(err) != 0 && vusbs.is_empty(),
+                    "{case}"
+                ),
+            }
+            result.unwrap_or_else(|e| panic!("{case}: {e:#}"));
+        }
+    }
+}
+
+#[test]
+fn dry_run_on_a_boot_loader_checks_the_vm_and_the_pool() {
+    let s = scenario(CoralState::Uninitialized, PowerState::Halted);
+    let mut o = options(false, true);
+    o.attach.vm = "nope".into();
+    let err = run_up_waiting(&s, &o).unwrap_err();
+    assert_eq!(coral::error::exit_code_of(&err), 8, "{err:#}");
+
+    let s = scenario(CoralState::Uninitialized, PowerState::Halted);
+    let report = run_up_waiting(&s, &options(false, true)).unwrap();
+    let world = s.host.world();
+    let world = world.borrow();
+    assert!(
+        world.calls.iter().any(|c| c.args[0] == "vm-list"),
+        "the VM was resolved"
+    );
+    assert!(writes(&world).is_empty(), "{:?}", writes(&world));
+    assert!(
+        !s.host
+            .sim_bus()
+            .requests()
+            .iter()
+            .any(|r| r.request_type == 0x21 && r.request == 1),
+        "no firmware block was written"
+    );
+    assert!(report.to_string().contains("dry run"), "{report}");
+}
+
+#[test]
+fn call_budgets_boot_with_the_vm_halted_and_steady_state() {
+    let s = scenario(CoralState::Uninitialized, PowerState::Halted);
+    run_up_waiting(&s, &options(false, false)).unwrap();
+    let boot = s.host.world().borrow().calls.len();
+    assert!(boot <= 8, "boot with the VM halted: {boot} calls");
+    let before = boot;
+    run_up_waiting(&s, &options(false, false)).unwrap();
+    let world = s.host.world();
+    let world = world.borrow();
+    let steady = &world.calls[before..];
+    assert!(steady.len() <= 3, "steady state: {steady:?}");
+    assert!(steady
+        .iter()
+        .all(|c| READ_COMMANDS.contains(&c.args[0].as_str())));
+    eprintln!("xe calls: boot halted {boot}, steady {}", steady.len());
 }

@@ -87,6 +87,7 @@ fn scenario(ports: &[u8], power: PowerState) -> Scenario {
 fn mapping(port: u8, vm: &str, restart: bool) -> Mapping {
     Mapping {
         vm: vm.to_string(),
+        name: None,
         device: Some(format!("1-{port}")),
         start: false,
         restart,

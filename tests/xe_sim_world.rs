@@ -3,8 +3,8 @@
 //! power operations, pools. The fake `xe` binary keeps it across processes.
 
 use coral::sim::xapi::{
-    coral_bootloader_device, coral_ready_device, Fault, FaultKind, GuestShutdown, PowerState,
-    SimState, World, WorldConfig,
+    coral_bootloader_device, coral_ready_device, Fault, FaultKind, GuestShutdown, Outage,
+    OutageKind, PowerState, SimState, World, WorldConfig,
 };
 use std::time::Duration;
 
@@ -373,4 +373,297 @@ fn the_fake_xe_binary_keeps_the_world_and_follows_the_bus_file() {
         .output()
         .unwrap();
     assert_eq!(missing.status.code(), Some(2));
+}
+
+fn vm_field(w: &mut World, vm: &str, field: &str, at: u64) -> String {
+    let (_, out, _) = xe(
+        w,
+        &[
+            "vm-param-get",
+            &format!("uuid={vm}"),
+            &format!("param-name={field}"),
+        ],
+        at,
+    );
+    out.trim_end().to_string()
+}
+
+#[test]
+fn a_clean_shutdown_goes_on_inside_xapi_after_its_client_gave_up() {
+    let (mut w, host) = one_host();
+    w.config.shutdown_ms = 8_000;
+    let vm = w.add_vm("frigate", PowerState::Running, Some(&host));
+    // The client is killed at 3 s; xapi never notices.
+    let r = w.execute(&args(&["vm-shutdown", &format!("uuid={vm}")]), ms(0));
+    assert_eq!(r.duration, ms(150 + 8_000));
+    assert_eq!(vm_field(&mut w, &vm, "power-state", 3_000), "running");
+    assert_eq!(
+        vm_field(&mut w, &vm, "current-operations", 3_000),
+        "clean_shutdown"
+    );
+    let (status, _, err) = xe(&mut w, &["vm-shutdown", &format!("uuid={vm}")], 3_100);
+    assert_eq!(status, 1);
+    assert!(
+        err.starts_with("Another operation involving the object is currently in progress"),
+        "{err}"
+    );
+    let (status, _, _) = xe(&mut w, &["vm-start", &format!("uuid={vm}")], 3_200);
+    assert_eq!(status, 1, "nothing else meanwhile");
+    // Later the VM halts, and nobody starts it again.
+    assert_eq!(vm_field(&mut w, &vm, "power-state", 8_200), "halted");
+    assert_eq!(vm_field(&mut w, &vm, "current-operations", 8_200), "");
+
+    // A hard shutdown is allowed meanwhile and voids the clean one.
+    let (mut w, host) = one_host();
+    w.config.shutdown_ms = 8_000;
+    let vm = w.add_vm("frigate", PowerState::Running, Some(&host));
+    w.execute(&args(&["vm-shutdown", &format!("uuid={vm}")]), ms(0));
+    let (status, _, err) = xe(
+        &mut w,
+        &["vm-shutdown", &format!("uuid={vm}"), "force=true"],
+        3_000,
+    );
+    assert_eq!(status, 0, "{err}");
+    assert_eq!(vm_field(&mut w, &vm, "power-state", 3_200), "halted");
+    xe(&mut w, &["vm-start", &format!("uuid={vm}")], 4_000);
+    w.advance(ms(20_000));
+    let transitions: Vec<_> = w.power_history.iter().map(|e| (e.from, e.to)).collect();
+    assert_eq!(
+        transitions,
+        vec![
+            (PowerState::Running, PowerState::Halted),
+            (PowerState::Halted, PowerState::Running)
+        ],
+        "the voided clean shutdown never lands"
+    );
+
+    // A guest that never acknowledges: the operation shows until it fails.
+    let (mut w, host) = one_host();
+    let vm = w.add_vm("frigate", PowerState::Running, Some(&host));
+    w.vm_mut(&vm).unwrap().guest_shutdown = GuestShutdown::NeverAcknowledges;
+    w.execute(&args(&["vm-shutdown", &format!("uuid={vm}")]), ms(0));
+    assert_eq!(
+        vm_field(&mut w, &vm, "current-operations", 30_000),
+        "clean_shutdown"
+    );
+    assert_eq!(vm_field(&mut w, &vm, "current-operations", 61_000), "");
+    assert_eq!(vm_field(&mut w, &vm, "power-state", 61_000), "running");
+}
+
+#[test]
+fn a_slow_call_takes_effect_even_when_its_client_gives_up() {
+    let (mut w, host) = one_host();
+    let vm = w.add_vm("frigate", PowerState::Halted, None);
+    w.set_usb_devices(&host, vec![coral_ready_device("2-4")], ms(0));
+    w.scan_now(&host);
+    let group = w.groups[0].uuid.clone();
+    w.faults.push(Fault {
+        command: "vusb-create".into(),
+        nth: None,
+        kind: FaultKind::Slow { ms: 60_000 },
+    });
+    let r = w.execute(
+        &args(&[
+            "vusb-create",
+            &format!("usb-group-uuid={group}"),
+            &format!("vm-uuid={vm}"),
+        ]),
+        ms(0),
+    );
+    assert_eq!(r.duration, ms(150 + 60_000));
+    assert_eq!(w.vusbs.len(), 1);
+}
+
+#[test]
+fn xapi_down_then_starting_then_up() {
+    let (mut w, _) = one_host();
+    w.add_vm("frigate", PowerState::Halted, None);
+    w.outages.push(Outage {
+        from_ms: 0,
+        until_ms: 1_000,
+        kind: OutageKind::Refused,
+    });
+    w.outages.push(Outage {
+        from_ms: 1_000,
+        until_ms: 2_000,
+        kind: OutageKind::StillBooting,
+    });
+    let (status, out, err) = xe(&mut w, &["vm-list", "--minimal"], 500);
+    assert_eq!(
+        (status, out.as_str(), err.as_str()),
+        (1, "", "Error: Connection refused (calling connect )\n")
+    );
+    let (status, _, err) = xe(&mut w, &["vm-list", "--minimal"], 1_500);
+    assert_eq!(
+        (status, err.as_str()),
+        (
+            1,
+            "The host toolstack is still initialising. Please wait.\n"
+        )
+    );
+    let (status, out, _) = xe(&mut w, &["vm-list", "--minimal"], 2_000);
+    assert_eq!(status, 0);
+    assert!(!out.trim().is_empty());
+}
+
+#[test]
+fn arguments_are_split_at_newlines_so_a_name_with_one_cannot_travel() {
+    let (mut w, _) = one_host();
+    let a = w.add_vm("cam", PowerState::Halted, None);
+    let b = w.add_vm("other", PowerState::Halted, None);
+    w.add_vm("cam\nfrigate", PowerState::Halted, None);
+    let (status, _, err) = xe(
+        &mut w,
+        &["vm-list", "name-label=cam\nfrigate", "--minimal"],
+        0,
+    );
+    assert_eq!(
+        (status, err.as_str()),
+        (1, "Error: Unknown field 'frigate'\n")
+    );
+    // A value that smuggles a second filter becomes one.
+    let (status, out, _) = xe(
+        &mut w,
+        &[
+            "vm-list",
+            &format!("name-label=cam\nuuid={b}"),
+            "params=uuid",
+            "--minimal",
+        ],
+        0,
+    );
+    assert_eq!(status, 0);
+    assert_ne!(out.trim(), a);
+    // The human output is a line protocol: a name can fake a field.
+    let (_, out, _) = xe(
+        &mut w,
+        &["vm-list", "params=name-label,uuid", &format!("uuid={a}")],
+        0,
+    );
+    assert!(out.contains(&a));
+    w.vm_mut(&a).unwrap().name_label = format!("x\n    uuid ( RO): {b}");
+    let (_, out, _) = xe(
+        &mut w,
+        &["vm-list", "params=name-label", &format!("uuid={a}")],
+        0,
+    );
+    assert!(out.contains(&format!("uuid ( RO): {b}")), "{out}");
+}
+
+#[test]
+fn scans_run_in_order_and_commit_what_they_read_earlier() {
+    let (mut w, host) = one_host();
+    let vm = w.add_vm("frigate", PowerState::Halted, None);
+    // Before the power loss: the ready Coral, its PUSB and a VUSB.
+    w.set_usb_devices(&host, vec![coral_ready_device("2-4")], ms(0));
+    w.scan_now(&host);
+    w.pending_scans.clear();
+    let stale = w.pusbs[0].uuid.clone();
+    let group = w.pusbs[0].usb_group_uuid.clone();
+    xe(
+        &mut w,
+        &[
+            "vusb-create",
+            &format!("usb-group-uuid={group}"),
+            &format!("vm-uuid={vm}"),
+        ],
+        0,
+    );
+    // Boot: xapi's start-up scan read the bus while the Coral was a boot
+    // loader, and commits only at 3 s.
+    w.hosts[0].usb_devices = vec![coral_bootloader_device("1-4")];
+    w.queue_scan_that_saw(&host, vec![coral_bootloader_device("1-4")], 3_000);
+    // The Coral is back as 18d1:9302 at 1 s: udev's scan waits its turn.
+    w.set_usb_devices(&host, vec![coral_ready_device("2-4")], ms(1_000));
+    let list = |w: &mut World, at| {
+        xe(
+            w,
+            &["pusb-list", "product-id=9302", "params=uuid", "--minimal"],
+            at,
+        )
+        .1
+        .trim()
+        .to_string()
+    };
+    assert_eq!(
+        list(&mut w, 2_000),
+        stale,
+        "the stale record is still listed"
+    );
+    assert_eq!(w.vusbs.len(), 1);
+    assert_eq!(
+        list(&mut w, 3_100),
+        "",
+        "removed by the late scan, VUSB too"
+    );
+    assert!(w.vusbs.is_empty());
+    let fresh = list(&mut w, 3_600);
+    assert!(
+        !fresh.is_empty() && fresh != stale,
+        "a fresh record: {fresh}"
+    );
+
+    // A scan that reads the bus between the removal and the addition of a
+    // re-enumeration removes the records even though the device is back.
+    let (mut w, host) = one_host();
+    w.config.scan_read_ms = 100;
+    w.set_usb_devices(&host, vec![coral_ready_device("2-4")], ms(0));
+    w.scan_now(&host);
+    w.pending_scans.clear();
+    let before = w.pusbs[0].uuid.clone();
+    w.set_usb_devices(&host, vec![], ms(1_000));
+    w.set_usb_devices(&host, vec![coral_ready_device("2-4")], ms(1_200));
+    w.advance(ms(1_500));
+    assert!(w.pusbs.is_empty(), "the removal's scan committed");
+    w.advance(ms(2_000));
+    assert_eq!(w.pusbs.len(), 1);
+    assert_ne!(w.pusbs[0].uuid, before);
+}
+
+#[test]
+fn a_vm_with_vusbs_on_two_hosts_starts_nowhere() {
+    let mut w = World::new(WorldConfig::default());
+    let a = w.add_host("a");
+    let b = w.add_host("b");
+    let vm = w.add_vm("frigate", PowerState::Halted, None);
+    for h in [&a, &b] {
+        w.set_usb_devices(h, vec![coral_ready_device("2-4")], ms(0));
+        w.scan_now(h);
+    }
+    w.pending_scans.clear();
+    let groups: Vec<String> = w.pusbs.iter().map(|p| p.usb_group_uuid.clone()).collect();
+    xe(
+        &mut w,
+        &[
+            "vusb-create",
+            &format!("usb-group-uuid={}", groups[1]),
+            &format!("vm-uuid={vm}"),
+        ],
+        0,
+    );
+    let (status, _, _) = xe(&mut w, &["vm-start", &format!("uuid={vm}")], 0);
+    assert_eq!(status, 0, "one host holds every PUSB");
+    w.advance(ms(10_000));
+    assert_eq!(w.vm(&vm).unwrap().resident_on.as_deref(), Some(b.as_str()));
+    xe(
+        &mut w,
+        &["vm-shutdown", &format!("uuid={vm}"), "force=true"],
+        10_000,
+    );
+    xe(
+        &mut w,
+        &[
+            "vusb-create",
+            &format!("usb-group-uuid={}", groups[0]),
+            &format!("vm-uuid={vm}"),
+        ],
+        11_000,
+    );
+    let (status, out, err) = xe(&mut w, &["vm-start", &format!("uuid={vm}")], 11_000);
+    assert_eq!(status, 1);
+    assert!(
+        err.starts_with("There were no hosts available to complete the specified operation."),
+        "{err}"
+    );
+    assert_eq!(out.lines().count(), 2, "a per-host report first: {out}");
 }

@@ -159,7 +159,10 @@ fn settle() -> anyhow::Result<()> {
     state.save(&state_path)
 }
 
-/// Tell XAPI about a changed USB bus, as udev would.
+/// Tell XAPI about a changed USB bus, as udev would: the change happened
+/// when the bus file was written (its mtime). A device that changed identity
+/// re-enumerated: udev reported its removal first (some time between the
+/// previous call and the change) and its addition then, each with a scan.
 fn sync_bus(state: &mut SimState, bus: &Path, now: Duration) -> anyhow::Result<()> {
     let devices: Vec<SimUsbDevice> = match std::fs::read_to_string(bus) {
         Ok(text) if text.trim().is_empty() => Vec::new(),
@@ -176,9 +179,33 @@ fn sync_bus(state: &mut SimState, bus: &Path, now: Duration) -> anyhow::Result<(
             .map(|h| h.uuid.clone())
             .context("the simulated pool has no host")?,
     };
-    let current = state.world.host(&host_uuid).map(|h| h.usb_devices.clone());
-    if current.as_ref() != Some(&devices) {
-        state.world.set_usb_devices(&host_uuid, devices, now);
+    let Some(current) = state.world.host(&host_uuid).map(|h| h.usb_devices.clone()) else {
+        return Ok(());
+    };
+    if current == devices {
+        return Ok(());
     }
+    let last_ms = state.world.calls.last().map(|c| c.at_ms).unwrap_or(0);
+    let changed_ms = std::fs::metadata(bus)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|t| (t.as_millis() as u64).saturating_sub(state.origin_unix_ms))
+        .unwrap_or(now.as_millis() as u64)
+        .clamp(last_ms, now.as_millis() as u64);
+    let kept: Vec<SimUsbDevice> = current
+        .iter()
+        .filter(|d| devices.contains(d))
+        .cloned()
+        .collect();
+    if kept.len() < current.len() && kept.len() < devices.len() {
+        let removed_ms = last_ms + (changed_ms - last_ms) / 2;
+        state
+            .world
+            .set_usb_devices(&host_uuid, kept, Duration::from_millis(removed_ms));
+    }
+    state
+        .world
+        .set_usb_devices(&host_uuid, devices, Duration::from_millis(changed_ms));
     Ok(())
 }

@@ -1,17 +1,31 @@
 //! `coral attach`: make XAPI pass the ready Coral on this host through to a
 //! VM. XAPI attaches USB only when a VM starts, so a running VM gets the
 //! Coral at its next start — now, with `--restart` (one clean restart).
+//!
+//! Everything is read first ([`read_plan`]), every precondition the reads
+//! reveal is checked, and only then is anything written. An `xe` call that
+//! outlives its deadline is followed to its end inside xapi before the
+//! procedure acts on the outcome.
 
-use super::xapi_common::{ready_coral, resolve_vm, wait_for_pusb};
+use super::xapi_common::{pusb_at, ready_coral, resolve_vm, wait_for_pusb, xe_fail, Vm};
 use crate::clock::Clock;
 use crate::error::{fail, FailureKind};
 use crate::usb::UsbBus;
-use crate::xe::client::{VmInfo, XeClient, CALL_TIMEOUT};
+use crate::xe::client::{PowerState, PusbInfo, VmInfo, VusbInfo, XeClient, CALL_TIMEOUT};
+use crate::xe::{short, XeError};
 use std::fmt;
 use std::time::Duration;
 
 /// Most VUSBs XAPI allows per VM.
 pub const MAX_VUSBS_PER_VM: usize = 6;
+/// How long an operation whose `xe` gave up is followed inside xapi (longer
+/// than xapi's own 60 s for a guest that never acknowledges a shutdown).
+pub const FOLLOW_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often a followed operation is looked at.
+const FOLLOW_POLL: Duration = Duration::from_secs(1);
+/// Times the attach is redone when a scan replaced the Coral's records
+/// under it (each time the Coral re-enumerated again).
+const SETTLE_ATTEMPTS: usize = 3;
 
 /// What `attach` should do.
 #[derive(Clone, Debug)]
@@ -58,6 +72,77 @@ impl fmt::Display for AttachReport {
     }
 }
 
+/// What the reads before any write found: the VM, its VUSBs, the pool's
+/// PUSBs. Every check that needs no Coral record has passed.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The VM.
+    pub vm: Vm,
+    /// Its VUSBs.
+    pub vm_vusbs: Vec<VusbInfo>,
+    /// Every PUSB of the pool, as listed then.
+    pub pusbs: Vec<PusbInfo>,
+}
+
+/// Resolve the VM and read what the attach depends on; refuse now what
+/// cannot work (paused or suspended VM, an operation in progress on it, a
+/// VUSB on another host's device).
+pub fn read_plan(xe: &XeClient, spec: &str) -> anyhow::Result<Plan> {
+    let vm = resolve_vm(xe, spec)?;
+    let label = &vm.label;
+    if matches!(
+        vm.info.power_state,
+        PowerState::Paused | PowerState::Suspended
+    ) {
+        return Err(fail(
+            FailureKind::Vm,
+            format!(
+                "{label} is {}; XAPI cannot pass USB to it: resume it or shut it down, then rerun",
+                vm.info.power_state
+            ),
+        ));
+    }
+    if !vm.info.current_operations.is_empty() {
+        return Err(fail(
+            FailureKind::Vm,
+            format!(
+                "{label} is busy ({} in progress in XAPI); rerun when it has finished (`xe vm-param-get uuid={} param-name=current-operations`)",
+                vm.info.current_operations.join(", "),
+                vm.uuid()
+            ),
+        ));
+    }
+    let vm_vusbs = xe
+        .vusbs_of_vm(vm.uuid())
+        .map_err(|e| xe_fail("listing the VM's VUSBs", e))?;
+    let pusbs = xe
+        .pusbs()
+        .map_err(|e| xe_fail("listing the pool's USB devices", e))?;
+    for vusb in &vm_vusbs {
+        let Some(pusb) = pusbs.iter().find(|p| p.group == vusb.group) else {
+            continue;
+        };
+        if pusb.host != xe.host_uuid() {
+            let host_name = xe
+                .param("host", &pusb.host, "name-label")
+                .map(|n| format!("'{}' ", n.escape_debug()))
+                .unwrap_or_default();
+            return Err(fail(
+                FailureKind::Vm,
+                format!(
+                    "{label} already has VUSB {} on the USB device at {} of host {host_name}({}); a VM starts only on the host holding all its USB devices, so a second one here would keep it from starting (NO_HOSTS_AVAILABLE): run coral on that host, or remove that VUSB first (`xe vusb-destroy uuid={}`)",
+                    vusb.uuid, pusb.path, pusb.host, vusb.uuid
+                ),
+            ));
+        }
+    }
+    Ok(Plan {
+        vm,
+        vm_vusbs,
+        pusbs,
+    })
+}
+
 /// Attach the ready Coral on this host to `opts.vm`.
 pub fn attach(
     usb: &dyn UsbBus,
@@ -65,206 +150,483 @@ pub fn attach(
     clock: &dyn Clock,
     opts: &AttachOptions,
 ) -> anyhow::Result<AttachReport> {
-    let mut report = AttachReport::default();
     let coral = ready_coral(usb, opts.device.as_deref())?;
-    let vm = resolve_vm(xe, &opts.vm)?;
-    let label = format!("VM '{}'", vm.name);
-    if vm.power_state == "paused" || vm.power_state == "suspended" {
-        return Err(fail(
-            FailureKind::Vm,
-            format!(
-                "{label} is {}; XAPI cannot pass USB to it: resume it or shut it down, then rerun",
-                vm.power_state
-            ),
-        ));
-    }
+    let plan = read_plan(xe, &opts.vm)?;
+    attach_planned(xe, clock, opts, &plan, &coral.path.to_string(), None)
+}
 
-    let Some(pusb) = wait_for_pusb(xe, clock, &coral, opts.scan_timeout)? else {
-        report.say(format!(
-            "dry run: would wait for XAPI to list the Coral at {}, then attach it to {label}",
-            coral.path
-        ));
-        return Ok(report);
-    };
-    let vusbs = xe.vusbs_of_group(&pusb.group)?;
-    if let Some(other) = vusbs.iter().find(|v| v.vm_uuid != vm.uuid) {
-        return Err(fail(
-            FailureKind::Vm,
-            format!(
-                "the Coral at {} is already passed through to VM '{}' ({}); run `coral detach --vm {}` first",
-                coral.path, other.vm_name, other.vm_uuid, other.vm_uuid
-            ),
-        ));
-    }
-    let existing = vusbs.first();
-    if vm.power_state == "running" && existing.is_some_and(|v| v.attached) {
-        report.say(format!(
-            "the Coral at {} is attached to running {label}; nothing to do",
-            coral.path
-        ));
-        return Ok(report);
-    }
-
-    if !pusb.passthrough {
-        xe.enable_passthrough(&pusb.uuid)?;
-        report.changed = true;
-        report.say(format!(
-            "{} passthrough of the Coral at {} (PUSB {})",
-            verb(xe, "enabled", "would enable"),
-            coral.path,
-            short(&pusb.uuid)
-        ));
-    }
-    let created = match existing {
-        Some(vusb) => {
-            report.say(format!(
-                "{label} already has the Coral's VUSB {}",
-                short(&vusb.uuid)
-            ));
+/// The attach once the Coral is ready at `path`. `reenumerated`: this run
+/// reset the Coral, and these PUSB uuids were listed before the reset (not
+/// to be trusted: a scan that read the bus before the reset may still
+/// delete them); the records used must come from a scan after the reset,
+/// and are checked again after the writes.
+pub fn attach_planned(
+    xe: &XeClient,
+    clock: &dyn Clock,
+    opts: &AttachOptions,
+    plan: &Plan,
+    path: &str,
+    reenumerated: Option<Vec<String>>,
+) -> anyhow::Result<AttachReport> {
+    let mut report = AttachReport::default();
+    let vm = &plan.vm;
+    let label = vm.label.as_str();
+    let mut distrust = reenumerated.clone().unwrap_or_default();
+    let mut attempt = 0;
+    let (vusb, created) = loop {
+        attempt += 1;
+        let listed = if reenumerated.is_some() {
             None
+        } else {
+            pusb_at(&plan.pusbs, xe.host_uuid(), path, &distrust).cloned()
+        };
+        let pusb = match listed {
+            Some(pusb) => pusb,
+            None => {
+                let after_reset = reenumerated.is_some();
+                match wait_for_pusb(xe, clock, path, &distrust, after_reset, opts.scan_timeout)? {
+                    Some(pusb) => pusb,
+                    None => {
+                        report.say(format!(
+                            "dry run: would wait for XAPI to list the Coral at {path}, then attach it to {label}"
+                        ));
+                        return Ok(report);
+                    }
+                }
+            }
+        };
+        let holders = group_holders(xe, plan, &pusb)?;
+        if let Some(other) = holders.iter().find(|v| v.vm_uuid != vm.uuid()) {
+            let name = xe
+                .param("vm", &other.vm_uuid, "name-label")
+                .map(|n| format!("'{}' ", n.escape_debug()))
+                .unwrap_or_default();
+            return Err(fail(
+                FailureKind::Vm,
+                format!(
+                    "the Coral at {path} is already passed through to VM {name}({}); run `coral detach --vm {}` first",
+                    other.vm_uuid, other.vm_uuid
+                ),
+            ));
         }
-        None => {
-            check_vusb_limits(xe, &vm, &label)?;
-            let uuid = xe.vusb_create(&pusb.group, &vm.uuid)?;
+        let existing = holders.into_iter().find(|v| v.vm_uuid == vm.uuid());
+        if vm.info.power_state == PowerState::Running
+            && existing.as_ref().is_some_and(|v| v.attached)
+        {
+            report.say(format!(
+                "the Coral at {path} is attached to running {label}; nothing to do"
+            ));
+            return Ok(report);
+        }
+        if existing.is_none() {
+            check_vusb_limits(plan)?;
+        }
+
+        // Every known precondition has passed: write.
+        if !pusb.passthrough {
+            xe.enable_passthrough(&pusb.uuid)
+                .map_err(|e| xe_fail("enabling passthrough", e))?;
             report.changed = true;
             report.say(format!(
-                "{} VUSB {} linking the Coral at {} to {label}",
-                verb(xe, "created", "would create"),
-                short(&uuid),
-                coral.path
+                "{} passthrough of the Coral at {path} (PUSB {})",
+                verb(xe, "enabled", "would enable"),
+                short(&pusb.uuid)
             ));
-            Some(uuid)
+        }
+        let (vusb, created) = match existing {
+            Some(vusb) => {
+                report.say(format!(
+                    "{label} already has the Coral's VUSB {}",
+                    short(&vusb.uuid)
+                ));
+                (vusb.uuid, false)
+            }
+            None => {
+                let uuid = create_vusb(xe, clock, &pusb.group, vm.uuid())?;
+                report.changed = true;
+                report.say(format!(
+                    "{} VUSB {} linking the Coral at {path} to {label}",
+                    verb(xe, "created", "would create"),
+                    short(&uuid)
+                ));
+                (uuid, true)
+            }
+        };
+        if reenumerated.is_none() || xe.dry_run() || still_linked(xe, &pusb, &vusb)? {
+            break (vusb, created);
+        }
+        // A scan that read the bus earlier replaced the Coral's records.
+        log::warn!(
+            "XAPI replaced the Coral's records at {path} under this run (a late USB scan); attaching again"
+        );
+        distrust.push(pusb.uuid.clone());
+        if attempt >= SETTLE_ATTEMPTS {
+            return Err(fail(
+                FailureKind::Timeout,
+                format!(
+                    "XAPI kept replacing the Coral's records at {path} (the device keeps re-enumerating?); {label} does not have the Coral; check `dmesg` and rerun"
+                ),
+            ));
         }
     };
 
-    match vm.power_state.as_str() {
-        "halted" if opts.start => {
-            if let Err(err) = xe.vm_start(&vm.uuid) {
-                roll_back(xe, created.as_deref());
-                return Err(err.context(format!(
-                    "starting {label} with the Coral failed; it stays halted"
-                )));
-            }
+    match vm.info.power_state {
+        PowerState::Halted if opts.start => {
+            start_with_coral(xe, clock, vm, &vusb, created, false)?;
+            report.changed = true;
             report.say(format!(
                 "{} {label}; it has the Coral",
                 verb(xe, "started", "would start")
             ));
         }
-        "halted" => report.say(format!(
+        PowerState::Halted => report.say(format!(
             "{label} is halted; it gets the Coral when it starts (or pass --start)"
         )),
         _ if opts.restart => {
-            let vusb = created.clone().or_else(|| existing.map(|v| v.uuid.clone()));
-            restart_with_coral(xe, &vm, &label, created.as_deref(), vusb.as_deref(), opts)?;
+            restart_with_coral(xe, clock, vm, &vusb, created, opts, &mut report)?;
             report.changed = true;
             report.restarted = !xe.dry_run();
             report.say(format!(
-                "{} {label} once (clean shutdown, start); it has the Coral",
-                verb(xe, "restarted", "would restart")
+                "{} {label} once (clean shutdown, start){}; it has the Coral",
+                verb(xe, "restarted", "would restart"),
+                elsewhere(xe, &vm.info, " on this host, where the Coral is")
             ));
         }
         _ => {
             report.pending_restart = true;
             report.say(format!(
-            "{label} is running; XAPI attaches USB only at VM start, so the Coral arrives at its next start (restart now: `coral attach --vm {} --restart`)",
-            vm.uuid
-        ))
+                "{label} is running{}; XAPI attaches USB only at VM start, so the Coral arrives at its next start{} (restart now: `coral attach --vm {} --restart`)",
+                elsewhere(xe, &vm.info, " on another host"),
+                elsewhere(xe, &vm.info, ", on this host"),
+                vm.uuid()
+            ))
         }
     }
     Ok(report)
 }
 
-/// XAPI's VUSB limits, checked before calling so the error is clear.
-fn check_vusb_limits(xe: &XeClient, vm: &VmInfo, label: &str) -> anyhow::Result<()> {
-    if vm.ha_restart_priority == "restart" {
+/// `text` when the VM runs on another host than this one.
+fn elsewhere<'t>(xe: &XeClient, vm: &VmInfo, text: &'t str) -> &'t str {
+    match &vm.resident_on {
+        Some(host) if host != xe.host_uuid() => text,
+        _ => "",
+    }
+}
+
+/// The VUSBs on the Coral's group: none on a group XAPI created after the
+/// reads (fresh), the VM's own when it has one there, else asked.
+fn group_holders(xe: &XeClient, plan: &Plan, pusb: &PusbInfo) -> anyhow::Result<Vec<VusbInfo>> {
+    let own: Vec<VusbInfo> = plan
+        .vm_vusbs
+        .iter()
+        .filter(|v| v.group == pusb.group)
+        .cloned()
+        .collect();
+    if !own.is_empty() {
+        return Ok(own);
+    }
+    if !plan.pusbs.iter().any(|p| p.uuid == pusb.uuid) {
+        return Ok(Vec::new());
+    }
+    xe.vusbs_of_group(&pusb.group)
+        .map_err(|e| xe_fail("listing the Coral's VUSBs", e))
+}
+
+/// The group still holds this PUSB and the VUSB (no scan replaced them).
+fn still_linked(xe: &XeClient, pusb: &PusbInfo, vusb: &str) -> anyhow::Result<bool> {
+    let members = xe
+        .group_members(&pusb.group)
+        .map_err(|e| xe_fail("checking the Coral's USB group", e))?;
+    Ok(members.is_some_and(|(pusbs, vusbs)| {
+        pusbs.contains(&pusb.uuid) && vusbs.iter().any(|v| v == vusb)
+    }))
+}
+
+/// XAPI's VUSB limits, checked before any write so the error is clear.
+fn check_vusb_limits(plan: &Plan) -> anyhow::Result<()> {
+    let label = &plan.vm.label;
+    if plan.vm.info.ha_restart_priority == "restart" {
         return Err(fail(
             FailureKind::Vm,
             format!("{label} is protected by HA (restart priority 'restart'), which XAPI forbids with USB passthrough; change its HA priority first"),
         ));
     }
-    let count = xe.vusb_count_of_vm(&vm.uuid)?;
+    let count = plan.vm_vusbs.len();
     if count >= MAX_VUSBS_PER_VM {
         return Err(fail(
             FailureKind::Vm,
-            format!("{label} already has {count} VUSBs, XAPI's limit; remove one (`xe vusb-list vm-uuid={}`)", vm.uuid),
+            format!("{label} already has {count} VUSBs, XAPI's limit; remove one (`xe vusb-list vm-uuid={}`)", plan.vm.uuid()),
         ));
     }
     Ok(())
 }
 
-/// Clean shutdown (never forced unless asked), then start. From the moment
-/// the VM is down it is started again whatever fails: without the Coral if
-/// the start with it fails.
-fn restart_with_coral(
+/// Create the VUSB. When `vusb-create` outlives its deadline, xapi may still
+/// create it: look for it (bounded) and adopt it, or say it may appear.
+fn create_vusb(
     xe: &XeClient,
-    vm: &VmInfo,
-    label: &str,
-    created: Option<&str>,
-    vusb: Option<&str>,
+    clock: &dyn Clock,
+    group: &str,
+    vm_uuid: &str,
+) -> anyhow::Result<String> {
+    let err = match xe.vusb_create(group, vm_uuid) {
+        Ok(uuid) => return Ok(uuid),
+        Err(err) if err.is_timeout() => err,
+        Err(err) => return Err(xe_fail("creating the VUSB", err)),
+    };
+    log::warn!("{err}; looking for the VUSB in XAPI");
+    let found = crate::clock::poll_until(clock, FOLLOW_TIMEOUT, FOLLOW_POLL, || {
+        xe.vusbs_of_group(group)
+            .map(|v| v.into_iter().find(|v| v.vm_uuid == vm_uuid))
+    })
+    .map_err(|e| xe_fail("looking for the VUSB", e))?;
+    match found {
+        Some(vusb) => {
+            log::info!("xapi created VUSB {} after all", short(&vusb.uuid));
+            Ok(vusb.uuid)
+        }
+        None => Err(fail(
+            FailureKind::Xapi,
+            format!(
+                "creating the VUSB: {err}; XAPI listed none within {} s but may still create it: `xe vusb-list usb-group-uuid={group}` shows it, and a rerun adopts it",
+                FOLLOW_TIMEOUT.as_secs()
+            ),
+        )),
+    }
+}
+
+/// How a followed operation ended.
+struct Followed {
+    state: PowerState,
+    /// Still running inside xapi after [`FOLLOW_TIMEOUT`].
+    pending: bool,
+}
+
+/// Follow a VM's operations inside xapi until none is left, bounded.
+fn follow(xe: &XeClient, clock: &dyn Clock, vm: &str) -> anyhow::Result<Followed> {
+    let mut last = None;
+    let done = crate::clock::poll_until(clock, FOLLOW_TIMEOUT, FOLLOW_POLL, || {
+        let info = xe.vm(vm)?;
+        let idle = info
+            .as_ref()
+            .is_none_or(|i| i.current_operations.is_empty());
+        last = info.clone();
+        Ok::<_, XeError>(idle.then_some(()))
+    })
+    .map_err(|e| xe_fail("following the VM's operation in XAPI", e))?;
+    let state = last.map(|i| i.power_state).unwrap_or(PowerState::Halted);
+    Ok(Followed {
+        state,
+        pending: done.is_none(),
+    })
+}
+
+/// Why a shutdown did not bring the VM down.
+enum NotDown {
+    /// It is still running and xapi is not shutting it down.
+    Running(String),
+    /// xapi is still running a clean shutdown that cannot be cancelled.
+    StillShuttingDown(String),
+}
+
+/// Clean shutdown (hard only with `--force-shutdown`, once the clean one
+/// failed or outlived its deadline). Ok once the VM is halted.
+fn shut_down(
+    xe: &XeClient,
+    clock: &dyn Clock,
+    vm: &Vm,
     opts: &AttachOptions,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Result<(), NotDown>> {
     log::info!(
-        "shutting {label} down cleanly (up to {} s)",
+        "shutting {} down cleanly (up to {} s)",
+        vm.label,
         opts.shutdown_timeout.as_secs()
     );
-    if let Err(clean) = xe.vm_shutdown(&vm.uuid, false, opts.shutdown_timeout) {
-        let state = xe.power_state(&vm.uuid)?;
-        if state != "halted" {
-            if !opts.force_shutdown {
-                roll_back(xe, created);
-                return Err(fail(
-                    FailureKind::Vm,
-                    format!(
-                        "{label} did not shut down cleanly ({clean}); it is still {state} and unchanged; retry with a longer --shutdown-timeout, or --force-shutdown"
-                    ),
-                ));
-            }
-            log::warn!("{label} did not shut down cleanly; forcing it off (--force-shutdown)");
-            if let Err(forced) = xe.vm_shutdown(&vm.uuid, true, CALL_TIMEOUT) {
-                roll_back(xe, created);
-                return Err(fail(
-                    FailureKind::Vm,
-                    format!("{label} could not be shut down ({forced}); it is still {state}"),
-                ));
+    let clean = match xe.vm_shutdown(vm.uuid(), false, opts.shutdown_timeout) {
+        Ok(()) => return Ok(Ok(())),
+        Err(err) => err,
+    };
+    if clean.api_code() == Some("OTHER_OPERATION_IN_PROGRESS") {
+        return Ok(Err(NotDown::Running(format!(
+            "another operation on it is in progress ({clean})"
+        ))));
+    }
+    if clean.is_timeout() && !opts.force_shutdown {
+        log::warn!(
+            "{} did not shut down within --shutdown-timeout; xapi goes on with the clean shutdown, following it (up to {} s)",
+            vm.label,
+            FOLLOW_TIMEOUT.as_secs()
+        );
+        let followed = follow(xe, clock, vm.uuid())?;
+        return Ok(match followed {
+            Followed {
+                state: PowerState::Halted,
+                ..
+            } => Ok(()),
+            Followed { pending: true, .. } => Err(NotDown::StillShuttingDown(clean.to_string())),
+            _ => Err(NotDown::Running(format!(
+                "{clean}; the clean shutdown then failed inside XAPI"
+            ))),
+        });
+    }
+    if !clean.is_timeout() {
+        let now = xe
+            .vm(vm.uuid())
+            .map_err(|e| xe_fail("reading the VM's power state", e))?;
+        if now
+            .as_ref()
+            .is_some_and(|i| i.power_state == PowerState::Halted)
+        {
+            return Ok(Ok(()));
+        }
+        if !opts.force_shutdown {
+            return Ok(Err(NotDown::Running(clean.to_string())));
+        }
+    }
+    log::warn!(
+        "{} did not shut down cleanly ({clean}); forcing it off (--force-shutdown)",
+        vm.label
+    );
+    match xe.vm_shutdown(vm.uuid(), true, CALL_TIMEOUT) {
+        Ok(()) => Ok(Ok(())),
+        Err(forced) => {
+            let followed = follow(xe, clock, vm.uuid())?;
+            if followed.state == PowerState::Halted {
+                Ok(Ok(()))
+            } else {
+                Ok(Err(NotDown::Running(format!(
+                    "{clean}; the hard shutdown failed too: {forced}"
+                ))))
             }
         }
     }
-    if let Err(with_coral) = xe.vm_start(&vm.uuid) {
-        log::warn!("starting {label} with the Coral failed; starting it without the Coral");
-        if let Some(vusb) = vusb {
-            if let Err(err) = xe.vusb_destroy(vusb) {
-                log::warn!("could not remove the Coral's VUSB {vusb}: {err:#}");
+}
+
+/// Shut down (see [`shut_down`]), then start with the Coral. From the
+/// moment the VM is down it is started again whatever fails.
+fn restart_with_coral(
+    xe: &XeClient,
+    clock: &dyn Clock,
+    vm: &Vm,
+    vusb: &str,
+    created: bool,
+    opts: &AttachOptions,
+    report: &mut AttachReport,
+) -> anyhow::Result<()> {
+    let label = &vm.label;
+    match shut_down(xe, clock, vm, opts)? {
+        Ok(()) => {}
+        Err(NotDown::Running(why)) => {
+            if created {
+                roll_back(xe, vusb);
             }
+            return Err(fail(
+                FailureKind::Vm,
+                format!(
+                    "{label} did not shut down cleanly ({why}); it is still running and unchanged; retry with a longer --shutdown-timeout, or --force-shutdown"
+                ),
+            ));
         }
-        return match xe.vm_start(&vm.uuid) {
-            Ok(()) => Err(with_coral.context(format!(
-                "{label} would not start with the Coral, so it was started again without it; check `xe vm-start` errors and dmesg, then rerun"
-            ))),
-            Err(again) => Err(again.context(format!(
-                "{label} is DOWN: it would not start with the Coral nor without it; start it by hand: `xe vm-start uuid={}`",
-                vm.uuid
-            ))),
-        };
+        Err(NotDown::StillShuttingDown(why)) => {
+            report.say(format!("kept VUSB {} for {label}", short(vusb)));
+            return Err(fail(
+                FailureKind::Vm,
+                format!(
+                    "{label} did not finish its clean shutdown ({why}) and XAPI is still shutting it down after {} s more (a clean shutdown cannot be cancelled): if it halts, it stays DOWN until started: `xe vm-start uuid={}` (its VUSB {} is kept, so it then has the Coral); `coral attach --vm {} --restart --force-shutdown` powers it off now instead",
+                    FOLLOW_TIMEOUT.as_secs(),
+                    vm.uuid(),
+                    short(vusb),
+                    vm.uuid()
+                ),
+            ));
+        }
     }
-    Ok(())
+    start_with_coral(xe, clock, vm, vusb, created, true)
+}
+
+/// Start the VM; a start whose `xe` gave up is followed to its end.
+fn start(xe: &XeClient, clock: &dyn Clock, vm: &str) -> anyhow::Result<Result<(), XeError>> {
+    match xe.vm_start(vm) {
+        Ok(()) => Ok(Ok(())),
+        Err(err) if err.is_timeout() => {
+            let followed = follow(xe, clock, vm)?;
+            Ok(if followed.state == PowerState::Running {
+                Ok(())
+            } else {
+                Err(err)
+            })
+        }
+        Err(err) => Ok(Err(err)),
+    }
+}
+
+/// Start with the Coral, retrying once (a transient failure must not lose
+/// the Coral). If it still fails: a VM that was running is started without
+/// the Coral (its VUSB removed, and the error says how to restore it); a VM
+/// that was halted stays halted.
+fn start_with_coral(
+    xe: &XeClient,
+    clock: &dyn Clock,
+    vm: &Vm,
+    vusb: &str,
+    created: bool,
+    was_running: bool,
+) -> anyhow::Result<()> {
+    let label = &vm.label;
+    let first = match start(xe, clock, vm.uuid())? {
+        Ok(()) => return Ok(()),
+        Err(err) => err,
+    };
+    log::warn!("starting {label} with the Coral failed ({first}); trying once more");
+    let again = match start(xe, clock, vm.uuid())? {
+        Ok(()) => {
+            log::info!("{label} started with the Coral at the second try");
+            return Ok(());
+        }
+        Err(err) => err,
+    };
+    if !was_running {
+        if created {
+            roll_back(xe, vusb);
+        }
+        return Err(fail(
+            FailureKind::Xapi,
+            format!(
+                "starting {label} with the Coral failed twice ({again}); it stays halted{}; check `xe vm-start uuid={}` errors and dmesg, then rerun",
+                if created { "" } else { " with its VUSB" },
+                vm.uuid()
+            ),
+        ));
+    }
+    log::warn!("starting {label} without the Coral, so that it runs again");
+    if let Err(err) = xe.vusb_destroy(vusb) {
+        log::warn!("could not remove the Coral's VUSB {vusb}: {err}");
+    }
+    match start(xe, clock, vm.uuid())? {
+        Ok(()) => Err(fail(
+            FailureKind::Xapi,
+            format!(
+                "{label} would not start with the Coral ({again}), so it was started again without it and its VUSB {} was removed; once the cause is fixed (`xe vm-start` errors, dmesg), restore the passthrough: `coral attach --vm {} --restart`",
+                short(vusb),
+                vm.uuid()
+            ),
+        )),
+        Err(down) => Err(fail(
+            FailureKind::Vm,
+            format!(
+                "{label} is DOWN: it would not start with the Coral ({again}) nor without it ({down}); start it by hand: `xe vm-start uuid={}`",
+                vm.uuid()
+            ),
+        )),
+    }
 }
 
 /// Destroy the VUSB this run created, so a failed run leaves nothing behind.
-fn roll_back(xe: &XeClient, created: Option<&str>) {
-    if let Some(uuid) = created {
-        match xe.vusb_destroy(uuid) {
-            Ok(()) => log::info!("rolled back: destroyed VUSB {}", short(uuid)),
-            Err(err) => log::warn!("could not destroy VUSB {uuid} created by this run: {err:#}"),
-        }
+fn roll_back(xe: &XeClient, uuid: &str) {
+    match xe.vusb_destroy(uuid) {
+        Ok(()) => log::info!("rolled back: destroyed VUSB {}", short(uuid)),
+        Err(err) => log::warn!("could not destroy VUSB {uuid} created by this run: {err}"),
     }
-}
-
-/// The first 8 characters of a uuid, for messages (placeholders whole).
-pub fn short(uuid: &str) -> &str {
-    if uuid.starts_with('<') {
-        return uuid;
-    }
-    uuid.get(..8).unwrap_or(uuid)
 }
 
 /// What was done, or in a dry run what would be.

@@ -185,7 +185,7 @@ fn wait_for_xapi(
     let answered = poll_until(clock, timeout, XAPI_POLL_INTERVAL, || {
         match xe.find_vms(&entry.vm_uuid) {
             Ok(_) => Ok(Some(())),
-            Err(err) if is_xapi_failure(&err) => {
+            Err(err) if err.is_unavailable() => {
                 if last.is_none() {
                     log::info!(
                         "boot: waiting up to {} s for xapi ({err:#})",
@@ -195,7 +195,7 @@ fn wait_for_xapi(
                 last = Some(err);
                 Ok(None)
             }
-            Err(err) => Err(err),
+            Err(err) => Err(crate::ops::xapi_common::xe_fail("asking xapi at boot", err)),
         }
     })?;
     match (answered, last) {
@@ -212,12 +212,6 @@ fn wait_for_xapi(
             "no time was left to ask xapi at boot; run `coral up`",
         )),
     }
-}
-
-fn is_xapi_failure(err: &anyhow::Error) -> bool {
-    err.chain()
-        .find_map(|c| c.downcast_ref::<Failure>())
-        .is_some_and(|f| f.kind == FailureKind::Xapi)
 }
 
 /// Poll until every entry's Coral is on USB (any Coral for an entry without

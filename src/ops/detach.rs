@@ -1,9 +1,9 @@
 //! `coral detach`: unplug (running VM) and destroy the Coral's VUSB.
 
-use super::attach::short;
-use super::xapi_common::{find_pusb, ready_coral, resolve_vm};
+use super::xapi_common::{pusb_at, ready_coral, resolve_vm, xe_fail};
 use crate::usb::UsbBus;
 use crate::xe::client::XeClient;
+use crate::xe::short;
 
 /// What `detach` should do.
 #[derive(Clone, Debug)]
@@ -18,29 +18,34 @@ pub struct DetachOptions {
 pub fn detach(usb: &dyn UsbBus, xe: &XeClient, opts: &DetachOptions) -> anyhow::Result<String> {
     let coral = ready_coral(usb, opts.device.as_deref())?;
     let vm = resolve_vm(xe, &opts.vm)?;
-    let label = format!("VM '{}'", vm.name);
-    let Some(pusb) = find_pusb(xe, &coral)? else {
+    let label = &vm.label;
+    let path = coral.path.to_string();
+    let pusbs = xe
+        .ready_pusbs()
+        .map_err(|e| xe_fail("listing this host's Corals in XAPI", e))?;
+    let Some(pusb) = pusb_at(&pusbs, xe.host_uuid(), &path, &[]) else {
         return Ok(format!(
-            "XAPI lists no Coral at {}; nothing to detach from {label}",
-            coral.path
+            "XAPI lists no Coral at {path}; nothing to detach from {label}"
         ));
     };
-    let vusbs = xe.vusbs_of_group(&pusb.group)?;
-    let Some(vusb) = vusbs.iter().find(|v| v.vm_uuid == vm.uuid) else {
+    let vusbs = xe
+        .vusbs_of_group(&pusb.group)
+        .map_err(|e| xe_fail("listing the Coral's VUSBs", e))?;
+    let Some(vusb) = vusbs.iter().find(|v| v.vm_uuid == vm.uuid()) else {
         return Ok(format!(
-            "the Coral at {} is not passed through to {label}; nothing to do",
-            coral.path
+            "the Coral at {path} is not passed through to {label}; nothing to do"
         ));
     };
     if vusb.attached {
-        xe.vusb_unplug(&vusb.uuid)?;
+        xe.vusb_unplug(&vusb.uuid)
+            .map_err(|e| xe_fail("unplugging the VUSB", e))?;
         log::info!("unplugged the Coral from running {label}");
     }
-    xe.vusb_destroy(&vusb.uuid)?;
+    xe.vusb_destroy(&vusb.uuid)
+        .map_err(|e| xe_fail("destroying the VUSB", e))?;
     let line = format!(
-        "removed VUSB {} : the Coral at {} is no longer passed through to {label}",
+        "removed VUSB {} : the Coral at {path} is no longer passed through to {label}",
         short(&vusb.uuid),
-        coral.path
     );
     log::info!("{line}");
     Ok(line)

@@ -570,7 +570,7 @@ fn check_vms(checks: &mut Checks, runner: &dyn XeRunner, xe: &XeClient, config: 
             );
             continue;
         }
-        match xe.vusb_count_of_vm(&vm.uuid) {
+        match xe.vusbs_of_vm(&vm.uuid).map(|vusbs| vusbs.len()) {
             Ok(n) if n >= MAX_VUSBS_PER_VM => checks.fail(
                 &name,
                 format!("{}: {n} VUSBs, XAPI's limit is {MAX_VUSBS_PER_VM}", entry.label()),

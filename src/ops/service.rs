@@ -317,18 +317,24 @@ pub fn resolve_entry(xe: &XeClient, request: &InstallRequest) -> anyhow::Result<
             .map_err(|e| fail(FailureKind::NoCoral, format!("--device {device:?}: {e}")))?;
     }
     let vm = resolve_vm(xe, &request.vm)?;
-    if vm.ha_restart_priority == "restart" {
+    if vm.info.ha_restart_priority == "restart" {
         return Err(fail(
             FailureKind::Vm,
             format!(
-                "VM '{}' is protected by HA (restart priority 'restart'), which XAPI forbids with USB passthrough; change its HA priority first",
-                vm.name
+                "{} is protected by HA (restart priority 'restart'), which XAPI forbids with USB passthrough; change its HA priority first",
+                vm.label
             ),
         ));
     }
+    // The name, for people: as given, or read by uuid (never parsed from a listing).
+    let vm_name = if vm.uuid() == request.vm {
+        xe.param("vm", vm.uuid(), "name-label").unwrap_or_default()
+    } else {
+        request.vm.clone()
+    };
     Ok(Entry {
-        vm_uuid: vm.uuid,
-        vm_name: vm.name,
+        vm_uuid: vm.uuid().to_string(),
+        vm_name,
         device: request.device.clone(),
         start: request.start,
         restart: request.restart,

@@ -1,8 +1,8 @@
 //! `coral status`: per Coral, its USB state and its XAPI objects.
 
-use super::attach::short;
-use crate::usb::UsbBus;
-use crate::xe::client::XeClient;
+use crate::usb::{CoralState, UsbBus};
+use crate::xe::client::{PowerState, XeClient};
+use crate::xe::{short, XeError};
 use serde::Serialize;
 use std::fmt::Write;
 
@@ -109,7 +109,8 @@ impl StatusReport {
     }
 }
 
-/// Gather the status; without `xe` (not a dom0) only the USB side.
+/// Gather the status; without `xe` (not a dom0), or while xapi is down or
+/// starting, only the USB side (`xapi_available: false`, with a warning).
 pub fn status(usb: &dyn UsbBus, xe: Option<&XeClient>) -> anyhow::Result<StatusReport> {
     let corals = usb.list_corals().map_err(|e| {
         crate::error::fail(
@@ -117,54 +118,81 @@ pub fn status(usb: &dyn UsbBus, xe: Option<&XeClient>) -> anyhow::Result<StatusR
             format!("listing USB devices: {e}"),
         )
     })?;
-    let pusbs = match xe {
-        Some(xe)
-            if corals
-                .iter()
-                .any(|c| c.state == crate::usb::CoralState::Ready) =>
-        {
-            xe.ready_pusbs()?
-        }
-        _ => Vec::new(),
-    };
     let mut report = StatusReport {
         schema: 1,
         host_uuid: xe.map(|x| x.host_uuid().to_string()),
         xapi_available: xe.is_some(),
-        corals: Vec::new(),
+        corals: corals
+            .iter()
+            .map(|coral| CoralStatus {
+                path: coral.path.to_string(),
+                usb_state: coral.state.to_string(),
+                usb_id: coral.state.id().to_string(),
+                device_number: coral.address,
+                pusb_uuid: None,
+                passthrough_enabled: None,
+                group_uuid: None,
+                vusb_uuid: None,
+                vm_uuid: None,
+                vm_name: None,
+                vm_power_state: None,
+                attached: false,
+                pending_restart: false,
+            })
+            .collect(),
     };
-    for coral in corals {
-        let path = coral.path.to_string();
-        let mut status = CoralStatus {
-            path: path.clone(),
-            usb_state: coral.state.to_string(),
-            usb_id: coral.state.id().to_string(),
-            device_number: coral.address,
-            pusb_uuid: None,
-            passthrough_enabled: None,
-            group_uuid: None,
-            vusb_uuid: None,
-            vm_uuid: None,
-            vm_name: None,
-            vm_power_state: None,
-            attached: false,
-            pending_restart: false,
-        };
-        if let (Some(xe), Some(pusb)) = (xe, pusbs.iter().find(|p| p.path == path)) {
-            status.pusb_uuid = Some(pusb.uuid.clone());
-            status.passthrough_enabled = Some(pusb.passthrough);
-            status.group_uuid = Some(pusb.group.clone());
-            if let Some(vusb) = xe.vusbs_of_group(&pusb.group)?.into_iter().next() {
-                let power = xe.power_state(&vusb.vm_uuid)?;
-                status.pending_restart = !vusb.attached && power == "running";
-                status.attached = vusb.attached;
-                status.vusb_uuid = Some(vusb.uuid);
-                status.vm_uuid = Some(vusb.vm_uuid);
-                status.vm_name = Some(vusb.vm_name);
-                status.vm_power_state = Some(power);
-            }
-        }
-        report.corals.push(status);
+    let Some(xe) = xe else {
+        return Ok(report);
+    };
+    if !corals.iter().any(|c| c.state == CoralState::Ready) {
+        return Ok(report);
     }
-    Ok(report)
+    match xapi_side(xe, &mut report.corals) {
+        Ok(()) => Ok(report),
+        Err(err) if matches!(err, XeError::Unavailable { .. } | XeError::Missing { .. }) => {
+            log::warn!("XAPI not available ({err}); showing USB only");
+            report.xapi_available = false;
+            for c in &mut report.corals {
+                *c = CoralStatus {
+                    pusb_uuid: None,
+                    passthrough_enabled: None,
+                    group_uuid: None,
+                    vusb_uuid: None,
+                    vm_uuid: None,
+                    vm_name: None,
+                    vm_power_state: None,
+                    attached: false,
+                    pending_restart: false,
+                    ..c.clone()
+                };
+            }
+            Ok(report)
+        }
+        Err(err) => Err(crate::ops::xapi_common::xe_fail(
+            "reading the Corals' XAPI records",
+            err,
+        )),
+    }
+}
+
+fn xapi_side(xe: &XeClient, corals: &mut [CoralStatus]) -> Result<(), XeError> {
+    let pusbs = xe.ready_pusbs()?;
+    for status in corals.iter_mut() {
+        let Some(pusb) = pusbs.iter().find(|p| p.path == status.path) else {
+            continue;
+        };
+        status.pusb_uuid = Some(pusb.uuid.clone());
+        status.passthrough_enabled = Some(pusb.passthrough);
+        status.group_uuid = Some(pusb.group.clone());
+        if let Some(vusb) = xe.vusbs_of_group(&pusb.group)?.into_iter().next() {
+            let power = xe.vm(&vusb.vm_uuid)?.map(|v| v.power_state);
+            status.pending_restart = !vusb.attached && power == Some(PowerState::Running);
+            status.attached = vusb.attached;
+            status.vm_name = xe.param("vm", &vusb.vm_uuid, "name-label").ok();
+            status.vusb_uuid = Some(vusb.uuid);
+            status.vm_uuid = Some(vusb.vm_uuid);
+            status.vm_power_state = power.map(|p| p.to_string());
+        }
+    }
+    Ok(())
 }

@@ -2,9 +2,10 @@
 //! if it needs it, wait until XAPI lists the ready device on this host, and
 //! attach it to the VM with the rules of `coral attach`.
 
-use super::attach::{attach, AttachOptions, AttachReport};
+use super::attach::{attach_planned, read_plan, AttachOptions, AttachReport};
 use super::init::{init, wait_for_coral, InitOptions, InitOutcome};
-use crate::clock::Clock;
+use super::xapi_common::{check_vm_spec, SCAN_POLL_INTERVAL};
+use crate::clock::{poll_until, Clock};
 use crate::firmware::FirmwareImage;
 use crate::usb::{CoralState, UsbBus};
 use crate::xe::client::XeClient;
@@ -47,6 +48,9 @@ impl fmt::Display for UpReport {
                 "passed through; the running VM gets the Coral at its next start (--restart does it now)".to_string(),
             ),
             Some(report) if report.changed => done.push("passed through to the VM".to_string()),
+            Some(report) if report.lines.iter().any(|l| l.starts_with("dry run:")) => {
+                done.push("dry run: the VM and XAPI were checked, nothing was changed".to_string())
+            }
             Some(_) => {}
             None => done.push("dry run stopped before attach (the Coral is not ready)".to_string()),
         }
@@ -67,7 +71,10 @@ impl fmt::Display for UpReport {
     }
 }
 
-/// Run the whole recovery for one Coral and one VM.
+/// Run the whole recovery for one Coral and one VM. The VM and the pool
+/// are read (waiting for xapi when the client was told to) and checked
+/// before any USB write, so a wrong name or a pool that cannot work fails
+/// before the firmware upload.
 pub fn up(
     usb: &dyn UsbBus,
     xe: &XeClient,
@@ -76,28 +83,69 @@ pub fn up(
     opts: &UpOptions,
 ) -> anyhow::Result<UpReport> {
     let started = clock.now();
+    check_vm_spec(&opts.attach.vm)?;
     let coral = wait_for_coral(usb, clock, opts.attach.device.as_deref(), opts.wait_device)?;
+    let corals = usb.list_corals()?;
+    let plan = read_plan(xe, &opts.attach.vm)?;
 
-    let mut init_outcome = None;
-    let ready_path = match coral.state {
+    let report = match coral.state {
         CoralState::Ready => {
             log::info!("Coral at {} is ready (18d1:9302)", coral.path);
-            coral.path.to_string()
-        }
-        CoralState::Uninitialized if opts.dry_run => {
-            let image = load_firmware()?;
-            log::info!(
-                "dry run: would upload {} bytes of firmware to the Coral at {}, then attach it",
-                image.bytes.len(),
-                coral.path
-            );
+            let path = coral.path.to_string();
+            let report = attach_planned(xe, clock, &opts.attach, &plan, &path, None)?;
             return Ok(UpReport {
                 init: None,
-                attach: None,
+                attach: Some(report),
                 elapsed: clock.now() - started,
             });
         }
         CoralState::Uninitialized => {
+            // 18d1:9302 records of this host whose device is not on the bus
+            // now are stale (from before a power loss): a scan can only
+            // remove them, perhaps after this run read them.
+            let ready_paths: Vec<String> = corals
+                .iter()
+                .filter(|c| c.state == CoralState::Ready)
+                .map(|c| c.path.to_string())
+                .collect();
+            let stale: Vec<String> = plan
+                .pusbs
+                .iter()
+                .filter(|p| {
+                    p.host == xe.host_uuid() && p.is_ready_coral() && !ready_paths.contains(&p.path)
+                })
+                .map(|p| p.uuid.clone())
+                .collect();
+            if opts.dry_run {
+                let image = load_firmware()?;
+                log::info!(
+                    "dry run: would upload {} bytes of firmware to the Coral at {}, then attach it",
+                    image.bytes.len(),
+                    coral.path
+                );
+                let mut report = AttachReport::default();
+                report.lines.push(format!(
+                    "dry run: {} checked; would upload the firmware to the Coral at {}, wait for XAPI to list it, and attach it{}",
+                    plan.vm.label,
+                    coral.path,
+                    if stale.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            " (XAPI still lists {} stale 18d1:9302 record(s) from before a power loss; they are not trusted)",
+                            stale.len()
+                        )
+                    }
+                ));
+                return Ok(UpReport {
+                    init: None,
+                    attach: Some(report),
+                    elapsed: clock.now() - started,
+                });
+            }
+            if !stale.is_empty() {
+                wait_for_stale_records_to_go(xe, clock, &stale, opts.attach.scan_timeout);
+            }
             let init_opts = InitOptions {
                 device: Some(coral.path.to_string()),
                 force: false,
@@ -109,19 +157,52 @@ pub fn up(
                 .next()
                 .ok_or_else(|| anyhow::anyhow!("init reported no Coral at {}", coral.path))?;
             let path = outcome.ready_device().path.to_string();
-            init_outcome = Some(outcome);
-            path
+            // Records listed before the reset are not trusted after it.
+            let before: Vec<String> = plan
+                .pusbs
+                .iter()
+                .filter(|p| p.host == xe.host_uuid() && p.is_ready_coral())
+                .map(|p| p.uuid.clone())
+                .collect();
+            let report = attach_planned(xe, clock, &opts.attach, &plan, &path, Some(before))?;
+            (Some(outcome), report)
         }
     };
-
-    let attach_opts = AttachOptions {
-        device: Some(ready_path),
-        ..opts.attach.clone()
-    };
-    let report = attach(usb, xe, clock, &attach_opts)?;
+    let (init_outcome, report) = report;
     Ok(UpReport {
         init: init_outcome,
         attach: Some(report),
         elapsed: clock.now() - started,
     })
+}
+
+/// While the bus still shows the boot loader, a scan can only remove the
+/// stale records: ask for one and wait (bounded) until they are gone, so
+/// that none is removed later, under the attach. A failure here is not
+/// fatal: the attach trusts no record listed before the reset anyway.
+fn wait_for_stale_records_to_go(
+    xe: &XeClient,
+    clock: &dyn Clock,
+    stale: &[String],
+    timeout: Duration,
+) {
+    log::info!(
+        "XAPI still lists {} 18d1:9302 record(s) from before the power loss; letting its scan remove them first",
+        stale.len()
+    );
+    if let Err(err) = xe.pusb_scan() {
+        log::warn!("`xe pusb-scan` failed ({err}); waiting for XAPI's own scan");
+    }
+    let gone = poll_until(clock, timeout, SCAN_POLL_INTERVAL, || {
+        xe.ready_pusbs()
+            .map(|listed| (!listed.iter().any(|p| stale.contains(&p.uuid))).then_some(()))
+    });
+    match gone {
+        Ok(Some(())) => log::debug!("the stale records are gone"),
+        Ok(None) => log::warn!(
+            "XAPI still lists stale Coral records after {} s; they will not be used",
+            timeout.as_secs()
+        ),
+        Err(err) => log::warn!("could not watch the stale records ({err}); they will not be used"),
+    }
 }

@@ -17,12 +17,13 @@
 
 use super::attach::AttachOptions;
 use super::up::{up, UpOptions, UpReport};
-use super::xapi_common::{find_pusb, resolve_vm};
+use super::xapi_common::{pusb_at, resolve_vm, xe_fail};
 use crate::clock::Clock;
 use crate::firmware::FirmwareImage;
 use crate::lock::LockGuard;
 use crate::mapping_state::StateStore;
 use crate::usb::{select_one, CoralDevice, CoralState, UsbBus};
+use crate::xe::client::PowerState;
 use crate::xe::client::XeClient;
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -45,6 +46,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 pub struct Mapping {
     /// The VM: uuid (from the config) or exact name-label (from `--vm`).
     pub vm: String,
+    /// Its name, for people (the config keeps it next to the uuid).
+    pub name: Option<String>,
     /// The Coral's port chain; None: the only Coral on this host.
     pub device: Option<String>,
     /// Start the VM after recovery if it is halted.
@@ -202,13 +205,19 @@ impl Watcher {
             return;
         };
         if env.state.is_paused(&vm_uuid) {
-            self.note(index, format!("VM '{vm_name}': paused by `coral detach`; `coral attach --vm {vm_uuid}` resumes it"), log::Level::Info);
+            self.note(
+                index,
+                format!(
+                    "{vm_name}: paused by `coral detach`; `coral attach --vm {vm_uuid}` resumes it"
+                ),
+                log::Level::Info,
+            );
             return;
         }
         let device = self.tracked[index].mapping.device.clone();
         let coral = match (device.as_deref(), several_mappings) {
             (None, true) => {
-                self.note(index, format!("VM '{vm_name}': several mappings, so each needs its Coral's port (`coral service install --vm {vm_uuid} --device PATH`)"), log::Level::Error);
+                self.note(index, format!("{vm_name}: several mappings, so each needs its Coral's port (`coral service install --vm {vm_uuid} --device PATH`)"), log::Level::Error);
                 return;
             }
             _ => select_one(corals, device.as_deref()).ok(),
@@ -217,7 +226,7 @@ impl Watcher {
             self.note(
                 index,
                 format!(
-                    "VM '{vm_name}': its Coral{} is not on this host's USB; waiting for it",
+                    "{vm_name}: its Coral{} is not on this host's USB; waiting for it",
                     device.map(|d| format!(" at {d}")).unwrap_or_default()
                 ),
                 log::Level::Warn,
@@ -238,7 +247,7 @@ impl Watcher {
                         let tracked = &mut self.tracked[index];
                         tracked.failures = 0;
                         if tracked.last_note.take().is_some() {
-                            log::info!("watch: VM '{vm_name}' has its Coral at {}", coral.path);
+                            log::info!("watch: {vm_name} has its Coral at {}", coral.path);
                         }
                     }
                     Ok(Health::Broken(reason)) => self.recover(env, index, &reason, &coral),
@@ -246,7 +255,7 @@ impl Watcher {
                     Ok(Health::HeldByOther(other)) => {
                         self.note(
                             index,
-                            format!("VM '{vm_name}': the Coral at {} is passed through to VM '{other}'; left alone", coral.path),
+                            format!("{vm_name}: the Coral at {} is passed through to VM {other}; left alone", coral.path),
                             log::Level::Warn,
                         );
                     }
@@ -264,7 +273,11 @@ impl Watcher {
         }
         match resolve_vm(env.xe, &self.tracked[index].mapping.vm) {
             Ok(vm) => {
-                let resolved = (vm.uuid.clone(), vm.name.clone());
+                let label = match &self.tracked[index].mapping.name {
+                    Some(name) if !name.is_empty() => format!("VM '{name}'"),
+                    _ => vm.label.clone(),
+                };
+                let resolved = (vm.uuid().to_string(), label);
                 self.tracked[index].vm = Some(resolved.clone());
                 Some(resolved)
             }
@@ -278,15 +291,23 @@ impl Watcher {
 
     /// Read the Coral's PUSB and VUSB: 2 `xe` calls, 3 when the VUSB is not attached.
     fn health(&self, env: &WatchEnv, coral: &CoralDevice, vm_uuid: &str) -> anyhow::Result<Health> {
-        let Some(pusb) = find_pusb(env.xe, coral)? else {
+        let pusbs = env
+            .xe
+            .ready_pusbs()
+            .map_err(|e| xe_fail("listing this host's Corals in XAPI", e))?;
+        let path = coral.path.to_string();
+        let Some(pusb) = pusb_at(&pusbs, env.xe.host_uuid(), &path, &[]) else {
             return Ok(Health::Broken(format!(
                 "XAPI lists no PUSB for the Coral at {}",
                 coral.path
             )));
         };
-        let vusbs = env.xe.vusbs_of_group(&pusb.group)?;
+        let vusbs = env
+            .xe
+            .vusbs_of_group(&pusb.group)
+            .map_err(|e| xe_fail("listing the Coral's VUSBs", e))?;
         if let Some(other) = vusbs.iter().find(|v| v.vm_uuid != vm_uuid) {
-            return Ok(Health::HeldByOther(other.vm_name.clone()));
+            return Ok(Health::HeldByOther(other.vm_uuid.clone()));
         }
         let Some(vusb) = vusbs.first() else {
             return Ok(Health::Broken(format!(
@@ -297,8 +318,12 @@ impl Watcher {
         if vusb.attached {
             return Ok(Health::Healthy);
         }
-        Ok(match env.xe.power_state(vm_uuid)?.as_str() {
-            "running" => Health::PendingRestart,
+        let vm = env
+            .xe
+            .vm(vm_uuid)
+            .map_err(|e| xe_fail("reading the VM's power state", e))?;
+        Ok(match vm.map(|vm| vm.power_state) {
+            Some(PowerState::Running) => Health::PendingRestart,
             _ => Health::Healthy,
         })
     }
@@ -308,7 +333,7 @@ impl Watcher {
     fn pending_restart(&mut self, env: &mut WatchEnv, index: usize, coral: &CoralDevice) {
         let (vm_uuid, vm_name) = self.tracked[index].vm.clone().unwrap_or_default();
         if self.restart_allowed(env.clock.now(), index) {
-            let reason = format!("VM '{vm_name}' runs without the Coral at {}", coral.path);
+            let reason = format!("{vm_name} runs without the Coral at {}", coral.path);
             self.recover(env, index, &reason, coral);
         } else {
             self.warn_pending(env, index, &vm_uuid, &vm_name);
@@ -324,7 +349,7 @@ impl Watcher {
         } else {
             "restarts not allowed for this mapping".to_string()
         };
-        let line = format!("pending restart: VM '{vm_name}' gets its Coral at its next start ({why}); now: `coral attach --vm {vm_uuid} --restart`");
+        let line = format!("pending restart: {vm_name} gets its Coral at its next start ({why}); now: `coral attach --vm {vm_uuid} --restart`");
         if self.note(index, line.clone(), log::Level::Warn) {
             record(env.state, vm_uuid, vm_name, &line, true);
         }
@@ -349,7 +374,9 @@ impl Watcher {
         let _lock = match (env.lock)() {
             Ok(LockAttempt::Held(guard)) => guard,
             Ok(LockAttempt::Busy) => {
-                log::info!("watch: another coral run holds the lock; checking VM '{vm_name}' again after it");
+                log::info!(
+                    "watch: another coral run holds the lock; checking {vm_name} again after it"
+                );
                 self.tracked[index].retry_at = env.clock.now() + FIRST_BACKOFF;
                 self.tracked[index].failures = self.tracked[index].failures.max(1);
                 return;
@@ -360,7 +387,7 @@ impl Watcher {
         if env.state.is_paused(&vm_uuid) {
             return;
         }
-        log::warn!("watch: {reason}; recovering VM '{vm_name}'");
+        log::warn!("watch: {reason}; recovering {vm_name}");
         let mapping = &self.tracked[index].mapping;
         let opts = UpOptions {
             attach: AttachOptions {
@@ -398,7 +425,7 @@ impl Watcher {
         if report.attach.as_ref().is_some_and(|a| a.restarted) {
             tracked.restarts.push_back(now);
         }
-        let line = format!("VM '{vm_name}': {report}");
+        let line = format!("{vm_name}: {report}");
         log::info!("watch: {line}");
         record(env.state, &vm_uuid, &vm_name, &line, true);
         if report.attach.as_ref().is_some_and(|a| a.pending_restart) {
@@ -418,10 +445,7 @@ impl Watcher {
             .vm
             .clone()
             .unwrap_or_else(|| (tracked.mapping.vm.clone(), tracked.mapping.vm.clone()));
-        let line = format!(
-            "VM '{vm_name}': {what}; retrying in {} s",
-            backoff.as_secs()
-        );
+        let line = format!("{vm_name}: {what}; retrying in {} s", backoff.as_secs());
         log::error!("watch: {line}");
         record(env.state, &vm_uuid, &vm_name, &line, false);
     }

@@ -1,15 +1,17 @@
-//! Steps `attach`, `detach` and `status` share: the ready Coral on this
-//! host's USB, the VM named by `--vm`, and the Coral's PUSB in XAPI.
+//! Steps `attach`, `up`, `detach` and `status` share: the ready Coral on
+//! this host's USB, the VM named by `--vm`, the Coral's PUSB in XAPI, and
+//! the one place where a typed `xe` failure becomes a worded one.
 
 use super::init::select_coral;
-use crate::clock::{poll_until, Clock};
+use crate::clock::Clock;
 use crate::error::{fail, FailureKind};
 use crate::usb::{CoralDevice, CoralState, UsbBus};
 use crate::xe::client::{PusbInfo, VmInfo, XeClient};
+use crate::xe::{looks_like_uuid, XeError};
 use std::time::Duration;
 
 /// How often `pusb-list` is asked again while XAPI's scan runs.
-const SCAN_POLL_INTERVAL: Duration = Duration::from_millis(250);
+pub const SCAN_POLL_INTERVAL: Duration = Duration::from_millis(500);
 
 /// The ready Coral to pass through: `--device`, else the only ready one.
 pub fn ready_coral(usb: &dyn UsbBus, device: Option<&str>) -> anyhow::Result<CoralDevice> {
@@ -38,21 +40,69 @@ pub fn ready_coral(usb: &dyn UsbBus, device: Option<&str>) -> anyhow::Result<Cor
     Ok(coral)
 }
 
-/// The one VM whose uuid or exact name-label is `spec`.
-pub fn resolve_vm(xe: &XeClient, spec: &str) -> anyhow::Result<VmInfo> {
+/// A `--vm` value XAPI can be asked about: not empty, no line break (xe
+/// sends its arguments as lines, so such a name can never reach XAPI intact).
+pub fn check_vm_spec(spec: &str) -> anyhow::Result<()> {
     if spec.trim().is_empty() {
         return Err(fail(
             FailureKind::Vm,
             "--vm is empty; give a VM uuid or its exact name-label",
         ));
     }
-    let mut vms = xe.find_vms(spec)?;
+    if spec.contains(['\n', '\r']) {
+        return Err(fail(
+            FailureKind::Vm,
+            format!(
+                "--vm {spec:?} holds a line break, which xe cannot pass to XAPI; give the VM's uuid (`xe vm-list params=uuid,name-label`)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The VM `--vm` names, resolved once.
+#[derive(Clone, Debug)]
+pub struct Vm {
+    /// What XAPI says about it.
+    pub info: VmInfo,
+    /// How messages name it: `VM 'name'` as given, or `VM <uuid>`.
+    pub label: String,
+}
+
+impl Vm {
+    /// Its uuid.
+    pub fn uuid(&self) -> &str {
+        &self.info.uuid
+    }
+}
+
+/// The one VM whose uuid or exact name-label is `spec`. The record read
+/// holds no free text (its name is the filter, never parsed), so a name
+/// posing as other fields cannot steer it; a uuid given is checked against
+/// the record.
+pub fn resolve_vm(xe: &XeClient, spec: &str) -> anyhow::Result<Vm> {
+    check_vm_spec(spec)?;
+    let mut vms = xe
+        .find_vms(spec)
+        .map_err(|e| xe_fail("looking up the VM", e))?;
     match vms.len() {
         0 => Err(fail(
             FailureKind::Vm,
             format!("VM '{spec}' not found on this pool; `xe vm-list params=uuid,name-label` shows the names (exact match, templates and snapshots excluded)"),
         )),
-        1 => Ok(vms.remove(0)),
+        1 => {
+            let info = vms.remove(0);
+            let by_uuid = looks_like_uuid(spec) && info.uuid == spec;
+            if looks_like_uuid(spec) && !by_uuid {
+                log::debug!("'{spec}' is the name of VM {}", info.uuid);
+            }
+            let label = if by_uuid {
+                format!("VM {}", info.uuid)
+            } else {
+                format!("VM '{spec}'")
+            };
+            Ok(Vm { info, label })
+        }
         n => Err(fail(
             FailureKind::Vm,
             format!(
@@ -63,51 +113,85 @@ pub fn resolve_vm(xe: &XeClient, spec: &str) -> anyhow::Result<VmInfo> {
     }
 }
 
-/// The Coral's PUSB on this host, if XAPI lists it now.
-pub fn find_pusb(xe: &XeClient, coral: &CoralDevice) -> anyhow::Result<Option<PusbInfo>> {
-    let path = coral.path.to_string();
-    Ok(xe.ready_pusbs()?.into_iter().find(|p| p.path == path))
+/// A typed `xe` failure as the one-line, classified error the user sees.
+pub fn xe_fail(what: &str, error: XeError) -> anyhow::Error {
+    let kind = match &error {
+        XeError::BadArgument { .. } => FailureKind::Vm,
+        _ => FailureKind::Xapi,
+    };
+    fail(kind, format!("{what}: {error}"))
 }
 
-/// The Coral's PUSB, asking XAPI to scan once and polling until `timeout`
-/// when it is not listed yet (XAPI's scan is asynchronous). `None` only in
-/// a dry run, where the scan is planned, not run.
+/// This host's PUSB for the ready Coral at `path`, among `pusbs`, ignoring
+/// records in `distrust` (listed before this run re-enumerated the Coral).
+pub fn pusb_at<'p>(
+    pusbs: &'p [PusbInfo],
+    host: &str,
+    path: &str,
+    distrust: &[String],
+) -> Option<&'p PusbInfo> {
+    pusbs.iter().find(|p| {
+        p.host == host && p.path == path && p.is_ready_coral() && !distrust.contains(&p.uuid)
+    })
+}
+
+/// The Coral's PUSB on this host, polled until `timeout` (XAPI's scan is
+/// asynchronous). `after_reset`: this run just re-enumerated the Coral, so
+/// udev's own scans are on their way: pause before the first look and ask
+/// for a scan only after two looks found nothing (else after one). A
+/// failed `pusb-scan` is not fatal: udev-triggered scans may list the
+/// device anyway. `Ok(None)` only in a dry run.
 pub fn wait_for_pusb(
     xe: &XeClient,
     clock: &dyn Clock,
-    coral: &CoralDevice,
+    path: &str,
+    distrust: &[String],
+    after_reset: bool,
     timeout: Duration,
 ) -> anyhow::Result<Option<PusbInfo>> {
-    if let Some(pusb) = find_pusb(xe, coral)? {
-        return Ok(Some(pusb));
-    }
-    log::info!(
-        "XAPI does not list the Coral at {} yet; asking it to scan USB",
-        coral.path
-    );
-    xe.pusb_scan()?;
-    if xe.dry_run() {
-        return Ok(None);
-    }
     let started = clock.now();
-    let found = poll_until(clock, timeout, SCAN_POLL_INTERVAL, || find_pusb(xe, coral))?;
-    if found.is_some() {
-        log::debug!(
-            "XAPI listed the Coral at {} after {:.1} ms of scan wait",
-            coral.path,
-            (clock.now() - started).as_secs_f64() * 1000.0
-        );
+    let deadline = started + timeout;
+    let mut kicked = false;
+    let mut misses = 0;
+    let kick_after = if after_reset { 2 } else { 1 };
+    log::debug!("scan wait: waiting for XAPI to list the Coral at {path}");
+    if after_reset {
+        clock.sleep(SCAN_POLL_INTERVAL.min(timeout));
     }
-    found.map(Some).ok_or_else(|| {
-        fail(
-            FailureKind::Timeout,
-            format!(
-                "XAPI did not list the Coral at {} within {} s after `xe pusb-scan host-uuid={}`; check /etc/xensource/usb-policy.conf and `xe pusb-list host-uuid={}`",
-                coral.path,
-                timeout.as_secs_f64(),
-                xe.host_uuid(),
-                xe.host_uuid()
-            ),
-        )
-    })
+    loop {
+        let pusbs = xe
+            .ready_pusbs()
+            .map_err(|e| xe_fail("listing this host's Corals in XAPI", e))?;
+        if let Some(found) = pusb_at(&pusbs, xe.host_uuid(), path, distrust) {
+            log::debug!(
+                "XAPI listed the Coral at {path} after {:.1} ms of scan wait",
+                (clock.now() - started).as_secs_f64() * 1000.0
+            );
+            return Ok(Some(found.clone()));
+        }
+        misses += 1;
+        if !kicked && misses >= kick_after {
+            kicked = true;
+            log::info!("XAPI does not list the Coral at {path} yet; asking it to scan USB");
+            if let Err(err) = xe.pusb_scan() {
+                log::warn!("`xe pusb-scan` failed ({err}); waiting for XAPI's own scan");
+            }
+            if xe.dry_run() {
+                return Ok(None);
+            }
+        }
+        let now = clock.now();
+        if now >= deadline {
+            return Err(fail(
+                FailureKind::Timeout,
+                format!(
+                    "XAPI did not list the Coral at {path} within {} s after `xe pusb-scan host-uuid={}`; check /etc/xensource/usb-policy.conf and `xe pusb-list host-uuid={}`",
+                    timeout.as_secs_f64(),
+                    xe.host_uuid(),
+                    xe.host_uuid()
+                ),
+            ));
+        }
+        clock.sleep(SCAN_POLL_INTERVAL.min(deadline - now));
+    }
 }

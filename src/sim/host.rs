@@ -11,7 +11,7 @@ use super::xapi::{
 };
 use crate::clock::{Clock, VirtualClock};
 use crate::firmware::{FirmwareImage, FirmwareSource};
-use crate::usb::{CoralDevice, CoralState, UsbBus};
+use crate::usb::{CoralDevice, CoralState, UsbBus, UsbError, UsbTransport};
 use crate::xe::{XeError, XeRunner};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -65,6 +65,7 @@ pub fn sim_root(state: &Path) -> PathBuf {
 pub struct SimulatedHost {
     clock: Rc<VirtualClock>,
     bus: Rc<SimBus>,
+    udev: Udev,
     xe: BusSyncedXe,
     host_uuid: String,
 }
@@ -102,16 +103,22 @@ impl SimulatedHost {
     ) -> Self {
         world.set_usb_devices(&host_uuid, as_xapi_devices(&bus.snapshot()), clock.now());
         world.scan_now(&host_uuid);
-        let xe = BusSyncedXe {
-            inner: InProcessXe::new(Rc::new(RefCell::new(world)), clock.clone()),
+        let world = Rc::new(RefCell::new(world));
+        let udev = Udev(Rc::new(UdevState {
+            world: world.clone(),
             bus: bus.clone(),
             clock: clock.clone(),
             host_uuid: host_uuid.clone(),
             last_seen: RefCell::new(Some(bus.snapshot())),
+        }));
+        let xe = BusSyncedXe {
+            inner: InProcessXe::new(world, clock.clone()),
+            udev: udev.clone(),
         };
         SimulatedHost {
             clock,
             bus,
+            udev,
             xe,
             host_uuid,
         }
@@ -200,9 +207,11 @@ impl SimulatedHost {
         self.clock.as_ref()
     }
 
-    /// The simulated USB bus.
+    /// The simulated USB bus, as the product sees it: every change it
+    /// shows reaches XAPI as a udev event would (device removed, device
+    /// added), each starting an asynchronous scan.
     pub fn bus(&self) -> &dyn UsbBus {
-        self.bus.as_ref()
+        &self.udev
     }
 
     /// The simulated `xe`.
@@ -218,7 +227,7 @@ impl SimulatedHost {
     /// Tell XAPI about the bus as it is now, as udev does at the moment a
     /// device arrives or leaves (its scan then runs asynchronously).
     pub fn udev_event(&self) {
-        self.xe.sync_bus();
+        self.xe.udev.sync();
     }
 
     /// One line saying what is simulated, for the log.
@@ -248,36 +257,57 @@ impl SimulatedHost {
     }
 }
 
-/// An `xe` whose XAPI sees the simulated USB bus: before each call, a change
-/// on the bus since the last call reaches the world as udev would report it
-/// (which schedules xapi's asynchronous scan).
-struct BusSyncedXe {
-    inner: InProcessXe,
+/// udev on the simulated host: whenever the bus differs from what XAPI was
+/// last told (seen at a USB listing or before an `xe` call), XAPI is told,
+/// which schedules its asynchronous scan. A re-enumeration seen as "gone"
+/// then "back" is two events and two scans, as on a real host.
+#[derive(Clone)]
+struct Udev(Rc<UdevState>);
+
+struct UdevState {
+    world: Rc<RefCell<World>>,
     bus: Rc<SimBus>,
     clock: Rc<VirtualClock>,
     host_uuid: String,
     last_seen: RefCell<Option<Vec<CoralDevice>>>,
 }
 
-impl BusSyncedXe {
-    /// A change on the bus since the last look reaches the world now.
-    fn sync_bus(&self) {
-        let now_present = self.bus.snapshot();
-        let changed = self.last_seen.borrow().as_ref() != Some(&now_present);
+impl Udev {
+    fn sync(&self) {
+        let s = &self.0;
+        let now_present = s.bus.snapshot();
+        let changed = s.last_seen.borrow().as_ref() != Some(&now_present);
         if changed {
-            self.inner.world.borrow_mut().set_usb_devices(
-                &self.host_uuid,
+            s.world.borrow_mut().set_usb_devices(
+                &s.host_uuid,
                 as_xapi_devices(&now_present),
-                self.clock.now(),
+                s.clock.now(),
             );
-            *self.last_seen.borrow_mut() = Some(now_present);
+            *s.last_seen.borrow_mut() = Some(now_present);
         }
     }
 }
 
+impl UsbBus for Udev {
+    fn list_corals(&self) -> Result<Vec<CoralDevice>, UsbError> {
+        self.sync();
+        self.0.bus.list_corals()
+    }
+
+    fn open(&self, device: &CoralDevice) -> Result<Box<dyn UsbTransport>, UsbError> {
+        self.0.bus.open(device)
+    }
+}
+
+/// An `xe` whose XAPI sees the simulated USB bus.
+struct BusSyncedXe {
+    inner: InProcessXe,
+    udev: Udev,
+}
+
 impl XeRunner for BusSyncedXe {
     fn run(&self, args: &[String], timeout: Duration) -> Result<String, XeError> {
-        self.sync_bus();
+        self.udev.sync();
         self.inner.run(args, timeout)
     }
 }

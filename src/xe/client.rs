@@ -1,29 +1,95 @@
-//! Typed XAPI calls on top of an [`XeRunner`], scoped to this host. Each
-//! is one `xe` invocation with `params=` or `--minimal`, filtered by uuid
-//! wherever one is known; names travel as one argument, never through a shell.
+//! Typed XAPI calls on top of an [`XeRunner`], scoped to this host. Each is
+//! one `xe` invocation. Decisions rest only on output that user-controlled
+//! text cannot fake: `params=` lists of fields that hold no free text (uuids,
+//! enums, booleans, sysfs paths), read strictly, and `param-get` by uuid.
+//! No argument may hold a line break (xe would split it). Failures stay
+//! typed ([`XeError`]) for the procedures to decide on.
 
-use super::parse::{minimal_list, records, Record};
-use super::{display_args, XeError, XeRunner};
-use crate::error::{fail, FailureKind};
-use std::cell::RefCell;
+use super::parse::{set_items, strict_records, Record};
+use super::{display_args, looks_like_uuid, XeError, XeRunner};
+use crate::clock::Clock;
+use std::cell::{Cell, RefCell};
+use std::fmt;
+use std::str::FromStr;
 use std::time::Duration;
 
 /// Deadline of a read or a quick write.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Deadline of `vm-start` (a VM boot with its devices).
 pub const START_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest pause between two tries while xapi is down or starting.
+const XAPI_RETRY_MAX: Duration = Duration::from_secs(5);
+/// First pause while xapi is down or starting (doubles up to the max).
+const XAPI_RETRY_FIRST: Duration = Duration::from_millis(500);
 
-/// The ready Coral as XAPI lists it on this host.
+/// A VM's power state, as XAPI names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PowerState {
+    /// `halted`
+    Halted,
+    /// `paused`
+    Paused,
+    /// `running`
+    Running,
+    /// `suspended`
+    Suspended,
+}
+
+impl PowerState {
+    /// XAPI's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PowerState::Halted => "halted",
+            PowerState::Paused => "paused",
+            PowerState::Running => "running",
+            PowerState::Suspended => "suspended",
+        }
+    }
+}
+
+impl fmt::Display for PowerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for PowerState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "halted" => PowerState::Halted,
+            "paused" => PowerState::Paused,
+            "running" => PowerState::Running,
+            "suspended" => PowerState::Suspended,
+            other => return Err(format!("unknown power-state {other:?}")),
+        })
+    }
+}
+
+/// A PUSB, anywhere in the pool.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PusbInfo {
     /// PUSB uuid.
     pub uuid: String,
     /// Its USB group.
     pub group: String,
+    /// The host it is plugged into.
+    pub host: String,
     /// sysfs port path.
     pub path: String,
+    /// vendor-id (4 hex digits).
+    pub vendor_id: String,
+    /// product-id (4 hex digits).
+    pub product_id: String,
     /// passthrough-enabled.
     pub passthrough: bool,
+}
+
+impl PusbInfo {
+    /// A ready Coral (18d1:9302).
+    pub fn is_ready_coral(&self) -> bool {
+        self.vendor_id == "18d1" && self.product_id == "9302"
+    }
 }
 
 /// A VUSB.
@@ -33,27 +99,47 @@ pub struct VusbInfo {
     pub uuid: String,
     /// Its VM.
     pub vm_uuid: String,
-    /// The VM's name-label.
-    pub vm_name: String,
+    /// Its USB group.
+    pub group: String,
     /// currently-attached.
     pub attached: bool,
 }
 
-/// A VM.
+/// A USB group's PUSB uuids and VUSB uuids.
+pub type GroupMembers = (Vec<String>, Vec<String>);
+
+/// A VM, as far as decisions go (its name is free text, read apart).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmInfo {
     /// uuid.
     pub uuid: String,
-    /// name-label.
-    pub name: String,
-    /// power-state (`halted`, `running`, `paused`, `suspended`).
-    pub power_state: String,
+    /// power-state.
+    pub power_state: PowerState,
+    /// The host it runs on (None when halted).
+    pub resident_on: Option<String>,
     /// ha-restart-priority.
     pub ha_restart_priority: String,
+    /// Operations xapi runs on it now (`clean_shutdown`, `start` …).
+    pub current_operations: Vec<String>,
 }
 
-const VM_PARAMS: &str =
-    "params=uuid,name-label,power-state,is-a-template,is-a-snapshot,is-control-domain,ha-restart-priority";
+const VM_FIELDS: &[&str] = &[
+    "uuid",
+    "power-state",
+    "current-operations",
+    "resident-on",
+    "ha-restart-priority",
+];
+const PUSB_FIELDS: &[&str] = &[
+    "uuid",
+    "usb-group-uuid",
+    "host-uuid",
+    "path",
+    "vendor-id",
+    "product-id",
+    "passthrough-enabled",
+];
+const VUSB_FIELDS: &[&str] = &["uuid", "vm-uuid", "usb-group-uuid", "currently-attached"];
 
 /// Typed `xe` calls for this host. In dry-run mode mutating calls are not
 /// run but recorded (and logged) exactly as they would run.
@@ -62,17 +148,28 @@ pub struct XeClient<'a> {
     host_uuid: String,
     dry_run: bool,
     planned: RefCell<Vec<String>>,
+    wait: Option<(&'a dyn Clock, Duration)>,
+    said_waiting: Cell<bool>,
 }
 
 impl<'a> XeClient<'a> {
-    /// A client for the host with `host_uuid`.
+    /// A client for the host with `host_uuid`; it does not wait for xapi.
     pub fn new(runner: &'a dyn XeRunner, host_uuid: String, dry_run: bool) -> Self {
         XeClient {
             runner,
             host_uuid,
             dry_run,
             planned: RefCell::new(Vec::new()),
+            wait: None,
+            said_waiting: Cell::new(false),
         }
+    }
+
+    /// While xapi is down or starting (and only then), retry each call with
+    /// backoff for up to `timeout` on `clock`.
+    pub fn waiting_for_xapi(mut self, clock: &'a dyn Clock, timeout: Duration) -> Self {
+        self.wait = Some((clock, timeout));
+        self
     }
 
     /// This host's uuid.
@@ -93,123 +190,152 @@ impl<'a> XeClient<'a> {
 
     // -- reads --------------------------------------------------------------
 
+    /// The VMs (never templates, snapshots or control domains) whose uuid
+    /// is `spec`, else whose name-label is exactly `spec`.
+    pub fn find_vms(&self, spec: &str) -> Result<Vec<VmInfo>, XeError> {
+        if looks_like_uuid(spec) {
+            let by_uuid = self.vm_list(&[format!("uuid={spec}")])?;
+            if !by_uuid.is_empty() {
+                return Ok(by_uuid);
+            }
+        }
+        self.vm_list(&[format!("name-label={spec}")])
+    }
+
+    /// The VM with this uuid now (None if it no longer exists).
+    pub fn vm(&self, uuid: &str) -> Result<Option<VmInfo>, XeError> {
+        Ok(self.vm_list(&[format!("uuid={uuid}")])?.into_iter().next())
+    }
+
+    fn vm_list(&self, filters: &[String]) -> Result<Vec<VmInfo>, XeError> {
+        let mut args = vec!["vm-list".to_string()];
+        args.extend(filters.iter().cloned());
+        args.extend([
+            "is-a-template=false".into(),
+            "is-a-snapshot=false".into(),
+            "is-control-domain=false".into(),
+            format!("params={}", VM_FIELDS.join(",")),
+        ]);
+        let records = self.read_records(&args, VM_FIELDS)?;
+        records
+            .iter()
+            .map(|r| {
+                let power_state = get(r, "power-state")
+                    .parse()
+                    .map_err(|reason| malformed(&args, reason))?;
+                let resident = get(r, "resident-on");
+                Ok(VmInfo {
+                    uuid: get(r, "uuid"),
+                    power_state,
+                    resident_on: looks_like_uuid(&resident).then_some(resident),
+                    ha_restart_priority: get(r, "ha-restart-priority"),
+                    current_operations: set_items(&get(r, "current-operations")),
+                })
+            })
+            .collect()
+    }
+
+    /// One field of one object by uuid, verbatim (for names in messages).
+    pub fn param(&self, class: &str, uuid: &str, field: &str) -> Result<String, XeError> {
+        let out = self.read(&[
+            format!("{class}-param-get"),
+            format!("uuid={uuid}"),
+            format!("param-name={field}"),
+        ])?;
+        Ok(out.strip_suffix('\n').unwrap_or(&out).to_string())
+    }
+
+    /// Every PUSB of the pool.
+    pub fn pusbs(&self) -> Result<Vec<PusbInfo>, XeError> {
+        self.pusb_list(&[])
+    }
+
     /// Every ready Coral (18d1:9302) XAPI lists on this host.
-    pub fn ready_pusbs(&self) -> anyhow::Result<Vec<PusbInfo>> {
-        let out = self.read(
-            &[
-                "pusb-list".into(),
-                format!("host-uuid={}", self.host_uuid),
-                "vendor-id=18d1".into(),
-                "product-id=9302".into(),
-                "params=uuid,usb-group-uuid,path,passthrough-enabled".into(),
-            ],
-            "listing this host's Corals in XAPI",
-        )?;
-        Ok(records(&out)
+    pub fn ready_pusbs(&self) -> Result<Vec<PusbInfo>, XeError> {
+        self.pusb_list(&[
+            format!("host-uuid={}", self.host_uuid),
+            "vendor-id=18d1".into(),
+            "product-id=9302".into(),
+        ])
+    }
+
+    fn pusb_list(&self, filters: &[String]) -> Result<Vec<PusbInfo>, XeError> {
+        let mut args = vec!["pusb-list".to_string()];
+        args.extend(filters.iter().cloned());
+        args.push(format!("params={}", PUSB_FIELDS.join(",")));
+        let records = self.read_records(&args, PUSB_FIELDS)?;
+        Ok(records
             .iter()
             .map(|r| PusbInfo {
                 uuid: get(r, "uuid"),
                 group: get(r, "usb-group-uuid"),
+                host: get(r, "host-uuid"),
                 path: get(r, "path"),
+                vendor_id: get(r, "vendor-id"),
+                product_id: get(r, "product-id"),
                 passthrough: get(r, "passthrough-enabled") == "true",
             })
             .collect())
     }
 
+    /// The VUSBs of a VM.
+    pub fn vusbs_of_vm(&self, vm_uuid: &str) -> Result<Vec<VusbInfo>, XeError> {
+        self.vusb_list(&format!("vm-uuid={vm_uuid}"))
+    }
+
     /// The VUSBs on a USB group (XAPI allows at most one).
-    pub fn vusbs_of_group(&self, group: &str) -> anyhow::Result<Vec<VusbInfo>> {
-        let out = self.read(
-            &[
-                "vusb-list".into(),
-                format!("usb-group-uuid={group}"),
-                "params=uuid,vm-uuid,vm-name-label,currently-attached".into(),
-            ],
-            "listing the Coral's VUSBs",
-        )?;
-        Ok(records(&out)
+    pub fn vusbs_of_group(&self, group: &str) -> Result<Vec<VusbInfo>, XeError> {
+        self.vusb_list(&format!("usb-group-uuid={group}"))
+    }
+
+    fn vusb_list(&self, filter: &str) -> Result<Vec<VusbInfo>, XeError> {
+        let args = vec![
+            "vusb-list".to_string(),
+            filter.to_string(),
+            format!("params={}", VUSB_FIELDS.join(",")),
+        ];
+        let records = self.read_records(&args, VUSB_FIELDS)?;
+        Ok(records
             .iter()
             .map(|r| VusbInfo {
                 uuid: get(r, "uuid"),
                 vm_uuid: get(r, "vm-uuid"),
-                vm_name: get(r, "vm-name-label"),
+                group: get(r, "usb-group-uuid"),
                 attached: get(r, "currently-attached") == "true",
             })
             .collect())
     }
 
-    /// How many VUSBs a VM has.
-    pub fn vusb_count_of_vm(&self, vm_uuid: &str) -> anyhow::Result<usize> {
-        let out = self.read(
-            &[
-                "vusb-list".into(),
-                format!("vm-uuid={vm_uuid}"),
-                "--minimal".into(),
-            ],
-            "counting the VM's VUSBs",
-        )?;
-        Ok(minimal_list(&out).len())
-    }
-
-    /// VMs (never templates, snapshots or control domains) whose uuid is
-    /// `spec`, else whose name-label is exactly `spec`.
-    pub fn find_vms(&self, spec: &str) -> anyhow::Result<Vec<VmInfo>> {
-        if looks_like_uuid(spec) {
-            let by_uuid = self.vm_list(&format!("uuid={spec}"))?;
-            if !by_uuid.is_empty() {
-                return Ok(by_uuid);
-            }
-        }
-        self.vm_list(&format!("name-label={spec}"))
-    }
-
-    fn vm_list(&self, filter: &str) -> anyhow::Result<Vec<VmInfo>> {
-        let out = self.read(
-            &["vm-list".into(), filter.to_string(), VM_PARAMS.into()],
-            "looking up the VM",
-        )?;
-        Ok(records(&out)
-            .iter()
-            .filter(|r| {
-                ["is-a-template", "is-a-snapshot", "is-control-domain"]
-                    .iter()
-                    .all(|f| get(r, f) != "true")
-            })
-            .map(|r| VmInfo {
-                uuid: get(r, "uuid"),
-                name: get(r, "name-label"),
-                power_state: get(r, "power-state"),
-                ha_restart_priority: get(r, "ha-restart-priority"),
-            })
-            .collect())
-    }
-
-    /// A VM's power state now.
-    pub fn power_state(&self, vm_uuid: &str) -> anyhow::Result<String> {
-        let out = self.read(
-            &[
-                "vm-param-get".into(),
-                format!("uuid={vm_uuid}"),
-                "param-name=power-state".into(),
-            ],
-            "reading the VM's power state",
-        )?;
-        Ok(out.trim().to_string())
+    /// A USB group's PUSBs and VUSBs now (None: the group is gone).
+    pub fn group_members(&self, group: &str) -> Result<Option<GroupMembers>, XeError> {
+        let fields = &["uuid", "PUSB-uuids", "VUSB-uuids"];
+        let args = vec![
+            "usb-group-list".to_string(),
+            format!("uuid={group}"),
+            format!("params={}", fields.join(",")),
+        ];
+        let records = self.read_records(&args, fields)?;
+        Ok(records.first().map(|r| {
+            (
+                set_items(&get(r, "PUSB-uuids")),
+                set_items(&get(r, "VUSB-uuids")),
+            )
+        }))
     }
 
     // -- writes -------------------------------------------------------------
 
     /// Ask XAPI to rescan this host's USB devices (returns at once).
-    pub fn pusb_scan(&self) -> anyhow::Result<()> {
+    pub fn pusb_scan(&self) -> Result<(), XeError> {
         self.write(
             &["pusb-scan".into(), format!("host-uuid={}", self.host_uuid)],
             CALL_TIMEOUT,
-            "asking XAPI to scan USB",
         )
         .map(drop)
     }
 
     /// Enable passthrough on a PUSB.
-    pub fn enable_passthrough(&self, pusb: &str) -> anyhow::Result<()> {
+    pub fn enable_passthrough(&self, pusb: &str) -> Result<(), XeError> {
         self.write(
             &[
                 "pusb-param-set".into(),
@@ -217,53 +343,51 @@ impl<'a> XeClient<'a> {
                 "passthrough-enabled=true".into(),
             ],
             CALL_TIMEOUT,
-            "enabling passthrough",
         )
         .map(drop)
     }
 
     /// Create a VUSB; returns its uuid (a placeholder in a dry run).
-    pub fn vusb_create(&self, group: &str, vm_uuid: &str) -> anyhow::Result<String> {
-        let out = self.write(
-            &[
-                "vusb-create".into(),
-                format!("usb-group-uuid={group}"),
-                format!("vm-uuid={vm_uuid}"),
-            ],
-            CALL_TIMEOUT,
-            "creating the VUSB",
-        )?;
-        Ok(out
-            .map(|o| o.trim().to_string())
-            .unwrap_or_else(|| "<new VUSB>".into()))
+    pub fn vusb_create(&self, group: &str, vm_uuid: &str) -> Result<String, XeError> {
+        let args = [
+            "vusb-create".to_string(),
+            format!("usb-group-uuid={group}"),
+            format!("vm-uuid={vm_uuid}"),
+        ];
+        let Some(out) = self.write(&args, CALL_TIMEOUT)? else {
+            return Ok("<new VUSB>".into());
+        };
+        let uuid = out.trim().to_string();
+        if looks_like_uuid(&uuid) {
+            Ok(uuid)
+        } else {
+            Err(malformed(&args, format!("not a uuid: {uuid:?}")))
+        }
     }
 
     /// Hot-unplug a VUSB from its running VM.
-    pub fn vusb_unplug(&self, vusb: &str) -> anyhow::Result<()> {
+    pub fn vusb_unplug(&self, vusb: &str) -> Result<(), XeError> {
         self.write(
             &["vusb-unplug".into(), format!("uuid={vusb}")],
             CALL_TIMEOUT,
-            "unplugging the VUSB",
         )
         .map(drop)
     }
 
     /// Destroy a VUSB.
-    pub fn vusb_destroy(&self, vusb: &str) -> anyhow::Result<()> {
+    pub fn vusb_destroy(&self, vusb: &str) -> Result<(), XeError> {
         self.write(
             &["vusb-destroy".into(), format!("uuid={vusb}")],
             CALL_TIMEOUT,
-            "destroying the VUSB",
         )
         .map(drop)
     }
 
     /// Start a VM (waits until it runs).
-    pub fn vm_start(&self, vm_uuid: &str) -> anyhow::Result<()> {
+    pub fn vm_start(&self, vm_uuid: &str) -> Result<(), XeError> {
         self.write(
             &["vm-start".into(), format!("uuid={vm_uuid}")],
             START_TIMEOUT,
-            "starting the VM",
         )
         .map(drop)
     }
@@ -279,54 +403,67 @@ impl<'a> XeClient<'a> {
         if force {
             args.push("force=true".into());
         }
-        self.write_raw(&args, timeout).map(drop)
+        self.write(&args, timeout).map(drop)
     }
 
     // -- plumbing -----------------------------------------------------------
 
-    fn read(&self, args: &[String], what: &str) -> anyhow::Result<String> {
-        self.runner
-            .run(args, CALL_TIMEOUT)
-            .map_err(|e| xapi_failure(what, e))
+    fn read_records(&self, args: &[String], fields: &[&str]) -> Result<Vec<Record>, XeError> {
+        let out = self.read(args)?;
+        strict_records(&out, fields).map_err(|reason| malformed(args, reason))
+    }
+
+    fn read(&self, args: &[String]) -> Result<String, XeError> {
+        self.call(args, CALL_TIMEOUT)
     }
 
     /// Ok(None) in a dry run.
-    fn write(
-        &self,
-        args: &[String],
-        timeout: Duration,
-        what: &str,
-    ) -> anyhow::Result<Option<String>> {
-        self.write_raw(args, timeout)
-            .map_err(|e| xapi_failure(what, e))
-    }
-
-    fn write_raw(&self, args: &[String], timeout: Duration) -> Result<Option<String>, XeError> {
+    fn write(&self, args: &[String], timeout: Duration) -> Result<Option<String>, XeError> {
         if self.dry_run {
             let line = format!("xe {}", display_args(args));
             log::info!("dry run: would run {line}");
             self.planned.borrow_mut().push(line);
             return Ok(None);
         }
-        self.runner.run(args, timeout).map(Some)
+        self.call(args, timeout).map(Some)
+    }
+
+    /// Run one call; while xapi is down or starting, retry with backoff up
+    /// to the wait this client was given.
+    fn call(&self, args: &[String], timeout: Duration) -> Result<String, XeError> {
+        if let Some(arg) = args.iter().find(|a| a.contains(['\n', '\r'])) {
+            return Err(XeError::BadArgument { arg: arg.clone() });
+        }
+        let Some((clock, limit)) = self.wait else {
+            return self.runner.run(args, timeout);
+        };
+        let deadline = clock.now() + limit;
+        let mut pause = XAPI_RETRY_FIRST;
+        loop {
+            match self.runner.run(args, timeout) {
+                Err(err) if err.is_unavailable() && clock.now() < deadline => {
+                    if !self.said_waiting.replace(true) {
+                        log::warn!(
+                            "xapi is not available yet ({err}); waiting up to {} s for it",
+                            limit.as_secs()
+                        );
+                    }
+                    clock.sleep(pause.min(deadline - clock.now()));
+                    pause = (pause * 2).min(XAPI_RETRY_MAX);
+                }
+                other => return other,
+            }
+        }
     }
 }
 
-/// An `xe` failure as a classified error that keeps xe's message.
-pub fn xapi_failure(what: &str, error: XeError) -> anyhow::Error {
-    fail(FailureKind::Xapi, format!("{what}: {error}"))
+fn malformed(args: &[String], reason: String) -> XeError {
+    XeError::Malformed {
+        args: args.to_vec(),
+        reason,
+    }
 }
 
 fn get(record: &Record, field: &str) -> String {
     record.get(field).cloned().unwrap_or_default()
-}
-
-/// 8-4-4-4-12 hex digits.
-fn looks_like_uuid(text: &str) -> bool {
-    let parts: Vec<&str> = text.split('-').collect();
-    parts.len() == 5
-        && parts
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(p, n)| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit()))
 }

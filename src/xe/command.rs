@@ -93,11 +93,11 @@ impl XeRunner for XeCommand {
             } else {
                 stderr
             };
-            Err(XeError::Failed {
-                args: args.to_vec(),
-                status: status.code().unwrap_or(-1),
-                message: message.trim().to_string(),
-            })
+            Err(XeError::from_output(
+                args,
+                status.code().unwrap_or(-1),
+                &message,
+            ))
         }
     }
 }

@@ -51,6 +51,45 @@ pub fn records(output: &str) -> Vec<Record> {
     all
 }
 
+/// Records read strictly, for output that decisions rest on: every record
+/// holds exactly the `fields` asked for, each once, and a valid `uuid`; any
+/// other line is an error. (A value with a line break, or text posing as a
+/// field, cannot pass: it shows up as a stray line or a field twice.)
+pub fn strict_records(output: &str, fields: &[&str]) -> Result<Vec<Record>, String> {
+    let mut all = Vec::new();
+    let mut current = Record::new();
+    let mut finish = |current: &mut Record| -> Result<(), String> {
+        if current.is_empty() {
+            return Ok(());
+        }
+        let record = std::mem::take(current);
+        if let Some(missing) = fields.iter().find(|f| !record.contains_key(**f)) {
+            return Err(format!("a record lacks {missing}"));
+        }
+        if record.len() != fields.len() {
+            return Err("a record holds fields that were not asked for".into());
+        }
+        match record.get("uuid") {
+            Some(uuid) if super::looks_like_uuid(uuid) => {}
+            _ => return Err("a record has no valid uuid".into()),
+        }
+        all.push(record);
+        Ok(())
+    };
+    for line in output.lines() {
+        if line.trim().is_empty() {
+            finish(&mut current)?;
+            continue;
+        }
+        let (name, value) = field_line(line).ok_or_else(|| format!("unexpected line {line:?}"))?;
+        if current.insert(name.clone(), value).is_some() {
+            return Err(format!("field {name} appears twice in a record"));
+        }
+    }
+    finish(&mut current)?;
+    Ok(all)
+}
+
 /// `   name ( RO): value` → (name, value).
 fn field_line(line: &str) -> Option<(String, String)> {
     let close = line.find(')')?;
@@ -99,6 +138,24 @@ mod tests {
         assert_eq!(recs[0]["name-label"], "home: assistant (x)");
         assert_eq!(recs[0]["power-state"], "running");
         assert_eq!(recs[1]["empty"], "");
+    }
+
+    #[test]
+    fn strict_records_refuse_what_a_name_can_fake() {
+        let u = "cd7c086b-9216-1f42-f5fd-f6a9dbd967af";
+        let good = format!("uuid ( RO)    : {u}\n    power-state ( RO): running\n\n\n");
+        assert_eq!(
+            strict_records(&good, &["uuid", "power-state"])
+                .unwrap()
+                .len(),
+            1
+        );
+        let twice = format!("uuid ( RO)    : {u}\n  name-label ( RW): x\nuuid ( RO): {u}\n\n\n");
+        assert!(strict_records(&twice, &["uuid", "name-label"]).is_err());
+        let stray = format!("uuid ( RO)    : {u}\n  name-label ( RW): x\nfrigate\n\n\n");
+        assert!(strict_records(&stray, &["uuid", "name-label"]).is_err());
+        assert!(strict_records("uuid ( RO): nope\n\n", &["uuid"]).is_err());
+        assert!(strict_records("\n", &["uuid"]).unwrap().is_empty());
     }
 
     #[test]

@@ -292,6 +292,7 @@ pub fn fast_config() -> coral::sim::xapi::WorldConfig {
         ack_timeout_ms: 500,
         shutdown_timeout_ms: 2_000,
         call_ms: 0,
+        ..Default::default()
     }
 }
 

@@ -4,8 +4,8 @@
 use super::output::{api_error, field, human, map, minimal, set, Field, Record};
 use super::world::ms;
 use super::{
-    CallRecord, CallResult, CliOutput, FaultKind, GuestShutdown, PendingPower, PowerState, Vusb,
-    World,
+    CallRecord, CallResult, CliOutput, FaultKind, GuestShutdown, OutageKind, PendingPower,
+    PowerState, Vusb, World,
 };
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -46,11 +46,7 @@ impl Args {
                 "--multiple" => parsed.multiple = true,
                 _ => match arg.split_once('=') {
                     Some((k, v)) => parsed.params.push((k.to_string(), v.to_string())),
-                    None => {
-                        return Err(cli_error(&format!(
-                            "Syntax error: {arg}\nFor usage run: 'xe help'"
-                        )))
-                    }
+                    None => return Err(cli_error(&format!("Error: Unknown field '{arg}'"))),
                 },
             }
         }
@@ -84,8 +80,30 @@ impl Args {
 
 impl World {
     /// Run one `xe` command line (without the leading `xe`) at time `now`.
-    pub fn execute(&mut self, args: &[String], now: Duration) -> CallResult {
+    pub fn execute(&mut self, sent: &[String], now: Duration) -> CallResult {
         self.advance(now);
+        // `xe` joins its arguments with newlines; xapi splits them again.
+        let args: Vec<String> = sent.join("\n").split('\n').map(str::to_string).collect();
+        let args = args.as_slice();
+        if let Some(outage) = self
+            .outages
+            .iter()
+            .find(|o| o.from_ms <= ms(now) && ms(now) < o.until_ms)
+        {
+            let stderr = match outage.kind {
+                OutageKind::Refused => "Error: Connection refused (calling connect )\n".to_string(),
+                OutageKind::StillBooting => api_error("HOST_STILL_BOOTING", &[]),
+            };
+            self.record(sent, now, 1, 0);
+            return CallResult {
+                output: CliOutput {
+                    status: 1,
+                    stdout: String::new(),
+                    stderr,
+                },
+                duration: Duration::ZERO,
+            };
+        }
         let command = args.first().cloned().unwrap_or_default();
         let nth = self
             .calls
@@ -99,20 +117,28 @@ impl World {
             .find(|f| f.command == command && f.nth.is_none_or(|n| n == nth))
             .map(|f| f.kind.clone());
         let call_ms = self.config.call_ms;
-        let (output, extra_ms) = match fault {
+        let (output, extra_ms): (Result<String, Failure>, u64) = match fault {
             Some(FaultKind::Hang) => {
-                self.record(args, now, 0, u64::MAX);
+                self.record(sent, now, 0, u64::MAX);
                 return CallResult {
                     output: CliOutput::default(),
                     duration: Duration::MAX,
                 };
             }
             Some(FaultKind::Fail { code, params }) => (Err(api(&code, &params)), 0),
+            Some(FaultKind::Slow { ms: slow }) => {
+                match self.dispatch(&command, &args[args.len().min(1)..], ms(now) + call_ms) {
+                    Ok((stdout, extra)) => (Ok(stdout), extra + slow),
+                    Err(failure) => (Err(failure), slow),
+                }
+            }
             None => match self.dispatch(&command, &args[args.len().min(1)..], ms(now) + call_ms) {
                 Ok((stdout, extra)) => (Ok(stdout), extra),
                 Err(failure) => (Err(failure), 0),
             },
         };
+        let stdout_on_failure = std::mem::take(&mut self.failure_stdout);
+        let failure_ms = std::mem::take(&mut self.failure_ms);
         let (output, extra_ms) = match output {
             Ok(stdout) => (
                 CliOutput {
@@ -125,13 +151,13 @@ impl World {
             Err(Failure(stderr)) => (
                 CliOutput {
                     status: 1,
-                    stdout: String::new(),
+                    stdout: stdout_on_failure,
                     stderr,
                 },
-                self.failure_delay(&command, args),
+                extra_ms.max(failure_ms),
             ),
         };
-        self.record(args, now, output.status, call_ms + extra_ms);
+        self.record(sent, now, output.status, call_ms + extra_ms);
         CallResult {
             output,
             duration: Duration::from_millis(call_ms + extra_ms),
@@ -145,26 +171,6 @@ impl World {
             status,
             duration_ms,
         });
-    }
-
-    /// How long a failing call took before it failed (a shutdown that is
-    /// never acknowledged or never completes takes its timeout).
-    fn failure_delay(&self, command: &str, args: &[String]) -> u64 {
-        if command != "vm-shutdown" || args.iter().any(|a| a == "force=true") {
-            return 0;
-        }
-        let vm = args
-            .iter()
-            .find_map(|a| a.strip_prefix("uuid=").or_else(|| a.strip_prefix("vm=")));
-        match vm.and_then(|u| self.vms.iter().find(|v| v.uuid == u || v.name_label == u)) {
-            Some(v) if v.guest_shutdown == GuestShutdown::NeverAcknowledges => {
-                self.config.ack_timeout_ms
-            }
-            Some(v) if v.guest_shutdown == GuestShutdown::NeverHalts => {
-                self.config.shutdown_timeout_ms
-            }
-            _ => 0,
-        }
     }
 
     /// Run a command whose work starts at `at_ms`; Ok(stdout, extra ms it took).
@@ -181,6 +187,7 @@ impl World {
             "usb-group-param-get" => self.param_get(&a, "USB_group", self.group_records()),
             "vusb-param-get" => self.param_get(&a, "VUSB", self.vusb_records()),
             "vm-param-get" => self.param_get(&a, "VM", self.vm_records()),
+            "host-param-get" => self.param_get(&a, "host", self.host_records()),
             "pusb-param-set" => self.pusb_param_set(&a),
             "pusb-scan" => {
                 let host = a.require("host-uuid")?.to_string();
@@ -431,6 +438,15 @@ impl World {
         )
     }
 
+    fn busy(&self, uuid: &str) -> Option<Failure> {
+        (!self.current_operations(uuid).is_empty()).then(|| {
+            api(
+                "OTHER_OPERATION_IN_PROGRESS",
+                &["VM".into(), uuid.to_string()],
+            )
+        })
+    }
+
     fn vm_start(&mut self, a: &Args, at_ms: u64) -> Outcome {
         let mut took = 0;
         for uuid in self.select_vms(a)? {
@@ -438,14 +454,40 @@ impl World {
                 .vm(&uuid)
                 .cloned()
                 .ok_or_else(|| cli_error("Error: No matching VMs found"))?;
+            if let Some(busy) = self.busy(&uuid) {
+                return Err(busy);
+            }
             if vm.power_state != PowerState::Halted {
                 return Err(self.bad_power(&uuid, "halted"));
+            }
+            // assert_usbs_available: one host must hold every VUSB's PUSB.
+            let hosts = self.vusb_hosts(&uuid);
+            let mut distinct: Vec<&Option<String>> = Vec::new();
+            for h in &hosts {
+                if !distinct.contains(&h) {
+                    distinct.push(h);
+                }
+            }
+            if distinct.len() > 1 || distinct.iter().any(|h| h.is_none()) {
+                self.failure_stdout = self
+                    .hosts
+                    .iter()
+                    .map(|h| {
+                        format!(
+                            "{} ({}): the VM's USB devices are not all on this host\n",
+                            h.name_label, h.uuid
+                        )
+                    })
+                    .collect();
+                return Err(api("NO_HOSTS_AVAILABLE", &[]));
             }
             took = took.max(self.config.start_ms);
             self.pending_power.push(PendingPower {
                 vm_uuid: uuid,
                 to: PowerState::Running,
                 due_ms: at_ms + self.config.start_ms,
+                operation: "start".into(),
+                fails: false,
             });
         }
         // The call returns once the VM runs.
@@ -460,32 +502,54 @@ impl World {
                 .vm(&uuid)
                 .cloned()
                 .ok_or_else(|| cli_error("Error: No matching VMs found"))?;
+            let ops = self.current_operations(&uuid);
+            if force && ops.iter().all(|o| o == "clean_shutdown") && !ops.is_empty() {
+                // A hard shutdown is allowed meanwhile and voids the clean one.
+                self.pending_power.retain(|p| p.vm_uuid != uuid);
+            } else if let Some(busy) = self.busy(&uuid) {
+                return Err(busy);
+            }
             if vm.power_state != PowerState::Running {
                 return Err(self.bad_power(&uuid, "running"));
             }
             let vm_param = format!("{uuid} ({})", vm.name_label);
-            let delay = match (force, vm.guest_shutdown) {
-                (true, _) => 0,
-                (false, GuestShutdown::Cooperates) => self.config.shutdown_ms,
-                (false, GuestShutdown::NeverAcknowledges) => {
-                    return Err(api("VM_FAILED_SHUTDOWN_ACKNOWLEDGMENT", &[vm_param]))
-                }
-                (false, GuestShutdown::NeverHalts) => {
-                    return Err(api(
+            let (delay, fails, error) = match (force, vm.guest_shutdown) {
+                (true, _) => (0, false, None),
+                (false, GuestShutdown::Cooperates) => (self.config.shutdown_ms, false, None),
+                (false, GuestShutdown::NeverAcknowledges) => (
+                    self.config.ack_timeout_ms,
+                    true,
+                    Some(api("VM_FAILED_SHUTDOWN_ACKNOWLEDGMENT", &[vm_param])),
+                ),
+                (false, GuestShutdown::NeverHalts) => (
+                    self.config.shutdown_timeout_ms,
+                    true,
+                    Some(api(
                         "VM_SHUTDOWN_TIMEOUT",
                         &[
                             vm_param,
                             format!("{}.", self.config.shutdown_timeout_ms / 1000),
                         ],
-                    ))
-                }
+                    )),
+                ),
             };
-            took = took.max(delay);
+            let operation = if force {
+                "hard_shutdown"
+            } else {
+                "clean_shutdown"
+            };
             self.pending_power.push(PendingPower {
                 vm_uuid: uuid,
                 to: PowerState::Halted,
                 due_ms: at_ms + delay,
+                operation: operation.into(),
+                fails,
             });
+            if let Some(error) = error {
+                self.failure_ms = delay;
+                return Err(error);
+            }
+            took = took.max(delay);
         }
         Ok((String::new(), took))
     }
@@ -641,6 +705,11 @@ impl World {
                     field("is-control-domain", "RO", v.is_control_domain.to_string()),
                     field("power-state", "RO", power_name(v.power_state)),
                     field("other-config", "MRW", map(&v.other_config)),
+                    field(
+                        "current-operations",
+                        "SRO",
+                        set(&self.current_operations(&v.uuid)),
+                    ),
                     field(
                         "resident-on",
                         "RO",

@@ -205,6 +205,34 @@ pub enum FaultKind {
     },
     /// Never answer (the call takes forever; nothing changes).
     Hang,
+    /// Take effect at once, as usual, but answer only `ms` later: a client
+    /// that gives up before then has its call applied anyway (xapi never
+    /// watches the client's connection).
+    Slow {
+        /// Extra time before `xe` answers.
+        ms: u64,
+    },
+}
+
+/// A period when xapi does not answer calls (boot, toolstack restart).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outage {
+    /// From (ms since the origin, inclusive).
+    pub from_ms: u64,
+    /// Until (exclusive).
+    pub until_ms: u64,
+    /// What `xe` prints meanwhile.
+    pub kind: OutageKind,
+}
+
+/// How xapi is unavailable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutageKind {
+    /// xapi is not running: `Error: Connection refused (calling connect )`.
+    Refused,
+    /// xapi is starting: HOST_STILL_BOOTING.
+    StillBooting,
 }
 
 /// Timings of the simulated pool.
@@ -222,6 +250,10 @@ pub struct WorldConfig {
     pub shutdown_timeout_ms: u64,
     /// Cost of every call (real dom0: 100–300 ms).
     pub call_ms: u64,
+    /// Time from a scan's start to its reading of the bus (it commits at
+    /// `scan_delay_ms` after its start): a bus change in between is not seen.
+    #[serde(default)]
+    pub scan_read_ms: u64,
 }
 
 impl Default for WorldConfig {
@@ -233,20 +265,30 @@ impl Default for WorldConfig {
             ack_timeout_ms: 60_000,
             shutdown_timeout_ms: 1_200_000,
             call_ms: 150,
+            scan_read_ms: 0,
         }
     }
 }
 
-/// A scan that will complete at `due_ms` for `host_uuid`.
+/// A scan of `host_uuid`: it reads the bus at `read_ms` and commits what it
+/// read at `due_ms`. Scans of a host run one at a time, in order.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingScan {
     /// Host to scan.
     pub host_uuid: String,
     /// When it completes.
     pub due_ms: u64,
+    /// When it reads the bus.
+    #[serde(default)]
+    pub read_ms: u64,
+    /// What it read (None: not read yet, or the bus has not changed since).
+    #[serde(default)]
+    pub seen: Option<Vec<SimUsbDevice>>,
 }
 
-/// A VM power transition that completes at `due_ms`.
+/// A VM power operation running inside xapi, whoever asked for it and
+/// whether or not that client is still waiting; it shows in the VM's
+/// `current-operations` and ends at `due_ms`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingPower {
     /// Which VM.
@@ -255,6 +297,14 @@ pub struct PendingPower {
     pub to: PowerState,
     /// When.
     pub due_ms: u64,
+    /// The operation as `current-operations` names it (`start`,
+    /// `clean_shutdown`, `hard_shutdown`).
+    #[serde(default)]
+    pub operation: String,
+    /// The operation fails at `due_ms` and the VM keeps its state (a guest
+    /// that never acknowledges or never completes a clean shutdown).
+    #[serde(default)]
+    pub fails: bool,
 }
 
 /// What an `xe` process would print and return.
@@ -314,12 +364,21 @@ pub struct World {
     pub pending_power: Vec<PendingPower>,
     /// Injected faults.
     pub faults: Vec<Fault>,
+    /// Periods when xapi is down or starting.
+    #[serde(default)]
+    pub outages: Vec<Outage>,
     /// VM power transitions so far.
     pub power_history: Vec<PowerEvent>,
     /// Every call received.
     pub calls: Vec<CallRecord>,
     /// Counter for deterministic uuids.
     pub next_id: u64,
+    /// What the failing call being run prints on stdout (NO_HOSTS_AVAILABLE's report).
+    #[serde(skip)]
+    pub(crate) failure_stdout: String,
+    /// How long the failing call being run took.
+    #[serde(skip)]
+    pub(crate) failure_ms: u64,
 }
 
 /// The Coral as the DFU boot loader, as a scan sees it (USB 2, bcdUSB 2.10).

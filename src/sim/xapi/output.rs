@@ -78,6 +78,9 @@ fn describe(code: &str) -> Option<&'static str> {
         "USB_ALREADY_ATTACHED" => "The USB device is currently attached to a VM.",
         "VM_FAILED_SHUTDOWN_ACKNOWLEDGMENT" => "VM didn't acknowledge the need to shutdown.",
         "VM_SHUTDOWN_TIMEOUT" => "VM failed to shutdown before the timeout expired",
+        "OTHER_OPERATION_IN_PROGRESS" => "Another operation involving the object is currently in progress",
+        "NO_HOSTS_AVAILABLE" => "There were no hosts available to complete the specified operation.",
+        "HOST_STILL_BOOTING" => "The host toolstack is still initialising. Please wait.",
         "INTERNAL_ERROR" => "The server failed to handle your request, due to an internal error.  The given message may give details useful for debugging the problem.",
         _ => return None,
     })
@@ -96,6 +99,7 @@ fn param_names(code: &str) -> &'static [&'static str] {
         "VM_FAILED_SHUTDOWN_ACKNOWLEDGMENT" => &["vm"],
         "VM_SHUTDOWN_TIMEOUT" => &["vm", "timeout"],
         "INTERNAL_ERROR" => &["message"],
+        "OTHER_OPERATION_IN_PROGRESS" => &["class", "object"],
         _ => &[],
     }
 }

@@ -45,11 +45,7 @@ impl XeRunner for InProcessXe {
             } else {
                 output.stderr
             };
-            Err(XeError::Failed {
-                args: args.to_vec(),
-                status: output.status,
-                message: message.trim().to_string(),
-            })
+            Err(XeError::from_output(args, output.status, &message))
         }
     }
 }

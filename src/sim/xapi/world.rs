@@ -94,19 +94,54 @@ impl World {
     /// Replace the USB devices physically present on a host, as udev would
     /// report them; schedules the asynchronous scan that udev triggers.
     pub fn set_usb_devices(&mut self, host_uuid: &str, devices: Vec<SimUsbDevice>, now: Duration) {
-        // Scans due before the change saw the old hardware.
+        // Scans due before the change saw the old hardware; scans that have
+        // already read the bus keep what they read.
         self.advance(now);
+        let now_ms = ms(now);
+        let before = self.host(host_uuid).map(|h| h.usb_devices.clone());
+        for scan in self
+            .pending_scans
+            .iter_mut()
+            .filter(|s| s.host_uuid == host_uuid && s.read_ms <= now_ms && s.seen.is_none())
+        {
+            scan.seen = before.clone();
+        }
         if let Some(host) = self.hosts.iter_mut().find(|h| h.uuid == host_uuid) {
             host.usb_devices = devices;
         }
         self.schedule_scan(host_uuid, now);
     }
 
-    /// A scan of `host_uuid` that completes `scan_delay_ms` after `now`.
+    /// A scan of `host_uuid` asked for at `now`: it starts when the host's
+    /// previous scan has committed (scans run one at a time, in order),
+    /// reads the bus `scan_read_ms` after its start and commits
+    /// `scan_delay_ms` after its start.
     pub fn schedule_scan(&mut self, host_uuid: &str, now: Duration) {
+        let start = self
+            .pending_scans
+            .iter()
+            .filter(|s| s.host_uuid == host_uuid)
+            .map(|s| s.due_ms)
+            .max()
+            .unwrap_or(0)
+            .max(ms(now));
         self.pending_scans.push(PendingScan {
             host_uuid: host_uuid.to_string(),
-            due_ms: ms(now) + self.config.scan_delay_ms,
+            due_ms: start + self.config.scan_delay_ms,
+            read_ms: start + self.config.scan_read_ms.min(self.config.scan_delay_ms),
+            seen: None,
+        });
+    }
+
+    /// Queue a scan that has already read `seen` and commits at `due_ms`
+    /// (test set-up: xapi's start-up scan read the bus while the Coral was a
+    /// boot loader, and has not committed yet).
+    pub fn queue_scan_that_saw(&mut self, host_uuid: &str, seen: Vec<SimUsbDevice>, due_ms: u64) {
+        self.pending_scans.push(PendingScan {
+            host_uuid: host_uuid.to_string(),
+            due_ms,
+            read_ms: 0,
+            seen: Some(seen),
         });
     }
 
@@ -115,11 +150,12 @@ impl World {
         let Some(host) = self.host(host_uuid).cloned() else {
             return;
         };
-        let present: Vec<&SimUsbDevice> = host
-            .usb_devices
-            .iter()
-            .filter(|d| passes_usb_policy(d))
-            .collect();
+        self.commit_scan(host_uuid, &host.usb_devices);
+    }
+
+    /// A scan's result: PUSBs for what it read, gone for what it did not.
+    fn commit_scan(&mut self, host_uuid: &str, bus: &[SimUsbDevice]) {
+        let present: Vec<&SimUsbDevice> = bus.iter().filter(|d| passes_usb_policy(d)).collect();
         // Vanished: PUSB, its group and every VUSB on the group go.
         let gone: Vec<Pusb> = self
             .pusbs
@@ -181,14 +217,8 @@ impl World {
                 .min_by_key(|(_, p)| p.due_ms)
                 .map(|(i, p)| (i, p.due_ms));
             match (scan, power) {
-                (Some((i, due)), Some((_, pdue))) if due <= pdue => {
-                    let scan = self.pending_scans.remove(i);
-                    self.scan_now(&scan.host_uuid);
-                }
-                (Some((i, _)), None) => {
-                    let scan = self.pending_scans.remove(i);
-                    self.scan_now(&scan.host_uuid);
-                }
+                (Some((i, due)), Some((_, pdue))) if due <= pdue => self.complete_scan(i),
+                (Some((i, _)), None) => self.complete_scan(i),
                 (_, Some((i, _))) => {
                     let op = self.pending_power.remove(i);
                     self.complete_power(&op);
@@ -198,12 +228,33 @@ impl World {
         }
     }
 
+    fn complete_scan(&mut self, index: usize) {
+        let scan = self.pending_scans.remove(index);
+        let bus = match scan.seen {
+            Some(seen) => seen,
+            None => self
+                .host(&scan.host_uuid)
+                .map(|h| h.usb_devices.clone())
+                .unwrap_or_default(),
+        };
+        self.commit_scan(&scan.host_uuid, &bus);
+    }
+
+    /// The operations in flight on a VM, as `current-operations` names them.
+    pub fn current_operations(&self, vm_uuid: &str) -> Vec<String> {
+        self.pending_power
+            .iter()
+            .filter(|p| p.vm_uuid == vm_uuid)
+            .map(|p| p.operation.clone())
+            .collect()
+    }
+
     /// Change a VM's power state now, with its consequences for VUSBs.
     pub(super) fn complete_power(&mut self, op: &PendingPower) {
         let Some(vm) = self.vm(&op.vm_uuid).cloned() else {
             return;
         };
-        if vm.power_state == op.to {
+        if op.fails || vm.power_state == op.to {
             return;
         }
         let resident = match op.to {
@@ -224,6 +275,21 @@ impl World {
             from: vm.power_state,
             to: op.to,
         });
+    }
+
+    /// The hosts that hold the PUSB of each VUSB of a VM (None for a VUSB
+    /// whose group has no PUSB any more).
+    pub(super) fn vusb_hosts(&self, vm_uuid: &str) -> Vec<Option<String>> {
+        self.vusbs
+            .iter()
+            .filter(|v| v.vm_uuid == vm_uuid)
+            .map(|v| {
+                self.pusbs
+                    .iter()
+                    .find(|p| p.usb_group_uuid == v.usb_group_uuid)
+                    .map(|p| p.host_uuid.clone())
+            })
+            .collect()
     }
 
     /// Where a VM starts: the host holding the PUSB of one of its VUSBs, else the master.
