@@ -15,6 +15,7 @@ use coral::config::ConfigPath;
 use coral::error::{fail, FailureKind};
 use coral::firmware::{self, FirmwareChoice, FirmwareImage, FirmwareSource, DEFAULT_INSTALL_DIR};
 use coral::lock::{self, LockGuard, LockWait};
+use coral::mapping_state::StateStore;
 use coral::ops::attach::{attach, AttachOptions};
 use coral::ops::detach::{detach, DetachOptions};
 use coral::ops::init::{init, InitOptions, InitOutcome};
@@ -53,7 +54,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     if let Environment::Simulated { host, .. } = &env {
         let changes = matches!(
             cli.command,
-            Command::Init(_) | Command::Attach(_) | Command::Detach(_) | Command::Up(_)
+            Command::Init(_)
+                | Command::Attach(_)
+                | Command::Detach(_)
+                | Command::Up(_)
+                | Command::Watch(_)
         );
         if changes && !cli.dry_run {
             host.save(&sim_state_path())?;
@@ -67,7 +72,7 @@ fn run_command(cli: &Cli, env: &Environment, out: &Output) -> anyhow::Result<()>
         Command::Init(args) => run_init(cli, env, out, args),
         Command::Attach(args) => run_attach(cli, env, out, args),
         Command::Detach(args) => run_detach(cli, env, out, args),
-        Command::Status(args) => run_status(env, out, args),
+        Command::Status(args) => run_status(cli, env, out, args),
         Command::Up(args) => run_up(cli, env, out, args),
         Command::Watch(args) => run_watch(cli, env, args),
         Command::Firmware(FirmwareCommand::Show(args)) => {
@@ -455,6 +460,7 @@ fn run_attach(cli: &Cli, env: &Environment, out: &Output, args: &AttachArgs) -> 
     let report = attach(env.usb(), &xe, env.clock(), &opts)?;
     print_planned(&xe, out);
     out.result(&report.to_string());
+    set_paused(cli, &report.vm_uuid, &opts.vm, false);
     Ok(())
 }
 
@@ -466,13 +472,16 @@ fn run_detach(cli: &Cli, env: &Environment, out: &Output, args: &DetachArgs) -> 
     let (runner, host_uuid) = env.xapi()?;
     let xe = XeClient::new(runner, host_uuid, cli.dry_run);
     let _lock = take_lock(cli, env)?;
-    let text = detach(env.usb(), &xe, &opts)?;
+    let report = detach(env.usb(), &xe, &opts)?;
     print_planned(&xe, out);
-    out.result(&text);
+    out.result(&report.line);
+    // The admin's decision stands: `coral watch` leaves this mapping alone
+    // until `coral attach` or `coral up` for the VM resumes it.
+    set_paused(cli, &report.vm_uuid, &opts.vm, true);
     Ok(())
 }
 
-fn run_status(env: &Environment, out: &Output, args: &StatusArgs) -> anyhow::Result<()> {
+fn run_status(cli: &Cli, env: &Environment, out: &Output, args: &StatusArgs) -> anyhow::Result<()> {
     // Status still shows the USB side where xe is not available (not a dom0).
     let xapi = match env.xapi() {
         Ok(xapi) => Some(xapi),
@@ -484,7 +493,18 @@ fn run_status(env: &Environment, out: &Output, args: &StatusArgs) -> anyhow::Res
     let client = xapi
         .as_ref()
         .map(|(runner, host)| XeClient::new(*runner, host.clone(), false));
-    let report = status(env.usb(), client.as_ref())?;
+    let mut report = status(env.usb(), client.as_ref())?;
+    // The mappings and what `coral watch` last did (a broken config or
+    // state file does not hide the rest of the status).
+    let config = coral::config::load(&service_place(cli, None).config.file).unwrap_or_else(|e| {
+        log::warn!("{e:#}");
+        None
+    });
+    let states = state_store(cli).load().unwrap_or_else(|e| {
+        log::warn!("cannot read the watcher's state: {e}");
+        Default::default()
+    });
+    report.mappings = coral::ops::status::mapping_statuses(config.as_ref(), &states);
     if args.json {
         out.data(&serde_json::to_string_pretty(&report)?);
     } else {
@@ -515,6 +535,7 @@ fn run_up(cli: &Cli, env: &Environment, out: &Output, args: &UpArgs) -> anyhow::
     print_planned(&xe, out);
     if let Some(attach) = &report.attach {
         out.result(&attach.to_string());
+        set_paused(cli, &attach.vm_uuid, &opts.attach.vm, false);
     }
     out.result(&report.to_string());
     Ok(())
@@ -533,6 +554,27 @@ fn run_up_all(cli: &Cli, env: &Environment, out: &Output, args: &UpArgs) -> anyh
             ),
         )
     })?;
+    // A mapping paused by `coral detach` stays as the admin left it.
+    let states = state_store(cli).load().unwrap_or_default();
+    let mut config = config;
+    config.entries.retain(|entry| {
+        let paused = states
+            .mappings
+            .get(&entry.vm_uuid)
+            .is_some_and(|state| state.paused);
+        if paused {
+            log::info!(
+                "{}: paused by `coral detach`; skipped (`coral up --vm {}` resumes it)",
+                entry.label(),
+                entry.vm_uuid
+            );
+        }
+        !paused
+    });
+    if config.entries.is_empty() && !states.mappings.is_empty() {
+        out.result("up: every entry is paused by `coral detach`; nothing to do");
+        return Ok(());
+    }
     let choice = firmware_choice(&args.firmware);
     let mut load = || load_firmware(&choice, env.is_simulated());
     let (runner, host_uuid) = env.xapi()?;
@@ -568,7 +610,6 @@ fn seed_sim_root(root: &std::path::Path) -> anyhow::Result<()> {
 
 fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<()> {
     use crate::watch_runtime::{CancellableClock, HostWakeups, SimulatedWakeups};
-    use coral::mapping_state::StateStore;
     use coral::ops::watch::{watch, LockAttempt, Mapping, Wakeups, WatchEnv, WatchOptions};
 
     // The mappings: --vm, else every entry of the config (read and checked
@@ -629,12 +670,7 @@ fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<(
     let mut load = || load_firmware(&choice, env.is_simulated());
     let (runner, host_uuid) = env.xapi()?;
     let xe = XeClient::new(runner, host_uuid, cli.dry_run);
-    let state = match env {
-        Environment::Simulated { .. } => StateStore::in_dir(
-            &std::env::temp_dir().join(format!("coral-simulate-{}", std::process::id())),
-        ),
-        Environment::Real { .. } => StateStore::from_env(),
-    };
+    let state = state_store(cli);
     let lock_file = cli.lock.lock_file.clone();
     let simulated_or_dry = env.is_simulated() || cli.dry_run;
     let lock = move || {
@@ -666,9 +702,6 @@ fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<(
         state: &state,
     };
     watch(&mut watch_env, wakeups.as_ref(), &opts);
-    if env.is_simulated() {
-        let _ = std::fs::remove_dir_all(state.path().parent().unwrap_or(state.path()));
-    }
     Ok(())
 }
 
@@ -681,6 +714,35 @@ impl Clock for ClockRef<'_> {
     }
     fn sleep(&self, duration: Duration) {
         self.0.sleep(duration)
+    }
+}
+
+/// Where each mapping's state lives: `$CORAL_STATE_DIR` (default
+/// /var/lib/coral), or under --simulate the simulated host's own root.
+fn state_store(cli: &Cli) -> StateStore {
+    if cli.simulate {
+        StateStore::in_dir(
+            &sim_root(&sim_state_path())
+                .join(coral::mapping_state::DEFAULT_STATE_DIR.trim_start_matches('/')),
+        )
+    } else {
+        StateStore::from_env()
+    }
+}
+
+/// Pause (`detach`) or resume (`attach`, `up`) a VM's mapping for `coral
+/// watch`. A dry run changes nothing; a failure to record is only logged.
+fn set_paused(cli: &Cli, vm_uuid: &str, vm_name: &str, paused: bool) {
+    if cli.dry_run || vm_uuid.is_empty() {
+        return;
+    }
+    let store = state_store(cli);
+    match store.set_paused(vm_uuid, vm_name, paused) {
+        Ok(()) if paused => log::info!(
+            "coral watch leaves VM {vm_name} alone until `coral attach` or `coral up` for it"
+        ),
+        Ok(()) => {}
+        Err(e) => log::warn!("cannot record the pause in {}: {e}", store.path().display()),
     }
 }
 

@@ -57,6 +57,8 @@ pub struct AttachReport {
     pub pending_restart: bool,
     /// The running VM was restarted (clean shutdown, start) to get the Coral.
     pub restarted: bool,
+    /// The VM's uuid (to resume a mapping paused by `coral detach`).
+    pub vm_uuid: String,
 }
 
 impl AttachReport {
@@ -168,7 +170,10 @@ pub fn attach_planned(
     path: &str,
     reenumerated: Option<Vec<String>>,
 ) -> anyhow::Result<AttachReport> {
-    let mut report = AttachReport::default();
+    let mut report = AttachReport {
+        vm_uuid: plan.vm.uuid().to_string(),
+        ..AttachReport::default()
+    };
     let vm = &plan.vm;
     let label = vm.label.as_str();
     let mut distrust = reenumerated.clone().unwrap_or_default();

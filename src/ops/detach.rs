@@ -14,8 +14,21 @@ pub struct DetachOptions {
     pub device: Option<String>,
 }
 
-/// Detach; returns the line(s) to print.
-pub fn detach(usb: &dyn UsbBus, xe: &XeClient, opts: &DetachOptions) -> anyhow::Result<String> {
+/// What `detach` did.
+#[derive(Clone, Debug)]
+pub struct DetachReport {
+    /// The line to print.
+    pub line: String,
+    /// The VM's uuid (its mapping is paused, so `coral watch` leaves it alone).
+    pub vm_uuid: String,
+}
+
+/// Detach; returns what was done.
+pub fn detach(
+    usb: &dyn UsbBus,
+    xe: &XeClient,
+    opts: &DetachOptions,
+) -> anyhow::Result<DetachReport> {
     let coral = ready_coral(usb, opts.device.as_deref())?;
     let vm = resolve_vm(xe, &opts.vm)?;
     let label = &vm.label;
@@ -23,18 +36,22 @@ pub fn detach(usb: &dyn UsbBus, xe: &XeClient, opts: &DetachOptions) -> anyhow::
     let pusbs = xe
         .ready_pusbs()
         .map_err(|e| xe_fail("listing this host's Corals in XAPI", e))?;
+    let report = |line: String| DetachReport {
+        line,
+        vm_uuid: vm.uuid().to_string(),
+    };
     let Some(pusb) = pusb_at(&pusbs, xe.host_uuid(), &path, &[]) else {
-        return Ok(format!(
+        return Ok(report(format!(
             "XAPI lists no Coral at {path}; nothing to detach from {label}"
-        ));
+        )));
     };
     let vusbs = xe
         .vusbs_of_group(&pusb.group)
         .map_err(|e| xe_fail("listing the Coral's VUSBs", e))?;
     let Some(vusb) = vusbs.iter().find(|v| v.vm_uuid == vm.uuid()) else {
-        return Ok(format!(
+        return Ok(report(format!(
             "the Coral at {path} is not passed through to {label}; nothing to do"
-        ));
+        )));
     };
     if vusb.attached {
         xe.vusb_unplug(&vusb.uuid)
@@ -48,5 +65,5 @@ pub fn detach(usb: &dyn UsbBus, xe: &XeClient, opts: &DetachOptions) -> anyhow::
         short(&vusb.uuid),
     );
     log::info!("{line}");
-    Ok(line)
+    Ok(report(line))
 }

@@ -1,5 +1,7 @@
 //! `coral status`: per Coral, its USB state and its XAPI objects.
 
+use crate::config::Config;
+use crate::mapping_state::{MappingState, MappingStates};
 use crate::usb::{CoralState, UsbBus};
 use crate::xe::client::{PowerState, XeClient};
 use crate::xe::{short, XeError};
@@ -17,6 +19,105 @@ pub struct StatusReport {
     pub xapi_available: bool,
     /// Every Coral on this host's USB.
     pub corals: Vec<CoralStatus>,
+    /// Each Coral -> VM mapping (config entries and what `coral watch` recorded).
+    pub mappings: Vec<MappingStatus>,
+}
+
+/// One Coral -> VM mapping, as `coral watch` keeps it.
+#[derive(Clone, Debug, Serialize)]
+pub struct MappingStatus {
+    /// The VM's uuid.
+    pub vm_uuid: String,
+    /// Its name, as the config or the last action recorded it.
+    pub vm_name: String,
+    /// The Coral's port from the config (null: the only Coral).
+    pub device: Option<String>,
+    /// Paused by `coral detach`: the watcher leaves it alone.
+    pub paused: bool,
+    /// What the watcher last did, one line (null: nothing yet).
+    pub last_action: Option<String>,
+    /// When, seconds since the Unix epoch.
+    pub last_action_at: Option<u64>,
+    /// Whether it succeeded.
+    pub last_action_ok: Option<bool>,
+}
+
+/// The mappings: every config entry, then any VM the state file knows of
+/// (e.g. `coral watch --vm X` without a config), each with its recorded state.
+pub fn mapping_statuses(config: Option<&Config>, states: &MappingStates) -> Vec<MappingStatus> {
+    let mut mappings: Vec<MappingStatus> = config
+        .map(|c| c.entries.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|entry| MappingStatus {
+            vm_uuid: entry.vm_uuid.clone(),
+            vm_name: entry.vm_name.clone(),
+            device: entry.device.clone(),
+            ..MappingStatus::from_state(&entry.vm_uuid, states.mappings.get(&entry.vm_uuid))
+        })
+        .collect();
+    for (uuid, state) in &states.mappings {
+        if !mappings.iter().any(|m| &m.vm_uuid == uuid) {
+            mappings.push(MappingStatus::from_state(uuid, Some(state)));
+        }
+    }
+    mappings
+}
+
+impl MappingStatus {
+    fn from_state(vm_uuid: &str, state: Option<&MappingState>) -> Self {
+        let state = state.cloned().unwrap_or_default();
+        MappingStatus {
+            vm_uuid: vm_uuid.to_string(),
+            vm_name: state.vm_name,
+            device: None,
+            paused: state.paused,
+            last_action: state.last_action,
+            last_action_at: state.last_action_at,
+            last_action_ok: state.last_action_ok,
+        }
+    }
+
+    /// Two lines: the mapping, then what the watcher last did.
+    fn render(&self, now_unix: u64, out: &mut String) {
+        let name = if self.vm_name.is_empty() {
+            short(&self.vm_uuid).to_string()
+        } else {
+            format!("{} ({})", self.vm_name, short(&self.vm_uuid))
+        };
+        let device = self.device.as_deref().unwrap_or("the only Coral");
+        let paused = if self.paused {
+            " [paused by `coral detach`]"
+        } else {
+            ""
+        };
+        let _ = writeln!(out, "Mapping {device} -> VM {name}{paused}");
+        match (&self.last_action, self.last_action_at) {
+            (Some(action), Some(at)) => {
+                let verdict = if self.last_action_ok == Some(false) {
+                    "failed"
+                } else {
+                    "ok"
+                };
+                let _ = writeln!(
+                    out,
+                    "  watch, {} ago ({verdict}): {action}",
+                    age(now_unix.saturating_sub(at))
+                );
+            }
+            _ => out.push_str("  watch: no action recorded yet\n"),
+        }
+    }
+}
+
+/// A duration in seconds as people say it: 42 s, 5 min, 3 h, 2 d.
+fn age(secs: u64) -> String {
+    match secs {
+        0..=119 => format!("{secs} s"),
+        120..=7199 => format!("{} min", secs / 60),
+        7200..=172_799 => format!("{} h", secs / 3600),
+        _ => format!("{} d", secs / 86_400),
+    }
 }
 
 /// One Coral.
@@ -105,6 +206,10 @@ impl StatusReport {
                 out.push_str("  VUSB: none (`coral attach --vm <vm>`)\n");
             }
         }
+        let now = crate::mapping_state::unix_now();
+        for mapping in &self.mappings {
+            mapping.render(now, &mut out);
+        }
         out.trim_end().to_string()
     }
 }
@@ -122,6 +227,7 @@ pub fn status(usb: &dyn UsbBus, xe: Option<&XeClient>) -> anyhow::Result<StatusR
         schema: 1,
         host_uuid: xe.map(|x| x.host_uuid().to_string()),
         xapi_available: xe.is_some(),
+        mappings: Vec::new(),
         corals: corals
             .iter()
             .map(|coral| CoralStatus {
