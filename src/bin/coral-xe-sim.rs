@@ -159,16 +159,37 @@ fn settle() -> anyhow::Result<()> {
     state.save(&state_path)
 }
 
-/// Tell XAPI about a changed USB bus, as udev would: the change happened
-/// when the bus file was written (its mtime). A device that changed identity
-/// re-enumerated: udev reported its removal first (some time between the
-/// previous call and the change) and its addition then, each with a scan.
+/// The bus file: the emulator's log of bus changes, each with its time
+/// (`{"events": [{"unix_ms": …, "devices": […]}, …]}`), or one snapshot (a
+/// JSON array of devices, for hand-made set-ups).
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum BusFile {
+    Events { events: Vec<BusEvent> },
+    Snapshot(Vec<SimUsbDevice>),
+}
+
+/// One udev add/remove as the emulator saw it.
+#[derive(serde::Deserialize)]
+struct BusEvent {
+    unix_ms: u64,
+    devices: Vec<SimUsbDevice>,
+}
+
+/// Tell XAPI about the USB bus as udev would. With an event log, every
+/// change since the last call reaches the world at its own time (each
+/// schedules a scan, and scans commit in order), so a Coral that dropped and
+/// came back between two calls still costs its PUSB, group and VUSB. With a
+/// bare snapshot, the change happened when the file was written (its mtime);
+/// a device that changed identity re-enumerated: udev reported its removal
+/// first (some time between the previous call and the change) and its
+/// addition then, each with a scan.
 fn sync_bus(state: &mut SimState, bus: &Path, now: Duration) -> anyhow::Result<()> {
-    let devices: Vec<SimUsbDevice> = match std::fs::read_to_string(bus) {
-        Ok(text) if text.trim().is_empty() => Vec::new(),
+    let file: BusFile = match std::fs::read_to_string(bus) {
+        Ok(text) if text.trim().is_empty() => BusFile::Snapshot(Vec::new()),
         Ok(text) => serde_json::from_str(&text)
             .with_context(|| format!("bad bus file {}", bus.display()))?,
-        Err(_) => Vec::new(),
+        Err(_) => BusFile::Snapshot(Vec::new()),
     };
     let host_uuid = match std::env::var("CORAL_XE_SIM_HOST") {
         Ok(uuid) => uuid,
@@ -181,6 +202,24 @@ fn sync_bus(state: &mut SimState, bus: &Path, now: Duration) -> anyhow::Result<(
     };
     let Some(current) = state.world.host(&host_uuid).map(|h| h.usb_devices.clone()) else {
         return Ok(());
+    };
+    let devices = match file {
+        BusFile::Events { events } => {
+            let now_ms = now.as_millis() as u64;
+            let seen = state.bus_seen_unix_ms;
+            for event in events.into_iter().filter(|e| e.unix_ms > seen) {
+                state.bus_seen_unix_ms = event.unix_ms;
+                let at = event
+                    .unix_ms
+                    .saturating_sub(state.origin_unix_ms)
+                    .min(now_ms);
+                state
+                    .world
+                    .set_usb_devices(&host_uuid, event.devices, Duration::from_millis(at));
+            }
+            return Ok(());
+        }
+        BusFile::Snapshot(devices) => devices,
     };
     if current == devices {
         return Ok(());

@@ -110,6 +110,7 @@ class Emulator:
         self.received = bytearray()
         self.flashed = b""
         self.events = []
+        self.bus_events = []
         self.devices = {}  # name -> dict(state)
         self.pending = []  # URBs to reap
         self.handlers = {}
@@ -259,6 +260,9 @@ class Emulator:
         self.write_bus()
 
     def write_bus(self):
+        """The bus file the fake xe reads: every change so far, each with its
+        time, as udev reported them (add and remove events), so XAPI's scans
+        can be replayed in order even when nobody called xe in between."""
         if not self.opts.bus_file:
             return
         items = []
@@ -268,9 +272,14 @@ class Emulator:
                           "product_id": "%04x" % ident["pid"], "vendor_desc": ident["vendor"],
                           "product_desc": "", "serial": "", "version": ident["version"],
                           "speed": ident["xapi_speed"], "interface_classes": [ident["class"]]})
+        event = {"unix_ms": int(time.time() * 1000), "devices": items}
+        if self.command_running:
+            self.bus_events.append(event)
+        else:  # setting up: the bus as XAPI's start-up scan saw it
+            self.bus_events = [event]
         tmp = self.opts.bus_file + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(items, f)
+            json.dump({"events": self.bus_events}, f)
         os.replace(tmp, self.opts.bus_file)
 
     def reenumerate(self, dev, ident, path):
@@ -354,7 +363,7 @@ class Emulator:
         if not self.requests:
             self.log("first request")
         self.requests.append({"type": rtype, "request": request, "value": value, "index": index,
-                              "length": wlength})
+                              "length": wlength, "path": dev["path"]})
         result = self.control(dev, rtype, request, value, index, wlength, data_out)
         if result == "vanish":
             client.complete(-1, errno.ENODEV)

@@ -13,6 +13,9 @@ pub struct SimState {
     pub origin_unix_ms: u64,
     /// The pool.
     pub world: World,
+    /// Unix time (ms) of the last bus event already told to the world.
+    #[serde(default)]
+    pub bus_seen_unix_ms: u64,
 }
 
 impl SimState {
@@ -21,6 +24,7 @@ impl SimState {
         SimState {
             origin_unix_ms: unix_ms(),
             world,
+            bus_seen_unix_ms: 0,
         }
     }
 
