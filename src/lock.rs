@@ -2,7 +2,7 @@
 //! when the process ends however it ends.
 
 use crate::clock::{poll_until, Clock};
-use crate::error::{fail, FailureKind};
+use crate::error::{fail, fail_then, FailureKind, NextStep};
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::Write;
 use std::path::Path;
@@ -34,12 +34,10 @@ pub fn acquire(path: &Path, wait: LockWait, clock: &dyn Clock) -> anyhow::Result
         .write(true)
         .open(path)
         .map_err(|e| {
-            fail(
+            fail_then(
                 FailureKind::Busy,
-                format!(
-                    "cannot open the lock file {}: {e}; run as root or set --lock-file",
-                    path.display()
-                ),
+                format!("cannot open the lock file {}: {e}", path.display()),
+                NextStep::RootOrLockFile,
             )
         })?;
     let try_lock = || match file.try_lock() {
@@ -65,13 +63,12 @@ pub fn acquire(path: &Path, wait: LockWait, clock: &dyn Clock) -> anyhow::Result
         },
     };
     if got.is_none() {
-        let hint = match wait {
-            LockWait::NoWait => "rerun later or without --no-wait",
-            LockWait::UpTo(_) => "rerun later or raise --lock-timeout",
-        };
-        return Err(fail(
+        return Err(fail_then(
             FailureKind::Busy,
-            format!("another coral run holds {}; {hint}", path.display()),
+            format!("another coral run holds {}", path.display()),
+            NextStep::RerunLater {
+                waited: matches!(wait, LockWait::UpTo(_)),
+            },
         ));
     }
     let mut file = file;
