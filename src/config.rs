@@ -451,12 +451,19 @@ mod tests {
         assert_eq!(config.entries[0].device.as_deref(), Some("2-4"));
         assert!(config.entries[0].restart);
         let err = config.upsert(entry(UUID_B, Some("1-4"))).unwrap_err();
-        assert!(
-            err.to_string().contains("coral service uninstall --vm"),
+        assert_eq!(
+            crate::error::next_step_of(&err),
+            Some(&NextStep::UninstallFirst {
+                vm: UUID_A.to_string()
+            }),
             "{err}"
         );
         let err = config.upsert(entry(UUID_B, None)).unwrap_err();
-        assert!(err.to_string().contains("--device"), "{err}");
+        assert_eq!(
+            crate::error::next_step_of(&err),
+            Some(&NextStep::DeviceForEach),
+            "{err}"
+        );
         assert_eq!(
             config.upsert(entry(UUID_B, Some("2-1.3"))).unwrap(),
             Upserted::Added

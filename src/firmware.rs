@@ -126,7 +126,10 @@ fn not_found(install_dir: &Path) -> String {
         "no Coral firmware image found ({}, ${FIRMWARE_ENV}, {}/{}, none embedded)",
         Flag::Firmware,
         install_dir.display(),
-        manifest().first().map(|e| e.name.as_str()).unwrap_or("apex_latest_single_ep.bin")
+        manifest()
+            .first()
+            .map(|e| e.name.as_str())
+            .unwrap_or("apex_latest_single_ep.bin")
     )
 }
 

@@ -142,9 +142,10 @@ mod tests {
         assert!(!is_free(&path).unwrap());
         let err = acquire(&path, LockWait::NoWait, &clock).unwrap_err();
         assert_eq!(crate::error::exit_code_of(&err), 9);
-        assert!(err.to_string().contains("--no-wait"));
+        let next = |err| crate::error::next_step_of(err).cloned();
+        assert_eq!(next(&err), Some(NextStep::RerunLater { waited: false }));
         let err = acquire(&path, LockWait::UpTo(Duration::from_millis(120)), &clock).unwrap_err();
-        assert!(err.to_string().contains("--lock-timeout"));
+        assert_eq!(next(&err), Some(NextStep::RerunLater { waited: true }));
 
         let released = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(100));

@@ -474,7 +474,10 @@ fn open_failure(coral: &CoralDevice, error: UsbError) -> anyhow::Error {
     match error {
         UsbError::Access => fail(
             FailureKind::Usb,
-            format!("permission denied opening the Coral at {}: run coral as root", coral.path),
+            format!(
+                "permission denied opening the Coral at {}: run coral as root",
+                coral.path
+            ),
         ),
         UsbError::Busy => fail_then(
             FailureKind::Usb,

@@ -312,15 +312,13 @@ pub struct InstallRequest {
 /// (XAPI refuses USB for HA-protected VMs), the device checked.
 pub fn resolve_entry(xe: &XeClient, request: &InstallRequest) -> anyhow::Result<Entry> {
     if let Some(device) = &request.device {
-        device
-            .parse::<PortPath>()
-            .map_err(|e| {
-                fail_then(
-                    FailureKind::NoCoral,
-                    format!("{} {device:?}: {e}", Flag::Device),
-                    NextStep::StatusShowsPaths,
-                )
-            })?;
+        device.parse::<PortPath>().map_err(|e| {
+            fail_then(
+                FailureKind::NoCoral,
+                format!("{} {device:?}: {e}", Flag::Device),
+                NextStep::StatusShowsPaths,
+            )
+        })?;
     }
     let vm = resolve_vm(xe, &request.vm)?;
     if vm.info.ha_restart_priority == "restart" {

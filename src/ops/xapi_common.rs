@@ -44,7 +44,10 @@ pub fn check_vm_spec(spec: &str) -> anyhow::Result<()> {
     if spec.trim().is_empty() {
         return Err(fail(
             FailureKind::Vm,
-            format!("{} is empty; give a VM uuid or its exact name-label", Flag::Vm),
+            format!(
+                "{} is empty; give a VM uuid or its exact name-label",
+                Flag::Vm
+            ),
         ));
     }
     if spec.contains(['\n', '\r']) {
