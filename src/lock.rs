@@ -9,6 +9,10 @@ use std::path::Path;
 use std::time::Duration;
 
 /// How often a waiting run tries the lock again.
+/// Where the lock lives, unless told otherwise.
+pub const DEFAULT_LOCK_FILE: &str = "/run/coral.lock";
+/// How long a run waits for another to finish, unless told otherwise.
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(300);
 const LOCK_POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// How to behave when another run holds the lock.

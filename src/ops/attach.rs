@@ -18,6 +18,11 @@ use std::time::Duration;
 
 /// Most VUSBs XAPI allows per VM.
 pub const MAX_VUSBS_PER_VM: usize = 6;
+/// How long a clean shutdown may take, unless told otherwise.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long XAPI gets to list the ready Coral (its USB scan is asynchronous),
+/// unless told otherwise.
+pub const DEFAULT_SCAN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long an operation whose `xe` gave up is followed inside xapi (longer
 /// than xapi's own 60 s for a guest that never acknowledges a shutdown).
 pub const FOLLOW_TIMEOUT: Duration = Duration::from_secs(120);

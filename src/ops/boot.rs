@@ -36,7 +36,7 @@ pub mod budget {
     /// One Coral coming back as 18d1:9302 after its firmware upload (`--timeout`).
     pub const REPLUG_WAIT: Duration = crate::ops::init::DEFAULT_REPLUG_TIMEOUT;
     /// XAPI's asynchronous scan listing one ready Coral.
-    pub const SCAN_WAIT: Duration = Duration::from_secs(30);
+    pub const SCAN_WAIT: Duration = crate::ops::attach::DEFAULT_SCAN_TIMEOUT;
     /// The shared deadline of every wait after the lock, all entries together.
     pub const AFTER_LOCK: Duration = Duration::from_secs(120);
     /// The DFU download's own deadline (a real one takes well under a second;
@@ -155,7 +155,7 @@ pub fn up_all(
                 start: entry.start,
                 restart: entry.restart,
                 force_shutdown: false,
-                shutdown_timeout: left(Duration::from_secs(180)),
+                shutdown_timeout: left(crate::ops::attach::DEFAULT_SHUTDOWN_TIMEOUT),
                 scan_timeout: left(budget::SCAN_WAIT),
             },
             dry_run,

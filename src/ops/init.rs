@@ -22,8 +22,11 @@ pub use crate::dfu::DownloadSummary;
 /// deadline.
 pub const DEFAULT_REPLUG_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Default wait of `coral init` for a Coral to appear: none, it fails at once.
+pub const DEFAULT_INIT_WAIT_DEVICE: Duration = Duration::ZERO;
+
 /// Default wait of `coral up` (the boot service) for a Coral to appear at
-/// all (`--wait-device`): a Coral behind a hub, or one slow to power up, may
+/// all: a Coral behind a hub, or one slow to power up, may
 /// enumerate after coral has started. Every second of it delays the host's
 /// VM auto-start when no Coral is plugged in, so it is kept short.
 pub const DEFAULT_UP_WAIT_DEVICE: Duration = Duration::from_secs(20);
