@@ -167,7 +167,11 @@ fn render_man_page(command: clap::Command, page: &mut Vec<u8>) -> anyhow::Result
     for (code, what) in EXIT_CODES {
         extra.push_str(&format!(".TP\n{code}\n{}\n", roff(what)));
     }
-    extra.push_str(".SH FILES\n.TP\n/var/lib/coral/\nInstalled firmware images.\n.TP\n/run/coral.lock\nThe lock that serializes runs.\n.TP\n/etc/systemd/system/coral\\-up.service\nThe boot unit written by \\fBcoral service install\\fR.\n");
+    extra.push_str(&format!(
+        ".SH FILES\n.TP\n{}/\nInstalled firmware images.\n.TP\n{}\nThe lock that serializes runs.\n.TP\n/etc/systemd/system/coral\\-up.service\nThe boot unit written by \\fBcoral service install\\fR.\n",
+        roff(DEFAULT_INSTALL_DIR),
+        roff(coral::lock::DEFAULT_LOCK_FILE)
+    ));
     page.extend_from_slice(extra.as_bytes());
     man.render_version_section(page)?;
     Ok(())

@@ -126,7 +126,7 @@ pub struct InitArgs {
     pub timeout: f64,
 
     /// Seconds to wait for a Coral to appear on the USB bus (0: fail at once if none).
-    #[arg(long, value_name = "SECS", default_value_t = 0.0)]
+    #[arg(long, value_name = "SECS", default_value_t = coral::ops::init::DEFAULT_INIT_WAIT_DEVICE.as_secs_f64())]
     pub wait_device: f64,
 }
 
@@ -150,16 +150,16 @@ pub struct VmArgs {
     pub force_shutdown: bool,
 
     /// Seconds to wait for a clean shutdown.
-    #[arg(long, value_name = "SECS", default_value_t = 180.0, value_parser = positive_seconds)]
+    #[arg(long, value_name = "SECS", default_value_t = coral::ops::attach::DEFAULT_SHUTDOWN_TIMEOUT.as_secs_f64(), value_parser = positive_seconds)]
     pub shutdown_timeout: f64,
 
     /// Seconds to wait for XAPI to list the ready Coral (its USB scan is asynchronous).
-    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = positive_seconds)]
+    #[arg(long, value_name = "SECS", default_value_t = coral::ops::attach::DEFAULT_SCAN_TIMEOUT.as_secs_f64(), value_parser = positive_seconds)]
     pub scan_timeout: f64,
 
     /// Seconds to wait for xapi while it is down or still starting (boot,
     /// toolstack restart); other XAPI errors are never retried.
-    #[arg(long, value_name = "SECS", default_value_t = 120.0)]
+    #[arg(long, value_name = "SECS", default_value_t = coral::xe::client::DEFAULT_XAPI_WAIT.as_secs_f64())]
     pub xapi_timeout: f64,
 }
 
@@ -223,7 +223,7 @@ pub struct LockArgs {
         global = true,
         value_name = "FILE",
         env = "CORAL_LOCK",
-        default_value = "/run/coral.lock"
+        default_value = coral::lock::DEFAULT_LOCK_FILE
     )]
     pub lock_file: PathBuf,
 
@@ -232,7 +232,7 @@ pub struct LockArgs {
     pub no_wait: bool,
 
     /// Seconds to wait for another coral run to finish (0: do not wait).
-    #[arg(long, global = true, value_name = "SECS", default_value_t = 300.0, value_parser = seconds_or_zero)]
+    #[arg(long, global = true, value_name = "SECS", default_value_t = coral::lock::DEFAULT_LOCK_TIMEOUT.as_secs_f64(), value_parser = seconds_or_zero)]
     pub lock_timeout: f64,
 }
 
@@ -253,7 +253,7 @@ pub enum FirmwareCommand {
             long,
             value_name = "DIR",
             env = "CORAL_FIRMWARE_DIR",
-            default_value = "/var/lib/coral"
+            default_value = coral::firmware::DEFAULT_INSTALL_DIR
         )]
         dir: PathBuf,
     },
@@ -264,7 +264,7 @@ pub enum FirmwareCommand {
             long,
             value_name = "DIR",
             env = "CORAL_FIRMWARE_DIR",
-            default_value = "/var/lib/coral"
+            default_value = coral::firmware::DEFAULT_INSTALL_DIR
         )]
         dir: PathBuf,
     },
@@ -380,11 +380,11 @@ pub struct WatchArgs {
     pub timeout: f64,
 
     /// Seconds to wait for a clean shutdown (restarts only).
-    #[arg(long, value_name = "SECS", default_value_t = 180.0, value_parser = positive_seconds)]
+    #[arg(long, value_name = "SECS", default_value_t = coral::ops::attach::DEFAULT_SHUTDOWN_TIMEOUT.as_secs_f64(), value_parser = positive_seconds)]
     pub shutdown_timeout: f64,
 
     /// Seconds to wait for XAPI to list the ready Coral.
-    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = positive_seconds)]
+    #[arg(long, value_name = "SECS", default_value_t = coral::ops::attach::DEFAULT_SCAN_TIMEOUT.as_secs_f64(), value_parser = positive_seconds)]
     pub scan_timeout: f64,
 }
 

@@ -14,7 +14,7 @@
 //! mistake as one line with the file's line number, before any USB or `xe`
 //! call. `coral service install` writes the file (VM resolved and checked).
 
-use crate::error::{fail, FailureKind};
+use crate::error::{fail, fail_then, FailureKind, NextStep};
 use crate::usb::PortPath;
 use serde::Deserialize;
 use std::fs::File;
@@ -141,12 +141,10 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
     let error = |span: Option<Range<usize>>, message: &str| {
         let line = span.map(|s| line_of(text, s.start)).unwrap_or(1);
         let message = message.lines().next().unwrap_or("").trim();
-        fail(
+        fail_then(
             FailureKind::Other,
-            format!(
-                "{}:{line}: {message}; fix the file, or rewrite it with `coral service install --vm VM`",
-                path.display()
-            ),
+            format!("{}:{line}: {message}", path.display()),
+            NextStep::FixConfig,
         )
     };
     let raw: RawConfig = toml::from_str(text).map_err(|e| error(e.span(), e.message()))?;
@@ -193,8 +191,9 @@ impl Config {
                 return Err((
                     i,
                     format!(
-                        "{} has no device, but with several entries each needs `device = \"PATH\"` (`coral status` shows the paths)",
-                        entry.label()
+                        "{} has no device, but with several entries each needs `device = \"PATH\"` ({})",
+                        entry.label(),
+                        NextStep::StatusShowsPaths
                     ),
                 ));
             }
@@ -237,14 +236,16 @@ impl Config {
             .find(|(i, e)| Some(*i) != target && e.device.is_some() && e.same_device(&entry))
             .map(|(_, e)| e)
         {
-            return Err(fail(
+            return Err(fail_then(
                 FailureKind::Other,
                 format!(
-                    "the Coral at {} is already mapped to {}; run `coral service uninstall --vm {}` first",
+                    "the Coral at {} is already mapped to {}",
                     entry.device.as_deref().unwrap_or_default(),
                     other.label(),
-                    other.vm_uuid
                 ),
+                NextStep::UninstallFirst {
+                    vm: other.vm_uuid.clone(),
+                },
             ));
         }
         let mut next = self.clone();
@@ -260,9 +261,10 @@ impl Config {
             }
         };
         if let Err((_, message)) = next.check() {
-            return Err(fail(
+            return Err(fail_then(
                 FailureKind::Other,
-                format!("{message}; pass --device for each Coral"),
+                message,
+                NextStep::DeviceForEach,
             ));
         }
         *self = next;
@@ -449,12 +451,19 @@ mod tests {
         assert_eq!(config.entries[0].device.as_deref(), Some("2-4"));
         assert!(config.entries[0].restart);
         let err = config.upsert(entry(UUID_B, Some("1-4"))).unwrap_err();
-        assert!(
-            err.to_string().contains("coral service uninstall --vm"),
+        assert_eq!(
+            crate::error::next_step_of(&err),
+            Some(&NextStep::UninstallFirst {
+                vm: UUID_A.to_string()
+            }),
             "{err}"
         );
         let err = config.upsert(entry(UUID_B, None)).unwrap_err();
-        assert!(err.to_string().contains("--device"), "{err}");
+        assert_eq!(
+            crate::error::next_step_of(&err),
+            Some(&NextStep::DeviceForEach),
+            "{err}"
+        );
         assert_eq!(
             config.upsert(entry(UUID_B, Some("2-1.3"))).unwrap(),
             Upserted::Added

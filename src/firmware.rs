@@ -2,7 +2,7 @@
 //! image to upload comes from, and verification before any USB traffic.
 //!
 
-use crate::error::{fail, FailureKind};
+use crate::error::{fail, fail_then, FailureKind, Flag, NextStep};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -114,12 +114,22 @@ fn embedded() -> Option<&'static [u8]> {
     }
 }
 
-/// What to say when no image is found anywhere.
+/// What to say when no image is found anywhere: where it was looked for,
+/// then how to get one.
 pub fn how_to_get_one(install_dir: &Path) -> String {
+    format!("{}; {}", not_found(install_dir), NextStep::GetFirmware)
+}
+
+/// Where an image was looked for, in vain.
+fn not_found(install_dir: &Path) -> String {
     format!(
-        "no Coral firmware image found (--firmware, ${FIRMWARE_ENV}, {}/{}, none embedded); get one with `coral firmware fetch` (downloads the pinned image), or copy apex_latest_single_ep.bin here and run `coral firmware install FILE`",
+        "no Coral firmware image found ({}, ${FIRMWARE_ENV}, {}/{}, none embedded)",
+        Flag::Firmware,
         install_dir.display(),
-        manifest().first().map(|e| e.name.as_str()).unwrap_or("apex_latest_single_ep.bin")
+        manifest()
+            .first()
+            .map(|e| e.name.as_str())
+            .unwrap_or("apex_latest_single_ep.bin")
     )
 }
 
@@ -161,9 +171,10 @@ pub fn load(choice: &FirmwareChoice) -> anyhow::Result<FirmwareImage> {
             false,
         );
     }
-    Err(fail(
+    Err(fail_then(
         FailureKind::Firmware,
-        how_to_get_one(&choice.install_dir),
+        not_found(&choice.install_dir),
+        NextStep::GetFirmware,
     ))
 }
 
@@ -220,14 +231,16 @@ fn verify(
     let known_name = known(&sha256).map(|e| e.name.clone());
     if known_name.is_none() {
         if !allow_unknown {
-            return Err(fail(
+            return Err(fail_then(
                 FailureKind::Firmware,
-                format!(
-                    "firmware {what} (sha256 {sha256}) is not a known Coral image; use libedgetpu's apex_latest_single_ep.bin (`coral firmware fetch`) or pass --allow-unknown-firmware"
-                ),
+                format!("firmware {what} (sha256 {sha256}) is not a known Coral image"),
+                NextStep::KnownFirmwareOrAllow,
             ));
         }
-        log::warn!("firmware {what} (sha256 {sha256}) is not in the manifest; uploading it anyway (--allow-unknown-firmware)");
+        log::warn!(
+            "firmware {what} (sha256 {sha256}) is not in the manifest; uploading it anyway ({})",
+            Flag::AllowUnknownFirmware
+        );
     }
     Ok(FirmwareImage {
         bytes,
@@ -240,7 +253,7 @@ fn verify(
 impl std::fmt::Display for FirmwareSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            FirmwareSource::Flag(p) => write!(f, "--firmware {}", p.display()),
+            FirmwareSource::Flag(p) => write!(f, "{} {}", Flag::Firmware, p.display()),
             FirmwareSource::Env(p) => write!(f, "${FIRMWARE_ENV} = {}", p.display()),
             FirmwareSource::Installed(p) => write!(f, "installed copy {}", p.display()),
             FirmwareSource::Embedded => f.write_str("embedded in this binary"),

@@ -2,13 +2,17 @@
 //! when the process ends however it ends.
 
 use crate::clock::{poll_until, Clock};
-use crate::error::{fail, FailureKind};
+use crate::error::{fail, fail_then, FailureKind, NextStep};
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
 /// How often a waiting run tries the lock again.
+/// Where the lock lives, unless told otherwise.
+pub const DEFAULT_LOCK_FILE: &str = "/run/coral.lock";
+/// How long a run waits for another to finish, unless told otherwise.
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(300);
 const LOCK_POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// How to behave when another run holds the lock.
@@ -34,12 +38,10 @@ pub fn acquire(path: &Path, wait: LockWait, clock: &dyn Clock) -> anyhow::Result
         .write(true)
         .open(path)
         .map_err(|e| {
-            fail(
+            fail_then(
                 FailureKind::Busy,
-                format!(
-                    "cannot open the lock file {}: {e}; run as root or set --lock-file",
-                    path.display()
-                ),
+                format!("cannot open the lock file {}: {e}", path.display()),
+                NextStep::RootOrLockFile,
             )
         })?;
     let try_lock = || match file.try_lock() {
@@ -65,13 +67,12 @@ pub fn acquire(path: &Path, wait: LockWait, clock: &dyn Clock) -> anyhow::Result
         },
     };
     if got.is_none() {
-        let hint = match wait {
-            LockWait::NoWait => "rerun later or without --no-wait",
-            LockWait::UpTo(_) => "rerun later or raise --lock-timeout",
-        };
-        return Err(fail(
+        return Err(fail_then(
             FailureKind::Busy,
-            format!("another coral run holds {}; {hint}", path.display()),
+            format!("another coral run holds {}", path.display()),
+            NextStep::RerunLater {
+                waited: matches!(wait, LockWait::UpTo(_)),
+            },
         ));
     }
     let mut file = file;
@@ -145,9 +146,10 @@ mod tests {
         assert!(!is_free(&path).unwrap());
         let err = acquire(&path, LockWait::NoWait, &clock).unwrap_err();
         assert_eq!(crate::error::exit_code_of(&err), 9);
-        assert!(err.to_string().contains("--no-wait"));
+        let next = |err| crate::error::next_step_of(err).cloned();
+        assert_eq!(next(&err), Some(NextStep::RerunLater { waited: false }));
         let err = acquire(&path, LockWait::UpTo(Duration::from_millis(120)), &clock).unwrap_err();
-        assert!(err.to_string().contains("--lock-timeout"));
+        assert_eq!(next(&err), Some(NextStep::RerunLater { waited: true }));
 
         let released = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(100));

@@ -3,7 +3,7 @@
 //! with the VUSB), bad input, pool members, and xe call counts.
 
 use coral::clock::VirtualClock;
-use coral::error::exit_code_of;
+use coral::error::{exit_code_of, next_step_of, NextStep};
 use coral::ops::attach::{attach, AttachOptions, AttachReport};
 use coral::sim::coral::{SimBus, SimCoralConfig};
 use coral::sim::host::SimulatedHost;
@@ -272,7 +272,7 @@ fn bad_vm_names_are_refused_with_what_to_do() {
         ("frig", "not found"),
         ("Frigate", "not found"),
         ("frigate*", "not found"),
-        ("", "--vm is empty"),
+        ("", "is empty; give a VM uuid"),
     ] {
         let err = run(&r, &opts(name, false)).unwrap_err();
         assert_eq!(exit_code_of(&err), 8, "{name}");
@@ -317,7 +317,20 @@ fn paused_vms_and_a_coral_held_by_another_vm_are_refused() {
     run(&r, &opts("frigate-old", false)).unwrap();
     let err = run(&r, &opts("frigate", false)).unwrap_err();
     assert_eq!(exit_code_of(&err), 8);
-    assert!(err.to_string().contains("coral detach --vm"), "{err}");
+    let held_by = r
+        .host
+        .world()
+        .borrow()
+        .vms
+        .iter()
+        .find(|v| v.name_label == "frigate-old")
+        .map(|v| v.uuid.clone())
+        .unwrap();
+    assert_eq!(
+        next_step_of(&err),
+        Some(&NextStep::Detach { vm: held_by }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -644,7 +657,7 @@ fn a_transient_start_failure_keeps_the_coral() {
     assert!(vusbs.is_empty(), "{message}");
     assert!(
         message.contains("was removed")
-            && message.contains(&format!("coral attach --vm {} --restart", r.vm)),
+            && next_step_of(&err) == Some(&NextStep::RestorePassthrough { vm: r.vm.clone() }),
         "{message}"
     );
 }

@@ -6,6 +6,7 @@ mod support;
 
 use coral::clock::VirtualClock;
 use coral::config::{Config, Entry};
+use coral::error::{next_step_of, NextStep};
 use coral::firmware::{FirmwareImage, FirmwareSource};
 use coral::ops::boot::{budget, up_all};
 use coral::sim::coral::{SimBus, SimCoralConfig};
@@ -91,9 +92,10 @@ fn every_entry_is_recovered_and_a_missing_coral_does_not_stop_the_others() {
         world.power_history.is_empty(),
         "no VM was started or stopped"
     );
-    let err = report.into_result().unwrap_err().to_string();
+    let err = report.into_result().unwrap_err();
     assert!(
-        err.contains("1 of 2") && err.contains(&format!("coral up --vm {}", vms[1])),
+        err.to_string().contains("1 of 2")
+            && next_step_of(&err) == Some(&NextStep::UpAfterFixing { vm: vms[1].clone() }),
         "{err}"
     );
 }
@@ -122,7 +124,7 @@ fn xapi_that_never_answers_ends_the_wait_within_the_budget() {
         false,
     ) {
         Ok(_) => panic!("xapi never answered"),
-        Err(err) => err.to_string(),
+        Err(err) => err,
     };
     let waited = host.clock().now() - started;
     assert!(
@@ -130,7 +132,8 @@ fn xapi_that_never_answers_ends_the_wait_within_the_budget() {
         "{waited:?}"
     );
     assert!(
-        err.contains("xapi did not answer") && err.contains("coral up"),
+        err.to_string().contains("xapi did not answer")
+            && next_step_of(&err) == Some(&NextStep::CheckXapiThenUp),
         "{err}"
     );
     // Nothing was written to a Coral while xapi was down.

@@ -6,7 +6,7 @@ mod support;
 
 use coral::clock::{Clock, VirtualClock};
 use coral::dfu::{state, status, DFU_ABORT, DFU_DNLOAD, DFU_GETSTATUS, DFU_UPLOAD};
-use coral::error::exit_code_of;
+use coral::error::{exit_code_of, next_step_of, NextStep};
 use coral::firmware::{FirmwareImage, FirmwareSource};
 use coral::ops::init::{init, wait_for_coral, InitOptions, InitOutcome};
 use coral::sim::coral::{SimBus, SimCoralConfig, SimFaults};
@@ -309,7 +309,18 @@ fn permission_denied_and_busy_are_explained() {
             ..Default::default()
         },
         5,
-        "coral detach",
+        "is in use (passed through to a VM?)",
+    );
+    let mut config = SimCoralConfig::xhci(4);
+    config.faults = SimFaults {
+        open_error: Some(UsbError::Busy),
+        ..Default::default()
+    };
+    let err = run(&rig(config), &synthetic(3000)).unwrap_err();
+    assert_eq!(
+        next_step_of(&err),
+        Some(&NextStep::FindHolderAndDetach),
+        "the next step finds the VM holding it: {err:#}"
     );
 }
 

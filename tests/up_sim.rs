@@ -5,6 +5,7 @@
 mod support;
 
 use coral::clock::VirtualClock;
+use coral::error::NextStep;
 use coral::firmware::{FirmwareImage, FirmwareSource};
 use coral::ops::attach::AttachOptions;
 use coral::ops::init::InitOutcome;
@@ -172,10 +173,13 @@ fn power_loss_with_the_vm_running_without_restart_leaves_it_running() {
     let vusb = vusb_on_ready_group(&world, &s.vm_uuid);
     assert!(!vusb.currently_attached, "no USB hot plug in XAPI");
     assert!(world.power_history.is_empty());
-    let text = report.attach.expect("attach ran").to_string();
+    let attach = report.attach.expect("attach ran");
+    let restart_now = NextStep::RestartNow {
+        vm: s.vm_uuid.clone(),
+    };
     assert!(
-        text.contains("--restart"),
-        "says how to restart now: {text}"
+        attach.pending_restart && attach.to_string().contains(&restart_now.to_string()),
+        "says how to restart now: {attach}"
     );
 }
 

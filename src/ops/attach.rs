@@ -9,7 +9,7 @@
 
 use super::xapi_common::{pusb_at, ready_coral, resolve_vm, wait_for_pusb, xe_fail, Vm};
 use crate::clock::Clock;
-use crate::error::{fail, FailureKind};
+use crate::error::{fail, fail_then, FailureKind, Flag, NextStep};
 use crate::usb::UsbBus;
 use crate::xe::client::{PowerState, PusbInfo, VmInfo, VusbInfo, XeClient, CALL_TIMEOUT};
 use crate::xe::{short, XeError};
@@ -18,6 +18,11 @@ use std::time::Duration;
 
 /// Most VUSBs XAPI allows per VM.
 pub const MAX_VUSBS_PER_VM: usize = 6;
+/// How long a clean shutdown may take, unless told otherwise.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long XAPI gets to list the ready Coral (its USB scan is asynchronous),
+/// unless told otherwise.
+pub const DEFAULT_SCAN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long an operation whose `xe` gave up is followed inside xapi (longer
 /// than xapi's own 60 s for a guest that never acknowledges a shutdown).
 pub const FOLLOW_TIMEOUT: Duration = Duration::from_secs(120);
@@ -206,12 +211,15 @@ pub fn attach_planned(
                 .param("vm", &other.vm_uuid, "name-label")
                 .map(|n| format!("'{}' ", n.escape_debug()))
                 .unwrap_or_default();
-            return Err(fail(
+            return Err(fail_then(
                 FailureKind::Vm,
                 format!(
-                    "the Coral at {path} is already passed through to VM {name}({}); run `coral detach --vm {}` first",
-                    other.vm_uuid, other.vm_uuid
+                    "the Coral at {path} is already passed through to VM {name}({})",
+                    other.vm_uuid
                 ),
+                NextStep::Detach {
+                    vm: other.vm_uuid.clone(),
+                },
             ));
         }
         let existing = holders.into_iter().find(|v| v.vm_uuid == vm.uuid());
@@ -285,7 +293,8 @@ pub fn attach_planned(
             ));
         }
         PowerState::Halted => report.say(format!(
-            "{label} is halted; it gets the Coral when it starts (or pass --start)"
+            "{label} is halted; it gets the Coral when it starts (or pass {})",
+            Flag::Start
         )),
         _ if opts.restart => {
             restart_with_coral(xe, clock, vm, &vusb, created, opts, &mut report)?;
@@ -300,10 +309,12 @@ pub fn attach_planned(
         _ => {
             report.pending_restart = true;
             report.say(format!(
-                "{label} is running{}; XAPI attaches USB only at VM start, so the Coral arrives at its next start{} (restart now: `coral attach --vm {} --restart`)",
+                "{label} is running{}; XAPI attaches USB only at VM start, so the Coral arrives at its next start{} ({})",
                 elsewhere(xe, &vm.info, " on another host"),
                 elsewhere(xe, &vm.info, ", on this host"),
-                vm.uuid()
+                NextStep::RestartNow {
+                    vm: vm.uuid().to_string()
+                }
             ))
         }
     }
@@ -458,8 +469,9 @@ fn shut_down(
     }
     if clean.is_timeout() && !opts.force_shutdown {
         log::warn!(
-            "{} did not shut down within --shutdown-timeout; xapi goes on with the clean shutdown, following it (up to {} s)",
+            "{} did not shut down within {}; xapi goes on with the clean shutdown, following it (up to {} s)",
             vm.label,
+            Flag::ShutdownTimeout,
             FOLLOW_TIMEOUT.as_secs()
         );
         let followed = follow(xe, clock, vm.uuid())?;
@@ -489,8 +501,9 @@ fn shut_down(
         }
     }
     log::warn!(
-        "{} did not shut down cleanly ({clean}); forcing it off (--force-shutdown)",
-        vm.label
+        "{} did not shut down cleanly ({clean}); forcing it off ({})",
+        vm.label,
+        Flag::ForceShutdown
     );
     match xe.vm_shutdown(vm.uuid(), true, CALL_TIMEOUT) {
         Ok(()) => Ok(Ok(())),
@@ -525,24 +538,27 @@ fn restart_with_coral(
             if created {
                 roll_back(xe, vusb);
             }
-            return Err(fail(
+            return Err(fail_then(
                 FailureKind::Vm,
                 format!(
-                    "{label} did not shut down cleanly ({why}); it is still running and unchanged; retry with a longer --shutdown-timeout, or --force-shutdown"
+                    "{label} did not shut down cleanly ({why}); it is still running and unchanged"
                 ),
+                NextStep::LongerShutdownOrForce,
             ));
         }
         Err(NotDown::StillShuttingDown(why)) => {
             report.say(format!("kept VUSB {} for {label}", short(vusb)));
-            return Err(fail(
+            return Err(fail_then(
                 FailureKind::Vm,
                 format!(
-                    "{label} did not finish its clean shutdown ({why}) and XAPI is still shutting it down after {} s more (a clean shutdown cannot be cancelled): if it halts, it stays DOWN until started: `xe vm-start uuid={}` (its VUSB {} is kept, so it then has the Coral); `coral attach --vm {} --restart --force-shutdown` powers it off now instead",
+                    "{label} did not finish its clean shutdown ({why}) and XAPI is still shutting it down after {} s more (a clean shutdown cannot be cancelled): if it halts, it stays DOWN until started: `xe vm-start uuid={}` (its VUSB {} is kept, so it then has the Coral)",
                     FOLLOW_TIMEOUT.as_secs(),
                     vm.uuid(),
                     short(vusb),
-                    vm.uuid()
                 ),
+                NextStep::ForceOffNow {
+                    vm: vm.uuid().to_string(),
+                },
             ));
         }
     }
@@ -608,13 +624,15 @@ fn start_with_coral(
         log::warn!("could not remove the Coral's VUSB {vusb}: {err}");
     }
     match start(xe, clock, vm.uuid())? {
-        Ok(()) => Err(fail(
+        Ok(()) => Err(fail_then(
             FailureKind::Xapi,
             format!(
-                "{label} would not start with the Coral ({again}), so it was started again without it and its VUSB {} was removed; once the cause is fixed (`xe vm-start` errors, dmesg), restore the passthrough: `coral attach --vm {} --restart`",
+                "{label} would not start with the Coral ({again}), so it was started again without it and its VUSB {} was removed (see the `xe vm-start` errors, dmesg)",
                 short(vusb),
-                vm.uuid()
             ),
+            NextStep::RestorePassthrough {
+                vm: vm.uuid().to_string(),
+            },
         )),
         Err(down) => Err(fail(
             FailureKind::Vm,

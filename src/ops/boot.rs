@@ -8,7 +8,7 @@
 use super::up::{up, UpOptions, UpReport};
 use crate::clock::{poll_until, Clock};
 use crate::config::{Config, Entry};
-use crate::error::{fail, Failure, FailureKind};
+use crate::error::{fail_then, Failure, FailureKind, NextStep};
 use crate::firmware::FirmwareImage;
 use crate::ops::attach::AttachOptions;
 use crate::usb::{PortPath, UsbBus};
@@ -36,7 +36,7 @@ pub mod budget {
     /// One Coral coming back as 18d1:9302 after its firmware upload (`--timeout`).
     pub const REPLUG_WAIT: Duration = crate::ops::init::DEFAULT_REPLUG_TIMEOUT;
     /// XAPI's asynchronous scan listing one ready Coral.
-    pub const SCAN_WAIT: Duration = Duration::from_secs(30);
+    pub const SCAN_WAIT: Duration = crate::ops::attach::DEFAULT_SCAN_TIMEOUT;
     /// The shared deadline of every wait after the lock, all entries together.
     pub const AFTER_LOCK: Duration = Duration::from_secs(120);
     /// The DFU download's own deadline (a real one takes well under a second;
@@ -97,14 +97,16 @@ impl BootReport {
             .map(|o| o.entry.label())
             .collect::<Vec<_>>()
             .join(", ");
-        Err(fail(
+        Err(fail_then(
             kind,
             format!(
-                "boot recovery failed for {} of {} Coral(s): {names} (reasons above); those VMs start without their Coral; after fixing, run `coral up --vm {}`",
+                "boot recovery failed for {} of {} Coral(s): {names} (reasons above); those VMs start without their Coral",
                 failed.len(),
                 self.outcomes.len(),
-                first.entry.vm_uuid
             ),
+            NextStep::UpAfterFixing {
+                vm: first.entry.vm_uuid.clone(),
+            },
         ))
     }
 }
@@ -120,9 +122,10 @@ pub fn up_all(
     dry_run: bool,
 ) -> anyhow::Result<BootReport> {
     if config.entries.is_empty() {
-        return Err(fail(
+        return Err(fail_then(
             FailureKind::Other,
-            "the config has no entries; add one with `coral service install --vm VM`",
+            "the config has no entries",
+            NextStep::AddEntry,
         ));
     }
     let deadline = clock.now() + budget::AFTER_LOCK;
@@ -152,7 +155,7 @@ pub fn up_all(
                 start: entry.start,
                 restart: entry.restart,
                 force_shutdown: false,
-                shutdown_timeout: left(Duration::from_secs(180)),
+                shutdown_timeout: left(crate::ops::attach::DEFAULT_SHUTDOWN_TIMEOUT),
                 scan_timeout: left(budget::SCAN_WAIT),
             },
             dry_run,
@@ -160,9 +163,11 @@ pub fn up_all(
         let result = up(usb, xe, clock, load_firmware, &opts);
         if let Err(err) = &result {
             log::error!(
-                "{}: {err:#}; it starts without its Coral; after fixing, run `coral up --vm {}`",
+                "{}: {err:#}; it starts without its Coral; {}",
                 entry.label(),
-                entry.vm_uuid
+                NextStep::UpAfterFixing {
+                    vm: entry.vm_uuid.clone()
+                }
             );
         }
         outcomes.push(EntryOutcome {
@@ -200,16 +205,18 @@ fn wait_for_xapi(
     })?;
     match (answered, last) {
         (Some(()), _) => Ok(()),
-        (None, Some(err)) => Err(fail(
+        (None, Some(err)) => Err(fail_then(
             FailureKind::Xapi,
             format!(
-                "xapi did not answer within {} s at boot ({err:#}); VMs auto-start without their Coral; check `systemctl status xapi`, then run `coral up`",
+                "xapi did not answer within {} s at boot ({err:#}); VMs auto-start without their Coral",
                 timeout.as_secs()
             ),
+            NextStep::CheckXapiThenUp,
         )),
-        (None, None) => Err(fail(
+        (None, None) => Err(fail_then(
             FailureKind::Xapi,
-            "no time was left to ask xapi at boot; run `coral up`",
+            "no time was left to ask xapi at boot",
+            NextStep::Up,
         )),
     }
 }

@@ -1,6 +1,6 @@
 //! `coral firmware show|install|fetch`. Each returns the text to print.
 
-use crate::error::{fail, FailureKind};
+use crate::error::{fail, fail_then, FailureKind, NextStep};
 use crate::firmware::{self, FirmwareChoice, FirmwareSource};
 use std::fs::File;
 use std::io::Write;
@@ -93,19 +93,21 @@ pub fn fetch(dir: &Path, dry_run: bool) -> anyhow::Result<String> {
         Ok(out) if out.status.success() => std::fs::read(&partial).ok(),
         Ok(out) => {
             let _ = std::fs::remove_file(&partial);
-            return Err(fail(
+            return Err(fail_then(
                 FailureKind::Firmware,
                 format!(
-                    "downloading {url} failed ({}); on a host without internet, fetch it elsewhere and run `coral firmware install FILE`",
+                    "downloading {url} failed ({})",
                     String::from_utf8_lossy(&out.stderr).trim()
                 ),
+                NextStep::FetchElsewhere,
             ));
         }
         Err(e) => {
             let _ = std::fs::remove_file(&partial);
-            return Err(fail(
+            return Err(fail_then(
                 FailureKind::Firmware,
-                format!("cannot run curl ({e}); download {url} elsewhere and run `coral firmware install FILE`"),
+                format!("cannot run curl ({e})"),
+                NextStep::DownloadElsewhere { url: url.clone() },
             ));
         }
     };

@@ -4,7 +4,7 @@
 
 use crate::clock::{poll_until, Clock};
 use crate::dfu::{self, DfuError, Download};
-use crate::error::{fail, FailureKind};
+use crate::error::{fail, fail_then, FailureKind, Flag, NextStep};
 use crate::firmware::FirmwareImage;
 use crate::usb::{
     select_one, CoralDevice, CoralState, ResetOutcome, SelectError, UsbBus, UsbError,
@@ -22,8 +22,11 @@ pub use crate::dfu::DownloadSummary;
 /// deadline.
 pub const DEFAULT_REPLUG_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Default wait of `coral init` for a Coral to appear: none, it fails at once.
+pub const DEFAULT_INIT_WAIT_DEVICE: Duration = Duration::ZERO;
+
 /// Default wait of `coral up` (the boot service) for a Coral to appear at
-/// all (`--wait-device`): a Coral behind a hub, or one slow to power up, may
+/// all: a Coral behind a hub, or one slow to power up, may
 /// enumerate after coral has started. Every second of it delays the host's
 /// VM auto-start when no Coral is plugged in, so it is kept short.
 pub const DEFAULT_UP_WAIT_DEVICE: Duration = Duration::from_secs(20);
@@ -87,18 +90,26 @@ fn select_failure(error: &SelectError, device: Option<&str>, waited: Duration) -
     } else {
         format!(" (waited {} s)", waited.as_secs_f64())
     };
-    let message = match error {
-        SelectError::BadPath(e) => format!("--device {:?}: {e}", device.unwrap_or("")),
-        SelectError::NoCoral => format!("{error}{waited}; is it plugged in? check `lsusb`"),
-        SelectError::NoneAt { present, .. } if present.is_empty() => {
-            format!("{error}{waited}; check `lsusb` for 1a6e:089a or 18d1:9302")
-        }
+    let kind = FailureKind::NoCoral;
+    match error {
+        SelectError::BadPath(e) => fail_then(
+            kind,
+            format!("{} {:?}: {e}", Flag::Device, device.unwrap_or("")),
+            NextStep::StatusShowsPaths,
+        ),
+        SelectError::NoCoral => fail(
+            kind,
+            format!("{error}{waited}; is it plugged in? check `lsusb`"),
+        ),
+        SelectError::NoneAt { present, .. } if present.is_empty() => fail(
+            kind,
+            format!("{error}{waited}; check `lsusb` for 1a6e:089a or 18d1:9302"),
+        ),
         SelectError::NoneAt { .. } => {
-            format!("{error}{waited}; pass one of those to --device")
+            fail_then(kind, format!("{error}{waited}"), NextStep::PassOneOfThose)
         }
-        SelectError::Several(_) => format!("{error}; choose one with --device PATH"),
-    };
-    fail(FailureKind::NoCoral, message)
+        SelectError::Several(_) => fail_then(kind, error.to_string(), NextStep::ChooseDevice),
+    }
 }
 
 /// Poll until the Coral `device` names (or the only Coral) is on the bus,
@@ -425,19 +436,21 @@ fn wait_for_identity(
 
 fn wrong_identity(from: &CoralDevice, back: &CoralDevice) -> anyhow::Error {
     match back.state {
-        CoralState::Uninitialized => fail(
+        CoralState::Uninitialized => fail_then(
             FailureKind::Usb,
             format!(
-                "the Coral at {} came back as 1a6e:089a again after the firmware upload (at {}, device {:03}): its boot loader did not take the image; unplug and replug it, then rerun `coral init`",
+                "the Coral at {} came back as 1a6e:089a again after the firmware upload (at {}, device {:03}): its boot loader did not take the image",
                 from.path, back.path, back.address
             ),
+            NextStep::ReplugThenInit,
         ),
-        CoralState::Ready => fail(
+        CoralState::Ready => fail_then(
             FailureKind::Usb,
             format!(
-                "the Coral at {} came back as 18d1:9302 instead of its boot loader (at {}); rerun `coral init --force`, or replug it",
+                "the Coral at {} came back as 18d1:9302 instead of its boot loader (at {})",
                 from.path, back.path
             ),
+            NextStep::InitForceOrReplug,
         ),
     }
 }
@@ -448,14 +461,15 @@ fn not_back(wait: &Waiting, want: CoralState) -> anyhow::Error {
         .as_ref()
         .map(|e| format!(" (its USB reset reported: {e})"))
         .unwrap_or_default();
-    fail(
+    fail_then(
         FailureKind::Timeout,
         format!(
-            "the Coral at {} did not come back as {} within {} s{reset}; unplug and replug it, then rerun `coral init`",
+            "the Coral at {} did not come back as {} within {} s{reset}",
             wait.from.path,
             want.id(),
             wait.timeout.as_secs_f64()
         ),
+        NextStep::ReplugThenInit,
     )
 }
 
@@ -463,27 +477,30 @@ fn open_failure(coral: &CoralDevice, error: UsbError) -> anyhow::Error {
     match error {
         UsbError::Access => fail(
             FailureKind::Usb,
-            format!("permission denied opening the Coral at {}: run coral as root", coral.path),
-        ),
-        UsbError::Busy => fail(
-            FailureKind::Usb,
             format!(
-                "the Coral at {} is in use (passed through to a VM?); see `coral status`, then `coral detach --vm <vm>`",
+                "permission denied opening the Coral at {}: run coral as root",
                 coral.path
             ),
+        ),
+        UsbError::Busy => fail_then(
+            FailureKind::Usb,
+            format!(
+                "the Coral at {} is in use (passed through to a VM?)",
+                coral.path
+            ),
+            NextStep::FindHolderAndDetach,
         ),
         other => usb_failure(&format!("opening the Coral at {}", coral.path), other),
     }
 }
 
 fn dfu_failure(coral: &CoralDevice, error: DfuError) -> anyhow::Error {
-    let next = "rerun `coral init` (replug the Coral if it keeps failing)";
     let message = match &error {
         DfuError::Usb {
             step,
             error: UsbError::NoDevice,
         } => format!(
-            "the Coral at {} disappeared during the firmware upload ({step}); {next}",
+            "the Coral at {} disappeared during the firmware upload ({step})",
             coral.path
         ),
         DfuError::Usb {
@@ -493,16 +510,17 @@ fn dfu_failure(coral: &CoralDevice, error: DfuError) -> anyhow::Error {
             return open_failure(coral, UsbError::Busy);
         }
         _ => format!(
-            "firmware upload to the Coral at {} failed: {error}; {next}",
+            "firmware upload to the Coral at {} failed: {error}",
             coral.path
         ),
     };
-    fail(FailureKind::Usb, message)
+    fail_then(FailureKind::Usb, message, NextStep::RetryInit)
 }
 
 fn usb_failure(what: &str, error: UsbError) -> anyhow::Error {
-    fail(
+    fail_then(
         FailureKind::Usb,
-        format!("{what}: {error}; rerun with -vv for every USB request"),
+        format!("{what}: {error}"),
+        NextStep::RerunVerbose,
     )
 }

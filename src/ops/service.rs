@@ -11,7 +11,7 @@
 use super::boot::budget;
 use super::xapi_common::resolve_vm;
 use crate::config::{self, Config, ConfigPath, Entry, Upserted};
-use crate::error::{fail, FailureKind};
+use crate::error::{fail, fail_then, FailureKind, Flag, NextStep};
 use crate::usb::PortPath;
 use crate::xe::client::XeClient;
 use std::path::{Path, PathBuf};
@@ -312,9 +312,13 @@ pub struct InstallRequest {
 /// (XAPI refuses USB for HA-protected VMs), the device checked.
 pub fn resolve_entry(xe: &XeClient, request: &InstallRequest) -> anyhow::Result<Entry> {
     if let Some(device) = &request.device {
-        device
-            .parse::<PortPath>()
-            .map_err(|e| fail(FailureKind::NoCoral, format!("--device {device:?}: {e}")))?;
+        device.parse::<PortPath>().map_err(|e| {
+            fail_then(
+                FailureKind::NoCoral,
+                format!("{} {device:?}: {e}", Flag::Device),
+                NextStep::StatusShowsPaths,
+            )
+        })?;
     }
     let vm = resolve_vm(xe, &request.vm)?;
     if vm.info.ha_restart_priority == "restart" {

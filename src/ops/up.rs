@@ -6,6 +6,7 @@ use super::attach::{attach_planned, read_plan, AttachOptions, AttachReport};
 use super::init::{init, wait_for_coral, InitOptions, InitOutcome};
 use super::xapi_common::{check_vm_spec, SCAN_POLL_INTERVAL};
 use crate::clock::{poll_until, Clock};
+use crate::error::Flag;
 use crate::firmware::FirmwareImage;
 use crate::usb::{CoralState, UsbBus};
 use crate::xe::client::XeClient;
@@ -44,9 +45,10 @@ impl fmt::Display for UpReport {
             done.push(format!("firmware uploaded, Coral ready at {}", after.path));
         }
         match &self.attach {
-            Some(report) if report.pending_restart => done.push(
-                "passed through; the running VM gets the Coral at its next start (--restart does it now)".to_string(),
-            ),
+            Some(report) if report.pending_restart => done.push(format!(
+                "passed through; the running VM gets the Coral at its next start ({} does it now)",
+                Flag::Restart
+            )),
             Some(report) if report.changed => done.push("passed through to the VM".to_string()),
             Some(report) if report.lines.iter().any(|l| l.starts_with("dry run:")) => {
                 done.push("dry run: the VM and XAPI were checked, nothing was changed".to_string())

@@ -4,7 +4,7 @@
 
 use super::init::select_coral;
 use crate::clock::Clock;
-use crate::error::{fail, FailureKind};
+use crate::error::{fail, fail_then, FailureKind, Flag, NextStep};
 use crate::usb::{CoralDevice, CoralState, UsbBus};
 use crate::xe::client::{PusbInfo, VmInfo, XeClient};
 use crate::xe::{looks_like_uuid, XeError};
@@ -29,12 +29,10 @@ pub fn ready_coral(usb: &dyn UsbBus, device: Option<&str>) -> anyhow::Result<Cor
         None => select_coral(&ready, None)?,
     };
     if coral.state != CoralState::Ready {
-        return Err(fail(
+        return Err(fail_then(
             FailureKind::NoCoral,
-            format!(
-                "the Coral at {} is not initialized (1a6e:089a); run `coral init` (or `coral up --vm …`) first",
-                coral.path
-            ),
+            format!("the Coral at {} is not initialized (1a6e:089a)", coral.path),
+            NextStep::InitFirst,
         ));
     }
     Ok(coral)
@@ -46,14 +44,18 @@ pub fn check_vm_spec(spec: &str) -> anyhow::Result<()> {
     if spec.trim().is_empty() {
         return Err(fail(
             FailureKind::Vm,
-            "--vm is empty; give a VM uuid or its exact name-label",
+            format!(
+                "{} is empty; give a VM uuid or its exact name-label",
+                Flag::Vm
+            ),
         ));
     }
     if spec.contains(['\n', '\r']) {
         return Err(fail(
             FailureKind::Vm,
             format!(
-                "--vm {spec:?} holds a line break, which xe cannot pass to XAPI; give the VM's uuid (`xe vm-list params=uuid,name-label`)"
+                "{} {spec:?} holds a line break, which xe cannot pass to XAPI; give the VM's uuid (`xe vm-list params=uuid,name-label`)",
+                Flag::Vm
             ),
         ));
     }
@@ -103,12 +105,13 @@ pub fn resolve_vm(xe: &XeClient, spec: &str) -> anyhow::Result<Vm> {
             };
             Ok(Vm { info, label })
         }
-        n => Err(fail(
+        n => Err(fail_then(
             FailureKind::Vm,
             format!(
-                "{n} VMs are named '{spec}' ({}); pass the uuid of the one you mean with --vm",
+                "{n} VMs are named '{spec}' ({})",
                 vms.iter().map(|v| v.uuid.as_str()).collect::<Vec<_>>().join(", ")
             ),
+            NextStep::PassVmUuid,
         )),
     }
 }

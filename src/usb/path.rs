@@ -77,11 +77,7 @@ pub struct BadPortPath(pub String);
 
 impl fmt::Display for BadPortPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "'{}' is not a USB port path like 2-1 or 2-1.4 (see `coral status`)",
-            self.0
-        )
+        write!(f, "'{}' is not a USB port path like 2-1 or 2-1.4", self.0)
     }
 }
 

@@ -15,6 +15,9 @@ use std::time::Duration;
 
 /// Deadline of a read or a quick write.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a command waits for xapi while it is down or still starting,
+/// unless told otherwise (the boot path has its own budget).
+pub const DEFAULT_XAPI_WAIT: Duration = Duration::from_secs(120);
 /// Deadline of `vm-start` (a VM boot with its devices).
 pub const START_TIMEOUT: Duration = Duration::from_secs(300);
 /// Longest pause between two tries while xapi is down or starting.

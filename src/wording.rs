@@ -1,0 +1,81 @@
+//! The command line's words for what the library refers to as data: its
+//! [`Flag`]s and the [`NextStep`] of a failure. The one place that spells
+//! `coral` commands in a message; installed by `main` before anything runs.
+
+use coral::error::{Flag, NextStep, Wording};
+
+/// The `coral` command line's wording.
+pub struct CliWording;
+
+impl Wording for CliWording {
+    fn flag(&self, flag: Flag) -> String {
+        match flag {
+            Flag::Vm => "--vm",
+            Flag::Device => "--device",
+            Flag::Start => "--start",
+            Flag::Restart => "--restart",
+            Flag::ForceShutdown => "--force-shutdown",
+            Flag::ShutdownTimeout => "--shutdown-timeout",
+            Flag::LockFile => "--lock-file",
+            Flag::NoWait => "--no-wait",
+            Flag::LockTimeout => "--lock-timeout",
+            Flag::Firmware => "--firmware",
+            Flag::AllowUnknownFirmware => "--allow-unknown-firmware",
+        }
+        .to_string()
+    }
+
+    fn step(&self, step: &NextStep) -> String {
+        match step {
+            NextStep::Detach { vm } => format!("run `coral detach --vm {vm}` first"),
+            NextStep::FindHolderAndDetach => {
+                "see `coral status`, then `coral detach --vm <vm>`".into()
+            }
+            NextStep::LongerShutdownOrForce => {
+                "retry with a longer --shutdown-timeout, or --force-shutdown".into()
+            }
+            NextStep::ForceOffNow { vm } => format!(
+                "`coral attach --vm {vm} --restart --force-shutdown` powers it off now instead"
+            ),
+            NextStep::RestorePassthrough { vm } => format!(
+                "once the cause is fixed, restore the passthrough: `coral attach --vm {vm} --restart`"
+            ),
+            NextStep::RestartNow { vm } => {
+                format!("restart now: `coral attach --vm {vm} --restart`")
+            }
+            NextStep::UpAfterFixing { vm } => format!("after fixing, run `coral up --vm {vm}`"),
+            NextStep::Up => "run `coral up`".into(),
+            NextStep::CheckXapiThenUp => {
+                "check `systemctl status xapi`, then run `coral up`".into()
+            }
+            NextStep::AddEntry => "add one with `coral service install --vm VM`".into(),
+            NextStep::FixConfig => {
+                "fix the file, or rewrite it with `coral service install --vm VM`".into()
+            }
+            NextStep::UninstallFirst { vm } => {
+                format!("run `coral service uninstall --vm {vm}` first")
+            }
+            NextStep::DeviceForEach => "pass --device for each Coral".into(),
+            NextStep::StatusShowsPaths => "`coral status` shows the paths".into(),
+            NextStep::PassOneOfThose => "pass one of those to --device".into(),
+            NextStep::ChooseDevice => "choose one with --device PATH".into(),
+            NextStep::PassVmUuid => "pass the uuid of the one you mean with --vm".into(),
+            NextStep::InitFirst => "run `coral init` (or `coral up --vm …`) first".into(),
+            NextStep::ReplugThenInit => "unplug and replug it, then rerun `coral init`".into(),
+            NextStep::InitForceOrReplug => "rerun `coral init --force`, or replug it".into(),
+            NextStep::RetryInit => {
+                "rerun `coral init` (replug the Coral if it keeps failing)".into()
+            }
+            NextStep::RerunVerbose => "rerun with -vv for every USB request".into(),
+            NextStep::GetFirmware => "get one with `coral firmware fetch` (downloads the pinned image), or copy apex_latest_single_ep.bin here and run `coral firmware install FILE`".into(),
+            NextStep::KnownFirmwareOrAllow => "use libedgetpu's apex_latest_single_ep.bin (`coral firmware fetch`) or pass --allow-unknown-firmware".into(),
+            NextStep::FetchElsewhere => "on a host without internet, fetch it elsewhere and run `coral firmware install FILE`".into(),
+            NextStep::DownloadElsewhere { url } => {
+                format!("download {url} elsewhere and run `coral firmware install FILE`")
+            }
+            NextStep::RootOrLockFile => "run as root or set --lock-file".into(),
+            NextStep::RerunLater { waited: false } => "rerun later or without --no-wait".into(),
+            NextStep::RerunLater { waited: true } => "rerun later or raise --lock-timeout".into(),
+        }
+    }
+}
