@@ -674,7 +674,13 @@ fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<(
     let mut load = || load_firmware(&choice, env.is_simulated());
     let (runner, host_uuid) = env.xapi()?;
     let xe = XeClient::new(runner, host_uuid, cli.dry_run);
-    let state = state_store(cli);
+    // A dry run checks every mapping once, writes nothing (not even the
+    // watcher's record) and prints what a recovery would run.
+    let state = if cli.dry_run {
+        state_store(cli).read_only()
+    } else {
+        state_store(cli)
+    };
     let lock_file = cli.lock.lock_file.clone();
     let simulated_or_dry = env.is_simulated() || cli.dry_run;
     let lock = move || {
@@ -687,6 +693,7 @@ fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<(
         })
     };
     let (wakeups, clock): (Box<dyn Wakeups + '_>, Box<dyn Clock + '_>) = match env {
+        _ if cli.dry_run => (Box::new(StopAtOnce), Box::new(ClockRef(env.clock()))),
         Environment::Simulated { host, .. } => (
             Box::new(SimulatedWakeups::new(host)),
             Box::new(ClockRef(host.clock())),
@@ -707,6 +714,15 @@ fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<(
     };
     watch(&mut watch_env, wakeups.as_ref(), &opts);
     Ok(())
+}
+
+/// `--dry-run watch`: one check, then stop.
+struct StopAtOnce;
+
+impl coral::ops::watch::Wakeups for StopAtOnce {
+    fn wait(&self, _timeout: Duration) -> coral::ops::watch::Wake {
+        coral::ops::watch::Wake::Stop
+    }
 }
 
 /// A borrowed clock as a boxed one.

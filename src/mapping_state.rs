@@ -48,6 +48,7 @@ pub struct MappingStates {
 #[derive(Clone, Debug)]
 pub struct StateStore {
     path: PathBuf,
+    read_only: bool,
 }
 
 impl StateStore {
@@ -55,6 +56,7 @@ impl StateStore {
     pub fn in_dir(dir: &Path) -> Self {
         StateStore {
             path: dir.join(FILE_NAME),
+            read_only: false,
         }
     }
 
@@ -64,6 +66,14 @@ impl StateStore {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         Self::in_dir(&dir)
+    }
+
+    /// The same store, read but never written (`--dry-run`).
+    pub fn read_only(self) -> Self {
+        StateStore {
+            read_only: true,
+            ..self
+        }
     }
 
     /// The file's path.
@@ -133,6 +143,10 @@ impl StateStore {
     }
 
     fn save(&self, states: &MappingStates) -> io::Result<()> {
+        if self.read_only {
+            log::debug!("dry run: would update {}", self.path.display());
+            return Ok(());
+        }
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir)?;
         }

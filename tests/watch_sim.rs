@@ -463,3 +463,47 @@ fn an_idle_watch_makes_no_xe_call_between_its_periodic_checks() {
     );
     assert!(s.host.sim_bus().requests().is_empty());
 }
+
+#[test]
+fn a_scan_that_lands_after_the_usb_event_is_caught_by_the_settle_recheck() {
+    // A ready Coral resets and keeps its firmware (libedgetpu and XAPI reset
+    // it on every open and VM start): udev reports it gone and back, and
+    // XAPI's scan of the gap deletes its PUSB, group and VUSB — but only
+    // 500 ms after the watcher already looked and found them.
+    let s = scenario(&[4], PowerState::Halted);
+    let opts = options(vec![mapping(4, &s.vms[0], false)], 2);
+    let host_uuid = s.host.host_uuid().to_string();
+    let reset_keeping_firmware: Box<dyn Fn(&SimulatedHost)> = Box::new(move |host| {
+        let now = host.clock().now();
+        let world = host.world();
+        let mut world = world.borrow_mut();
+        world.set_usb_devices(&host_uuid, vec![], now);
+        world.set_usb_devices(
+            &host_uuid,
+            vec![coral::sim::xapi::coral_ready_device("2-4")],
+            now + Duration::from_millis(5),
+        );
+    });
+    // At 30 s, half-way to the periodic check; the watch ends at 50 s.
+    let script = Script::new(
+        &s.host,
+        vec![(MINUTE / 2, reset_keeping_firmware)],
+        MINUTE - MINUTE / 6,
+    );
+    let loads = run_watch(&s, &opts, &script, Duration::ZERO);
+
+    assert_eq!(loads, 0, "no firmware needed: the Coral kept it");
+    assert!(s.host.sim_bus().requests().is_empty());
+    assert_eq!(vusbs_of(&s, &s.vms[0], "2-4"), vec![(true, false)]);
+    let world = s.host.world();
+    let world = world.borrow();
+    let created = world
+        .calls
+        .iter()
+        .find(|c| c.args[0] == "vusb-create")
+        .expect("the VUSB was recreated");
+    assert!(
+        created.at_ms < (MINUTE - MINUTE / 6).as_millis() as u64,
+        "within the settle recheck, not at the next periodic check: {created:?}"
+    );
+}

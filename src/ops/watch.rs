@@ -36,6 +36,9 @@ pub const DEFAULT_MAX_RESTARTS_PER_HOUR: u32 = 2;
 pub const DEFAULT_USB_POLL: Duration = Duration::from_secs(2);
 /// Default interval of the XAPI health check.
 pub const DEFAULT_XAPI_CHECK: Duration = Duration::from_secs(60);
+/// After a USB change, XAPI's own scans (udev-triggered, asynchronous) may
+/// still remove records the check at once found: look again this much later.
+pub const USB_SETTLE_RECHECK: Duration = Duration::from_secs(5);
 /// First retry delay after a failed recovery; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(5);
 /// Longest retry delay after repeated failures.
@@ -170,20 +173,20 @@ impl Watcher {
         }
     }
 
-    /// Check every mapping once. `usb_changed`: the bus changed since the
-    /// last check; `xapi_due`: the periodic XAPI check is due. A failure is
-    /// logged and retried later with backoff; it never ends the watcher.
-    pub fn check(&mut self, env: &mut WatchEnv, usb_changed: bool, xapi_due: bool) {
-        let corals = match env.usb.list_corals() {
-            Ok(corals) => corals,
-            Err(e) => {
-                log::warn!("watch: listing USB devices failed ({e}); trying again shortly");
-                return;
-            }
-        };
+    /// Check every mapping once against `corals` (a fresh listing).
+    /// `usb_changed`: the bus changed since the last check; `xapi_due`: the
+    /// periodic XAPI check is due. A failure is logged and retried later
+    /// with backoff; it never ends the watcher.
+    pub fn check(
+        &mut self,
+        env: &mut WatchEnv,
+        corals: &[CoralDevice],
+        usb_changed: bool,
+        xapi_due: bool,
+    ) {
         let several_mappings = self.tracked.len() > 1;
         for index in 0..self.tracked.len() {
-            self.check_one(env, index, &corals, usb_changed, xapi_due, several_mappings);
+            self.check_one(env, index, corals, usb_changed, xapi_due, several_mappings);
         }
     }
 
@@ -480,8 +483,11 @@ pub fn watch(env: &mut WatchEnv, wakeups: &dyn Wakeups, opts: &WatchOptions) {
         opts.mappings.len(),
         opts.xapi_check.as_secs()
     );
-    let mut last_seen = env.usb.list_corals().ok();
-    watcher.check(env, true, true);
+    let mut usb = UsbView::default();
+    let mut last_seen = usb.list(env.usb);
+    if let Some(corals) = &last_seen {
+        watcher.check(env, corals, true, true);
+    }
     let mut next_xapi_check = env.clock.now() + opts.xapi_check;
     loop {
         let now = env.clock.now();
@@ -491,17 +497,47 @@ pub fn watch(env: &mut WatchEnv, wakeups: &dyn Wakeups, opts: &WatchOptions) {
             log::info!("watch: stopping");
             return;
         }
-        let seen = env.usb.list_corals().ok();
-        let usb_changed = wake == Wake::UsbChanged || (seen.is_some() && seen != last_seen);
-        if seen.is_some() {
-            last_seen = seen;
-        }
-        let xapi_due = env.clock.now() >= next_xapi_check;
-        if usb_changed || xapi_due || watcher.retry_pending(env.clock.now()) {
-            watcher.check(env, usb_changed, xapi_due);
+        let Some(corals) = usb.list(env.usb) else {
+            continue;
+        };
+        let usb_changed = wake == Wake::UsbChanged || last_seen.as_ref() != Some(&corals);
+        last_seen = Some(corals.clone());
+        let now = env.clock.now();
+        let xapi_due = now >= next_xapi_check;
+        if usb_changed || xapi_due || watcher.retry_pending(now) {
+            watcher.check(env, &corals, usb_changed, xapi_due);
         }
         if xapi_due {
             next_xapi_check = env.clock.now() + opts.xapi_check;
+        }
+        if usb_changed {
+            next_xapi_check = next_xapi_check.min(env.clock.now() + USB_SETTLE_RECHECK);
+        }
+    }
+}
+
+/// USB listings for the watcher, saying once (not every poll) that they fail.
+#[derive(Default)]
+struct UsbView {
+    failing: bool,
+}
+
+impl UsbView {
+    fn list(&mut self, usb: &dyn UsbBus) -> Option<Vec<CoralDevice>> {
+        match usb.list_corals() {
+            Ok(corals) => {
+                if std::mem::take(&mut self.failing) {
+                    log::info!("watch: USB listings work again");
+                }
+                Some(corals)
+            }
+            Err(e) => {
+                if !self.failing {
+                    log::warn!("watch: listing USB devices failed ({e}); trying again every poll");
+                    self.failing = true;
+                }
+                None
+            }
         }
     }
 }
