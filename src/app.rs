@@ -252,11 +252,18 @@ fn run_service(
             let spec = unit_spec(&place)?;
             let (runner, host_uuid) = env.xapi()?;
             let xe = XeClient::new(runner, host_uuid, true);
+            if args.vm.force_shutdown {
+                return Err(fail(
+                    FailureKind::Other,
+                    "--force-shutdown is not for the boot service or the watcher: they never hard-stop a VM",
+                ));
+            }
             let request = service::InstallRequest {
-                vm: args.vm.clone(),
-                device: args.device.clone(),
-                start: args.start,
-                restart: args.restart,
+                vm: args.vm.vm.clone().unwrap_or_default(),
+                device: args.device.device.clone(),
+                start: args.vm.start,
+                restart: args.vm.restart,
+                deadlines: entry_deadlines(&args.vm, &args.replug),
             };
             out.result(&service::install(&xe, &place, &spec, &request)?);
             Ok(())
@@ -269,6 +276,7 @@ fn run_service(
                 device: args.device.clone(),
                 start: args.start,
                 restart: args.restart,
+                deadlines: Default::default(),
             });
             let xapi = request.as_ref().and_then(|_| env.xapi().ok());
             let xe = xapi
@@ -419,7 +427,7 @@ fn run_init(cli: &Cli, env: &Environment, out: &Output, args: &InitArgs) -> anyh
     let opts = InitOptions {
         device: args.device.device.clone(),
         force: args.force,
-        replug_timeout: seconds("--timeout", args.timeout)?,
+        replug_timeout: seconds("--timeout", args.replug.timeout)?,
         wait_device: seconds("--wait-device", args.wait_device)?,
     };
     let choice = firmware_choice(&args.firmware);
@@ -522,7 +530,7 @@ fn run_up(cli: &Cli, env: &Environment, out: &Output, args: &UpArgs) -> anyhow::
         return run_up_all(cli, env, out, args);
     }
     let opts = UpOptions {
-        replug_timeout: seconds("--timeout", args.timeout)?,
+        replug_timeout: seconds("--timeout", args.replug.timeout)?,
         attach: attach_options(&args.vm, args.device.device.clone())?,
         dry_run: cli.dry_run,
         wait_device: seconds("--wait-device", args.wait_device)?,
@@ -618,13 +626,20 @@ fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<(
 
     // The mappings: --vm, else every entry of the config (read and checked
     // before anything else; a broken config is the one thing that ends the watcher).
-    let mappings = match &args.vm {
+    if args.vm.force_shutdown {
+        return Err(fail(
+            FailureKind::Other,
+            "--force-shutdown is not for the watcher: it never hard-stops a VM",
+        ));
+    }
+    let mappings = match &args.vm.vm {
         Some(vm) => vec![Mapping {
             vm: vm.clone(),
             name: None,
             device: args.device.device.clone(),
-            start: args.start,
-            restart: args.restart,
+            start: args.vm.start,
+            restart: args.vm.restart,
+            deadlines: Default::default(),
         }],
         None => {
             let place = service_place(cli, None);
@@ -646,6 +661,7 @@ fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<(
                     device: entry.device.clone(),
                     start: entry.start,
                     restart: entry.restart,
+                    deadlines: entry.deadlines,
                 })
                 .collect()
         }
@@ -657,23 +673,18 @@ fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<(
         xapi_check: seconds("--xapi-check", args.xapi_check)?,
         recovery: UpOptions {
             wait_device: Duration::ZERO,
-            replug_timeout: seconds("--timeout", args.timeout)?,
-            attach: AttachOptions {
-                vm: String::new(),
-                device: None,
-                start: args.start,
-                restart: args.restart,
-                force_shutdown: false,
-                shutdown_timeout: seconds("--shutdown-timeout", args.shutdown_timeout)?,
-                scan_timeout: seconds("--scan-timeout", args.scan_timeout)?,
-            },
+            replug_timeout: seconds("--timeout", args.replug.timeout)?,
+            attach: attach_options(&args.vm, None)?,
             dry_run: cli.dry_run,
         },
     };
     let choice = firmware_choice(&args.firmware);
     let mut load = || load_firmware(&choice, env.is_simulated());
     let (runner, host_uuid) = env.xapi()?;
-    let xe = XeClient::new(runner, host_uuid, cli.dry_run);
+    let xe = XeClient::new(runner, host_uuid, cli.dry_run).waiting_for_xapi(
+        env.clock(),
+        seconds("--xapi-timeout", args.vm.xapi_timeout)?,
+    );
     // A dry run checks every mapping once, writes nothing (not even the
     // watcher's record) and prints what a recovery would run.
     let state = if cli.dry_run {
@@ -825,6 +836,20 @@ fn image_name(image: &FirmwareImage) -> String {
         (Some(name), _) => name.clone(),
         (None, FirmwareSource::Simulated) => "simulation stand-in".to_string(),
         (None, _) => "unknown image".to_string(),
+    }
+}
+
+/// A config entry's own deadlines: those given on the command line that
+/// differ from the defaults (the defaults stay implicit in the file).
+fn entry_deadlines(vm: &VmArgs, replug: &crate::cli::ReplugArgs) -> coral::config::Deadlines {
+    let own = |value: f64, default: Duration| (value != default.as_secs_f64()).then_some(value);
+    coral::config::Deadlines {
+        replug_timeout: own(replug.timeout, coral::ops::init::DEFAULT_REPLUG_TIMEOUT),
+        scan_timeout: own(vm.scan_timeout, coral::ops::attach::DEFAULT_SCAN_TIMEOUT),
+        shutdown_timeout: own(
+            vm.shutdown_timeout,
+            coral::ops::attach::DEFAULT_SHUTDOWN_TIMEOUT,
+        ),
     }
 }
 

@@ -121,13 +121,21 @@ pub struct InitArgs {
     #[arg(long)]
     pub force: bool,
 
-    /// Seconds to wait for the Coral to come back as 18d1:9302 after the reset.
-    #[arg(long, value_name = "SECS", default_value_t = coral::ops::init::DEFAULT_REPLUG_TIMEOUT.as_secs_f64(), value_parser = positive_seconds)]
-    pub timeout: f64,
+    #[command(flatten)]
+    pub replug: ReplugArgs,
 
     /// Seconds to wait for a Coral to appear on the USB bus (0: fail at once if none).
     #[arg(long, value_name = "SECS", default_value_t = coral::ops::init::DEFAULT_INIT_WAIT_DEVICE.as_secs_f64())]
     pub wait_device: f64,
+}
+
+/// How long to wait for the Coral after its firmware upload (init, up, the
+/// watcher and the config entries share it).
+#[derive(Debug, Args, Clone, Default)]
+pub struct ReplugArgs {
+    /// Seconds to wait for the Coral to come back as 18d1:9302 after the reset.
+    #[arg(long, value_name = "SECS", default_value_t = coral::ops::init::DEFAULT_REPLUG_TIMEOUT.as_secs_f64(), value_parser = positive_seconds)]
+    pub timeout: f64,
 }
 
 /// Which VM, and how its power may be touched.
@@ -205,9 +213,8 @@ pub struct UpArgs {
     #[command(flatten)]
     pub firmware: FirmwareArgs,
 
-    /// Seconds to wait for the Coral to come back as 18d1:9302 after the reset.
-    #[arg(long, value_name = "SECS", default_value_t = coral::ops::init::DEFAULT_REPLUG_TIMEOUT.as_secs_f64(), value_parser = positive_seconds)]
-    pub timeout: f64,
+    #[command(flatten)]
+    pub replug: ReplugArgs,
 
     /// Seconds to wait for a Coral to appear on the USB bus (it may enumerate late at boot).
     #[arg(long, value_name = "SECS", default_value_t = coral::ops::init::DEFAULT_UP_WAIT_DEVICE.as_secs_f64())]
@@ -325,22 +332,18 @@ pub struct ServiceRootArgs {
 
 /// Options of `coral service install`.
 #[derive(Debug, Args, Clone, Default)]
+#[command(mut_arg("vm", |a| a.required(true)))]
 pub struct ServiceInstallArgs {
-    /// The VM the service hands the Coral to (uuid or exact name-label).
-    #[arg(long, value_name = "UUID|NAME", value_parser = VmReference)]
-    pub vm: String,
+    /// The VM the service hands the Coral to, its policy and deadlines (kept
+    /// in its config entry; at boot each deadline is capped by the boot budget).
+    #[command(flatten)]
+    pub vm: VmArgs,
 
-    /// Start the VM if it is halted (else XCP-ng's auto_poweron must start it; see README).
-    #[arg(long)]
-    pub start: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 
-    /// Restart the VM cleanly if it runs without its Coral.
-    #[arg(long)]
-    pub restart: bool,
-
-    /// The Coral's USB port path (see `coral status`); needed with several Corals.
-    #[arg(long, value_name = "PATH")]
-    pub device: Option<String>,
+    #[command(flatten)]
+    pub replug: ReplugArgs,
 
     #[command(flatten)]
     pub root: ServiceRootArgs,
@@ -349,23 +352,16 @@ pub struct ServiceInstallArgs {
 /// Options of `coral watch`.
 #[derive(Debug, Args, Clone, Default)]
 pub struct WatchArgs {
-    /// The VM that keeps the Coral (uuid or exact name-label).
-    #[arg(long, value_name = "UUID|NAME", value_parser = VmReference)]
-    pub vm: Option<String>,
+    /// The VM (without it: every entry of the config), its policy and deadlines.
+    /// The watcher never hard-stops a VM: --force-shutdown is refused.
+    #[command(flatten)]
+    pub vm: VmArgs,
 
     #[command(flatten)]
     pub device: DeviceArgs,
 
     #[command(flatten)]
     pub firmware: FirmwareArgs,
-
-    /// Start the VM after a recovery if it is halted.
-    #[arg(long)]
-    pub start: bool,
-
-    /// Allow restarting the running VM (clean shutdown, start) so it gets the Coral back.
-    #[arg(long)]
-    pub restart: bool,
 
     /// With --restart: at most this many restarts per VM per hour.
     #[arg(long, value_name = "N", default_value_t = coral::ops::watch::DEFAULT_MAX_RESTARTS_PER_HOUR)]
@@ -375,17 +371,8 @@ pub struct WatchArgs {
     #[arg(long, value_name = "SECS", default_value_t = coral::ops::watch::DEFAULT_XAPI_CHECK.as_secs_f64(), value_parser = positive_seconds)]
     pub xapi_check: f64,
 
-    /// Seconds to wait for the Coral to come back as 18d1:9302 after the reset.
-    #[arg(long, value_name = "SECS", default_value_t = coral::ops::init::DEFAULT_REPLUG_TIMEOUT.as_secs_f64(), value_parser = positive_seconds)]
-    pub timeout: f64,
-
-    /// Seconds to wait for a clean shutdown (restarts only).
-    #[arg(long, value_name = "SECS", default_value_t = coral::ops::attach::DEFAULT_SHUTDOWN_TIMEOUT.as_secs_f64(), value_parser = positive_seconds)]
-    pub shutdown_timeout: f64,
-
-    /// Seconds to wait for XAPI to list the ready Coral.
-    #[arg(long, value_name = "SECS", default_value_t = coral::ops::attach::DEFAULT_SCAN_TIMEOUT.as_secs_f64(), value_parser = positive_seconds)]
-    pub scan_timeout: f64,
+    #[command(flatten)]
+    pub replug: ReplugArgs,
 }
 
 /// Every environment variable `coral` reads, with what it does (for `--help`

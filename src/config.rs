@@ -28,7 +28,7 @@ pub const DEFAULT_PATH: &str = "/etc/coral/coral.toml";
 pub const PATH_ENV: &str = "CORAL_CONFIG";
 
 /// One Coral → VM mapping.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Entry {
     /// The VM's uuid (resolved when the entry was written).
     pub vm_uuid: String,
@@ -41,6 +41,34 @@ pub struct Entry {
     pub start: bool,
     /// Restart the VM (cleanly) if it runs without its Coral.
     pub restart: bool,
+    /// Its own deadlines, where they differ from the defaults.
+    pub deadlines: Deadlines,
+}
+
+/// An entry's deadlines in seconds (None: the default; at boot each is
+/// also capped by the boot budget).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Deadlines {
+    /// Waiting for the Coral to come back as 18d1:9302 after the upload.
+    pub replug_timeout: Option<f64>,
+    /// Waiting for XAPI's scan to list the ready Coral.
+    pub scan_timeout: Option<f64>,
+    /// Waiting for a clean shutdown (restarts only).
+    pub shutdown_timeout: Option<f64>,
+}
+
+impl Deadlines {
+    /// Each deadline present, as `(key, seconds)`, in file order.
+    fn present(&self) -> Vec<(&'static str, f64)> {
+        [
+            ("replug_timeout", self.replug_timeout),
+            ("scan_timeout", self.scan_timeout),
+            ("shutdown_timeout", self.shutdown_timeout),
+        ]
+        .into_iter()
+        .filter_map(|(key, value)| value.map(|v| (key, v)))
+        .collect()
+    }
 }
 
 impl Entry {
@@ -64,7 +92,7 @@ impl Entry {
 }
 
 /// The whole file.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Config {
     /// Mappings in file order.
     pub entries: Vec<Entry>,
@@ -121,6 +149,12 @@ struct RawEntry {
     start: bool,
     #[serde(default)]
     restart: bool,
+    #[serde(default)]
+    replug_timeout: Option<toml::Spanned<f64>>,
+    #[serde(default)]
+    scan_timeout: Option<toml::Spanned<f64>>,
+    #[serde(default)]
+    shutdown_timeout: Option<toml::Spanned<f64>>,
 }
 
 /// Read the config; `Ok(None)` when the file does not exist.
@@ -167,12 +201,26 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
                 return Err(error(Some(device.span()), &format!("device: {e}")));
             }
         }
+        let seconds = |value: Option<toml::Spanned<f64>>, key: &str| match value {
+            Some(v) if !(v.get_ref().is_finite() && *v.get_ref() > 0.0) => Err(error(
+                Some(v.span()),
+                &format!("{key} = {}: give a number of seconds above 0", v.get_ref()),
+            )),
+            Some(v) => Ok(Some(v.into_inner())),
+            None => Ok(None),
+        };
+        let deadlines = Deadlines {
+            replug_timeout: seconds(raw.replug_timeout, "replug_timeout")?,
+            scan_timeout: seconds(raw.scan_timeout, "scan_timeout")?,
+            shutdown_timeout: seconds(raw.shutdown_timeout, "shutdown_timeout")?,
+        };
         config.entries.push(Entry {
             vm_uuid: raw.vm.get_ref().to_ascii_lowercase(),
             vm_name: raw.vm_name,
             device: raw.device.map(|d| d.into_inner()),
             start: raw.start,
             restart: raw.restart,
+            deadlines,
         });
         spans.push(span);
     }
@@ -287,7 +335,9 @@ impl Config {
              # Written by `coral service install`; hand edits are checked on every run.\n\
              # Keys: vm (the VM's uuid), vm_name (for people), device (the Coral's USB\n\
              # port path, needed with several Corals), start (start the VM if halted),\n\
-             # restart (restart it cleanly if it runs without its Coral).\n",
+             # restart (restart it cleanly if it runs without its Coral); optional\n\
+             # replug_timeout, scan_timeout, shutdown_timeout (seconds; at boot each\n\
+             # is capped by the boot budget).\n",
         );
         for entry in &self.entries {
             text.push_str("\n[[coral]]\n");
@@ -298,6 +348,9 @@ impl Config {
             }
             text.push_str(&format!("start = {}\n", entry.start));
             text.push_str(&format!("restart = {}\n", entry.restart));
+            for (key, value) in entry.deadlines.present() {
+                text.push_str(&format!("{key} = {value:?}\n"));
+            }
         }
         text
     }
@@ -391,7 +444,30 @@ mod tests {
             device: device.map(str::to_string),
             start: true,
             restart: false,
+            deadlines: Deadlines::default(),
         }
+    }
+
+    #[test]
+    fn deadlines_round_trip_and_bad_ones_name_their_line() {
+        let mut with = entry(UUID_A, Some("2-4"));
+        with.deadlines.scan_timeout = Some(45.0);
+        with.deadlines.replug_timeout = Some(12.5);
+        let config = Config {
+            entries: vec![with.clone()],
+        };
+        let text = config.to_toml();
+        assert!(text.contains("scan_timeout = 45.0\n"), "{text}");
+        assert!(!text.contains("shutdown_timeout ="), "{text}");
+        let back = parse(&text, Path::new("c.toml")).unwrap();
+        assert_eq!(back.entries, vec![with]);
+        let err = parse_err(&format!(
+            "[[coral]]\nvm = \"{UUID_A}\"\nscan_timeout = 0.0\n"
+        ));
+        assert!(
+            err.contains("coral.toml:3:") && err.contains("scan_timeout"),
+            "{err}"
+        );
     }
 
     fn parse_err(text: &str) -> String {

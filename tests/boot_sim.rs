@@ -49,6 +49,7 @@ fn entry(vm: &str, device: &str) -> Entry {
         device: Some(device.into()),
         start: false,
         restart: false,
+        deadlines: Default::default(),
     }
 }
 

@@ -91,6 +91,7 @@ fn mapping(port: u8, vm: &str, restart: bool) -> Mapping {
         device: Some(format!("1-{port}")),
         start: false,
         restart,
+        deadlines: Default::default(),
     }
 }
 

@@ -145,18 +145,29 @@ pub fn up_all(
                 .unwrap_or_default(),
             entry.label()
         );
+        // The entry's own deadlines, each capped by its share of the budget.
+        let own = |value: Option<f64>, cap: Duration| {
+            left(
+                value
+                    .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                    .map_or(cap, |d| d.min(cap)),
+            )
+        };
         let opts = UpOptions {
             // The configured Corals were waited for above.
             wait_device: Duration::ZERO,
-            replug_timeout: left(budget::REPLUG_WAIT),
+            replug_timeout: own(entry.deadlines.replug_timeout, budget::REPLUG_WAIT),
             attach: AttachOptions {
                 vm: entry.vm_uuid.clone(),
                 device: entry.device.clone(),
                 start: entry.start,
                 restart: entry.restart,
                 force_shutdown: false,
-                shutdown_timeout: left(crate::ops::attach::DEFAULT_SHUTDOWN_TIMEOUT),
-                scan_timeout: left(budget::SCAN_WAIT),
+                shutdown_timeout: own(
+                    entry.deadlines.shutdown_timeout,
+                    crate::ops::attach::DEFAULT_SHUTDOWN_TIMEOUT,
+                ),
+                scan_timeout: own(entry.deadlines.scan_timeout, budget::SCAN_WAIT),
             },
             dry_run,
         };

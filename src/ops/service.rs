@@ -306,6 +306,8 @@ pub struct InstallRequest {
     pub start: bool,
     /// Restart it if it runs without its Coral.
     pub restart: bool,
+    /// The entry's own deadlines (None: the defaults).
+    pub deadlines: crate::config::Deadlines,
 }
 
 /// The entry `request` stands for: the VM resolved by uuid and checked
@@ -342,6 +344,7 @@ pub fn resolve_entry(xe: &XeClient, request: &InstallRequest) -> anyhow::Result<
         device: request.device.clone(),
         start: request.start,
         restart: request.restart,
+        deadlines: request.deadlines,
     })
 }
 

@@ -19,6 +19,7 @@ use super::attach::AttachOptions;
 use super::up::{up, UpOptions, UpReport};
 use super::xapi_common::{pusb_at, resolve_vm, xe_fail};
 use crate::clock::Clock;
+use crate::config::Deadlines;
 use crate::firmware::FirmwareImage;
 use crate::lock::LockGuard;
 use crate::mapping_state::StateStore;
@@ -45,7 +46,7 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 /// One Coral → VM mapping to keep healthy.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Mapping {
     /// The VM: uuid (from the config) or exact name-label (from `--vm`).
     pub vm: String,
@@ -57,6 +58,8 @@ pub struct Mapping {
     pub start: bool,
     /// Restart the running VM so it gets the Coral back (opt-in, rate-limited).
     pub restart: bool,
+    /// The mapping's own deadlines (its config entry's), over the defaults.
+    pub deadlines: Deadlines,
 }
 
 /// How the watcher behaves.
@@ -392,16 +395,31 @@ impl Watcher {
         }
         log::warn!("watch: {reason}; recovering {vm_name}");
         let mapping = &self.tracked[index].mapping;
+        let own = |value: Option<f64>, default: Duration| {
+            value
+                .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                .unwrap_or(default)
+        };
         let opts = UpOptions {
+            replug_timeout: own(
+                mapping.deadlines.replug_timeout,
+                self.recovery.replug_timeout,
+            ),
             attach: AttachOptions {
                 vm: vm_uuid.clone(),
                 device: Some(coral.path.to_string()),
                 start: mapping.start,
                 restart,
                 force_shutdown: false,
-                ..self.recovery.attach.clone()
+                shutdown_timeout: own(
+                    mapping.deadlines.shutdown_timeout,
+                    self.recovery.attach.shutdown_timeout,
+                ),
+                scan_timeout: own(
+                    mapping.deadlines.scan_timeout,
+                    self.recovery.attach.scan_timeout,
+                ),
             },
-            dry_run: false,
             ..self.recovery.clone()
         };
         // One journal line per action: the procedure's own steps are details
