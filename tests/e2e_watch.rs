@@ -438,7 +438,11 @@ fn xapi_unavailable_while_the_coral_comes_back_is_retried_until_it_answers() {
         &["--vm", "frigate"],
     );
     the_watch_stopped_cleanly(&run);
-    assert!(run.stderr.contains("retrying in"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("xapi is not available yet") && run.stderr.contains("waiting up to"),
+        "the watcher waited for xapi (said once): {}",
+        run.stderr
+    );
     let world = xapi.world();
     assert_eq!(
         vusbs_on_ready_group(&world, &host, &vms[0], "2-4"),
