@@ -4,7 +4,7 @@
 
 mod support;
 
-use coral::sim::xapi::{coral_ready_device, Fault, FaultKind, PowerState};
+use coral_testkit::xapi::{coral_ready_device, Fault, FaultKind, PowerState};
 use support::*;
 
 fn ready_pool(name: &str, power: PowerState) -> (FakeXapi, String, String) {
@@ -314,10 +314,10 @@ fn status_while_xapi_is_starting_shows_the_usb_side_and_exits_0() {
         PowerState::Running,
         vec![coral_ready_device("2-4")],
     );
-    world.outages.push(coral::sim::xapi::Outage {
+    world.outages.push(coral_testkit::xapi::Outage {
         from_ms: 0,
         until_ms: u64::MAX,
-        kind: coral::sim::xapi::OutageKind::StillBooting,
+        kind: coral_testkit::xapi::OutageKind::StillBooting,
     });
     let xapi = FakeXapi::new(world, &host);
     let run = attach(&xapi, &["status", "--json"]);

@@ -5,7 +5,7 @@
 
 mod support;
 
-use coral::sim::xapi::{
+use coral_testkit::xapi::{
     coral_bootloader_device, coral_ready_device, Fault, FaultKind, PowerState, World,
 };
 use support::*;
@@ -15,7 +15,7 @@ fn power_loss(power: PowerState) -> (FakeXapi, String, String) {
 }
 
 fn power_loss_with(
-    config: coral::sim::xapi::WorldConfig,
+    config: coral_testkit::xapi::WorldConfig,
     power: PowerState,
 ) -> (FakeXapi, String, String) {
     let (world, host, vm) = pool(
@@ -252,7 +252,8 @@ fn a_shutdown_that_is_never_acknowledged_leaves_the_vm_running() {
         PowerState::Running,
         vec![coral_bootloader_device("1-4")],
     );
-    world.vm_mut(&vm).unwrap().guest_shutdown = coral::sim::xapi::GuestShutdown::NeverAcknowledges;
+    world.vm_mut(&vm).unwrap().guest_shutdown =
+        coral_testkit::xapi::GuestShutdown::NeverAcknowledges;
     let xapi = FakeXapi::new(world, &host);
     let run = up(&xapi, &[], &["--restart"]);
     assert_eq!(run.status, Some(8), "{}", run.stderr);
@@ -270,8 +271,9 @@ fn a_shutdown_that_is_never_acknowledged_leaves_the_vm_running() {
     );
 
     // The rerun, with a guest that cooperates now, converges.
-    let mut state = coral::sim::xapi::SimState::load(&xapi.state).unwrap();
-    state.world.vm_mut(&vm).unwrap().guest_shutdown = coral::sim::xapi::GuestShutdown::Cooperates;
+    let mut state = coral_testkit::xapi::SimState::load(&xapi.state).unwrap();
+    state.world.vm_mut(&vm).unwrap().guest_shutdown =
+        coral_testkit::xapi::GuestShutdown::Cooperates;
     state.save(&xapi.state).unwrap();
     let run = up(&xapi, &["--state", "ready"], &["--restart"]);
     assert_eq!(run.status, Some(0), "{}", run.stderr);
@@ -331,15 +333,15 @@ fn up_at_boot_waits_while_xapi_is_down_then_starting() {
         PowerState::Halted,
         vec![coral_bootloader_device("1-4")],
     );
-    world.outages.push(coral::sim::xapi::Outage {
+    world.outages.push(coral_testkit::xapi::Outage {
         from_ms: 0,
         until_ms: 1_500,
-        kind: coral::sim::xapi::OutageKind::Refused,
+        kind: coral_testkit::xapi::OutageKind::Refused,
     });
-    world.outages.push(coral::sim::xapi::Outage {
+    world.outages.push(coral_testkit::xapi::Outage {
         from_ms: 1_500,
         until_ms: 2_500,
-        kind: coral::sim::xapi::OutageKind::StillBooting,
+        kind: coral_testkit::xapi::OutageKind::StillBooting,
     });
     let xapi = FakeXapi::new(world, &host);
     let run = up(&xapi, &[], &[]);

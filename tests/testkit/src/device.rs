@@ -8,9 +8,9 @@
 //! root hub, whose number may differ (`1-5` ↔ `2-3`, coral-dfu.md).
 //! Fault knobs ([`SimFaults`]) reproduce what goes wrong in the field.
 
-use crate::clock::Clock;
-use crate::dfu::{self, state, status};
-use crate::usb::{
+use coral::clock::Clock;
+use coral::dfu::{self, state, status};
+use coral::usb::{
     CoralDevice, CoralState, InterfaceInfo, PortPath, ResetOutcome, UsbBus, UsbError, UsbTransport,
 };
 use std::cell::RefCell;
