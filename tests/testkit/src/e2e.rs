@@ -337,6 +337,41 @@ impl FakeXapi {
         ]
     }
 
+    /// A one-host pool (see [`pool`]) with VM `name` in `power` and XAPI's
+    /// view of one USB device `present`, behind a fake `xe`; returns the
+    /// pool, this host's uuid and the VM's.
+    pub fn with_vm(
+        config: WorldConfig,
+        name: &str,
+        power: PowerState,
+        present: SimUsbDevice,
+    ) -> (Self, String, String) {
+        let (world, host, vm) = pool(config, name, power, vec![present]);
+        (FakeXapi::new(world, &host), host, vm)
+    }
+
+    /// `coral <coral_args>` under an emulated Coral (`emulator_args`) that
+    /// writes this pool's bus file, with this pool's `xe` on PATH.
+    pub fn run(&self, emulator_args: &[&str], coral_args: &[&str]) -> Run {
+        self.run_with_env(emulator_args, coral_args, &[])
+    }
+
+    /// [`FakeXapi::run`] with more environment (later entries win).
+    pub fn run_with_env(
+        &self,
+        emulator_args: &[&str],
+        coral_args: &[&str],
+        env: &[(String, String)],
+    ) -> Run {
+        let mut emulator: Vec<String> = emulator_args.iter().map(|s| s.to_string()).collect();
+        emulator.extend(self.bus_args());
+        let mut command = vec![coral_bin().display().to_string()];
+        command.extend(coral_args.iter().map(|s| s.to_string()));
+        let mut all = self.env();
+        all.extend(env.iter().cloned());
+        emulate(&emulator, &command, &all)
+    }
+
     /// Emulator arguments that make it write the bus file.
     pub fn bus_args(&self) -> Vec<String> {
         vec!["--bus-file".into(), self.bus.display().to_string()]
@@ -395,6 +430,23 @@ pub fn pool(
     world.pending_scans.clear();
     (world, host, vm)
 }
+
+/// A pool with VM `frigate` in `power` and one USB device `present`, on
+/// [`fast_config`] timings (see [`pool`]): world, this host, the VM.
+pub fn frigate_pool(power: PowerState, present: SimUsbDevice) -> (World, String, String) {
+    pool(fast_config(), "frigate", power, vec![present])
+}
+
+/// The VM power transitions so far, as (from, to).
+pub fn power_transitions(world: &World) -> Vec<(PowerState, PowerState)> {
+    world.power_history.iter().map(|e| (e.from, e.to)).collect()
+}
+
+/// One restart: a running VM halted, then running again.
+pub const ONE_RESTART: [(PowerState, PowerState); 2] = [
+    (PowerState::Running, PowerState::Halted),
+    (PowerState::Halted, PowerState::Running),
+];
 
 /// Commands that change nothing.
 pub const READ_COMMANDS: &[&str] = &[

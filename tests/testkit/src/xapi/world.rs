@@ -2,8 +2,8 @@
 //! vanished devices), and VM power operations that take time.
 
 use super::{
-    Host, PendingPower, PendingScan, PowerEvent, PowerState, Pusb, SimUsbDevice, UsbGroup, Vm,
-    World, WorldConfig,
+    Host, Outage, OutageKind, PendingPower, PendingScan, PowerEvent, PowerState, Pusb,
+    SimUsbDevice, UsbGroup, Vm, World, WorldConfig,
 };
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -74,6 +74,15 @@ impl World {
             guest_shutdown: Default::default(),
         });
         uuid
+    }
+
+    /// xapi does not answer as `kind` says from `from_ms` until `until_ms`.
+    pub fn add_outage(&mut self, from_ms: u64, until_ms: u64, kind: OutageKind) {
+        self.outages.push(Outage {
+            from_ms,
+            until_ms,
+            kind,
+        });
     }
 
     /// The VM with this uuid.
