@@ -163,13 +163,7 @@ fn a_clean_shutdown_that_hangs_leaves_the_vm_running_and_no_stray_vusb() {
         "{}",
         run.stderr
     );
-    let world = xapi.world();
-    assert_eq!(world.vm(&vm).unwrap().power_state, PowerState::Running);
-    assert!(world.power_history.is_empty());
-    assert!(
-        vusbs_on_ready_group(&world, &host, &vm, "2-4").is_empty(),
-        "rolled back"
-    );
+    assert_vm_left_running(&xapi.world(), &host, &vm);
 }
 
 #[test]

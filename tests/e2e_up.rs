@@ -236,13 +236,7 @@ fn a_shutdown_that_is_never_acknowledged_leaves_the_vm_running() {
         "{}",
         run.stderr
     );
-    let world = xapi.world();
-    assert_eq!(world.vm(&vm).unwrap().power_state, PowerState::Running);
-    assert!(world.power_history.is_empty());
-    assert!(
-        vusbs_on_ready_group(&world, &host, &vm, "2-4").is_empty(),
-        "no stray VUSB"
-    );
+    assert_vm_left_running(&xapi.world(), &host, &vm);
 
     // The rerun, with a guest that cooperates now, converges.
     let mut state = SimState::load(&xapi.state).unwrap();

@@ -226,37 +226,7 @@ impl SimTransport {
 
 impl UsbTransport for SimTransport {
     fn interfaces(&self) -> Result<Vec<InterfaceInfo>, UsbError> {
-        self.with(|c, _| {
-            let size = TRANSFER_SIZE.to_le_bytes();
-            Ok(vec![match c.identity {
-                CoralState::Uninitialized => InterfaceInfo {
-                    number: 0,
-                    alt_setting: 0,
-                    class: dfu::DFU_CLASS,
-                    subclass: dfu::DFU_SUBCLASS,
-                    protocol: 2,
-                    extra: vec![
-                        9,
-                        dfu::FUNCTIONAL_DESCRIPTOR,
-                        0x0B,
-                        0xFF,
-                        0x00,
-                        size[0],
-                        size[1],
-                        0x10,
-                        0x01,
-                    ],
-                },
-                CoralState::Ready => InterfaceInfo {
-                    number: 0,
-                    alt_setting: 0,
-                    class: 0xFF,
-                    subclass: 0xFF,
-                    protocol: 0xFF,
-                    extra: Vec::new(),
-                },
-            }])
-        })
+        self.with(|c, _| Ok(interfaces(c.identity, TRANSFER_SIZE)))
     }
 
     fn claim_interface(&mut self, number: u8) -> Result<(), UsbError> {
@@ -353,6 +323,41 @@ impl UsbTransport for SimTransport {
             Ok(ResetOutcome::Reenumerating)
         })
     }
+}
+
+/// A Coral's interface as its descriptors show it: the boot loader's DFU
+/// interface (DFU 1.1 functional descriptor, wTransferSize `transfer_size`,
+/// download and upload capable) or the ready device's vendor interface.
+pub fn interfaces(identity: CoralState, transfer_size: u16) -> Vec<InterfaceInfo> {
+    let size = transfer_size.to_le_bytes();
+    vec![match identity {
+        CoralState::Uninitialized => InterfaceInfo {
+            number: 0,
+            alt_setting: 0,
+            class: dfu::DFU_CLASS,
+            subclass: dfu::DFU_SUBCLASS,
+            protocol: 2,
+            extra: vec![
+                9,
+                dfu::FUNCTIONAL_DESCRIPTOR,
+                0x0B,
+                0xFF,
+                0x00,
+                size[0],
+                size[1],
+                0x10,
+                0x01,
+            ],
+        },
+        CoralState::Ready => InterfaceInfo {
+            number: 0,
+            alt_setting: 0,
+            class: 0xFF,
+            subclass: 0xFF,
+            protocol: 0xFF,
+            extra: Vec::new(),
+        },
+    }]
 }
 
 fn dnload(c: &mut Coral, block: u16, data: &[u8]) -> Result<usize, UsbError> {

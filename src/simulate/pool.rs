@@ -8,7 +8,7 @@
 //! kit's pool (`coral-testkit`) is the adversarial one.
 
 use super::xe_cli::{
-    api, cli_error, field, list, map, param_get, set, Args, Failure, Outcome, Record,
+    api, cli_error, field, list, map, param_get, set, sim_uuid, Args, Failure, Outcome, Record,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -152,15 +152,7 @@ impl Pool {
     /// A fresh deterministic uuid.
     fn new_uuid(&mut self) -> String {
         self.next_id += 1;
-        let n = self.next_id;
-        format!(
-            "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
-            n.wrapping_mul(2654435761) as u32,
-            n & 0xffff,
-            n & 0xfff,
-            (n >> 12) & 0xfff,
-            n
-        )
+        sim_uuid(self.next_id)
     }
 
     /// udev reports the bus as `devices` at `now`: a scan is scheduled;

@@ -261,3 +261,15 @@ pub fn param_get(a: &Args, class: &str, records: Vec<Record>) -> Outcome {
         .ok_or_else(|| cli_error(&format!("Unknown field '{name}'")))?;
     Ok((format!("{}\n", value.value), 0))
 }
+
+/// The `n`-th uuid a simulated pool hands out (deterministic, version 4 shaped).
+pub fn sim_uuid(n: u64) -> String {
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        n.wrapping_mul(2654435761) as u32,
+        n & 0xffff,
+        n & 0xfff,
+        (n >> 12) & 0xfff,
+        n
+    )
+}

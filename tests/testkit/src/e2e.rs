@@ -448,6 +448,17 @@ pub const ONE_RESTART: [(PowerState, PowerState); 2] = [
     (PowerState::Halted, PowerState::Running),
 ];
 
+/// Nothing half-done: `vm` still runs, never changed power, and has no
+/// VUSB on the group of this host's ready Coral at 2-4.
+pub fn assert_vm_left_running(world: &World, host: &str, vm: &str) {
+    assert_eq!(world.vm(vm).unwrap().power_state, PowerState::Running);
+    assert!(world.power_history.is_empty());
+    assert!(
+        vusbs_on_ready_group(world, host, vm, "2-4").is_empty(),
+        "no stray VUSB (rolled back)"
+    );
+}
+
 /// Commands that change nothing.
 pub const READ_COMMANDS: &[&str] = &[
     "pusb-list",

@@ -5,6 +5,7 @@ use super::{
     Host, Outage, OutageKind, PendingPower, PendingScan, PowerEvent, PowerState, Pusb,
     SimUsbDevice, UsbGroup, Vm, World, WorldConfig,
 };
+use coral::simulate::xe_cli::sim_uuid;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -30,15 +31,7 @@ impl World {
     /// A fresh deterministic uuid.
     pub fn new_uuid(&mut self) -> String {
         self.next_id += 1;
-        let n = self.next_id;
-        format!(
-            "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
-            n.wrapping_mul(2654435761) as u32,
-            n & 0xffff,
-            n & 0xfff,
-            (n >> 12) & 0xfff,
-            n
-        )
+        sim_uuid(self.next_id)
     }
 
     /// Add a host; returns its uuid.
