@@ -3,7 +3,7 @@
 //! loader at `1-4`, ready at `2-4` 800 ms after its reset, [`bootloader`])
 //! and an XCP-ng pool of one host with a running VM `frigate`
 //! (auto_poweron) whose asynchronous USB scans see that bus as udev tells
-//! them ([`pool`]), all on a virtual clock, so a run is instant yet reports
+//! them (`pool`), all on a virtual clock, so a run is instant yet reports
 //! realistic times. The state is kept in a file between runs, so that `up`,
 //! then `status`, then `detach` tell one story.
 
