@@ -22,7 +22,7 @@ CORAL = os.environ.get("CORAL_TEST_BIN", os.path.join(ROOT, "target/release/cora
 XE_SIM = os.path.join(os.path.dirname(CORAL), "coral-xe-sim")
 if not os.path.exists(XE_SIM):
     XE_SIM = os.path.join(ROOT, "target/release/coral-xe-sim")
-EMULATOR = os.path.join(ROOT, "tests/emulator/coral_emulator.py")
+EMULATOR = os.path.join(ROOT, "tests/testkit/emulator/coral_emulator.py")
 FIRMWARE = os.path.join(ROOT, "../shared/firmware/apex_latest_single_ep.bin")
 REENUMERATE_MS = 800
 CALL_MS = 150

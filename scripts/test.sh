@@ -22,7 +22,7 @@ target_dir=$(cargo metadata --format-version 1 --no-deps |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 mkdir -p "$target_dir"
 # Tests that lack a prerequisite (and CI is not set) append a line here
-# (tests/support: skip); the summary counts them as skipped.
+# (coral_testkit::e2e::skip); the summary counts them as skipped.
 export CORAL_SKIP_LOG="$target_dir/coral-skipped.log"
 : > "$CORAL_SKIP_LOG"
 results="$target_dir/coral-test-results.log"
@@ -99,11 +99,11 @@ run_tests() {
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets --quiet -- -D warnings
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
 
-step "cargo test (unit, simulators, end-to-end through libusb + umockdev + fake xe)"
-run_tests "$target_dir/test-debug.log"
+step "cargo test --workspace (unit, simulators, end-to-end through libusb + umockdev + fake xe)"
+run_tests "$target_dir/test-debug.log" --workspace
 if $quick; then exit 0; fi
 
 step "systemd-analyze verify of the generated unit"

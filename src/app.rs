@@ -22,7 +22,7 @@ use coral::ops::init::{init, InitOptions, InitOutcome};
 use coral::ops::status::status;
 use coral::ops::up::{up, UpOptions};
 use coral::ops::{boot, doctor, firmware_cmd, service};
-use coral::sim::host::{sim_root, sim_state_path, stand_in_firmware, SimulatedHost};
+use coral::simulate::{sim_root, sim_state_path, stand_in_firmware, SimulatedHost};
 use coral::usb::rusb_backend::RusbBus;
 use coral::usb::{CoralState, UsbBus};
 use coral::xe::client::XeClient;

@@ -10,7 +10,9 @@
 //! - [`xe`]: the one place that starts `xe`, typed calls on top.
 //! - [`ops`]: `init`, `attach`, `detach`, `status`, `up`, `service`: each
 //!   reads like the procedure it automates.
-//! - [`sim`]: the simulated Coral and XCP-ng host, strict as the real ones.
+//! - [`simulate`]: the `--simulate` host, a Coral and an XCP-ng pool strict
+//!   as the real ones, without fault injection (the adversarial simulators
+//!   live in the dev-only `coral-testkit`).
 
 pub mod clock;
 pub mod config;
@@ -20,6 +22,6 @@ pub mod firmware;
 pub mod lock;
 pub mod mapping_state;
 pub mod ops;
-pub mod sim;
+pub mod simulate;
 pub mod usb;
 pub mod xe;

@@ -3,7 +3,7 @@
 
 use coral::clock::{Clock, SystemClock};
 use coral::ops::watch::{Wake, Wakeups};
-use coral::sim::host::SimulatedHost;
+use coral::simulate::SimulatedHost;
 use coral::usb::rusb_backend::spawn_hotplug_listener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
@@ -148,7 +148,7 @@ impl Wakeups for SimulatedWakeups<'_> {
             clock.sleep(SIMULATED_DROP_AT.saturating_sub(clock.now()));
             self.dropped.set(true);
             log::warn!("simulation: the Coral browns out and comes back as its boot loader");
-            self.host.sim_bus().replug(0);
+            self.host.brownout(0);
             return Wake::UsbChanged;
         }
         if clock.now() + timeout >= SIMULATED_END_AT {

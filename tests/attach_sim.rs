@@ -5,14 +5,14 @@
 use coral::clock::VirtualClock;
 use coral::error::{exit_code_of, next_step_of, NextStep};
 use coral::ops::attach::{attach, AttachOptions, AttachReport};
-use coral::sim::coral::{SimBus, SimCoralConfig};
-use coral::sim::host::SimulatedHost;
-use coral::sim::xapi::{
+use coral::usb::CoralState;
+use coral::xe::client::XeClient;
+use coral_testkit::device::{SimBus, SimCoralConfig};
+use coral_testkit::host::SimulatedHost;
+use coral_testkit::xapi::{
     coral_ready_device, Fault, FaultKind, GuestShutdown, Outage, OutageKind, PowerState, World,
     WorldConfig,
 };
-use coral::usb::CoralState;
-use coral::xe::client::XeClient;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -530,7 +530,7 @@ fn a_vm_with_a_vusb_on_another_hosts_device_is_refused_before_any_write() {
     let r = rig_with("frigate", PowerState::Halted, |w, vm| {
         let other_group = w.pusbs[0].usb_group_uuid.clone();
         let uuid = w.new_uuid();
-        w.vusbs.push(coral::sim::xapi::Vusb {
+        w.vusbs.push(coral_testkit::xapi::Vusb {
             uuid,
             vm_uuid: vm.to_string(),
             usb_group_uuid: other_group,
@@ -564,14 +564,14 @@ fn known_preconditions_fail_before_any_write() {
     let r = rig_with("frigate", PowerState::Halted, |w, vm| {
         for _ in 0..6 {
             let group = w.new_uuid();
-            w.groups.push(coral::sim::xapi::UsbGroup {
+            w.groups.push(coral_testkit::xapi::UsbGroup {
                 uuid: group.clone(),
                 name_label: "Group of 0781 5581 USBs".into(),
                 name_description: String::new(),
                 other_config: Default::default(),
             });
             let uuid = w.new_uuid();
-            w.vusbs.push(coral::sim::xapi::Vusb {
+            w.vusbs.push(coral_testkit::xapi::Vusb {
                 uuid,
                 vm_uuid: vm.to_string(),
                 usb_group_uuid: group,

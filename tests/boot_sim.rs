@@ -9,11 +9,11 @@ use coral::config::{Config, Entry};
 use coral::error::{next_step_of, NextStep};
 use coral::firmware::{FirmwareImage, FirmwareSource};
 use coral::ops::boot::{budget, up_all};
-use coral::sim::coral::{SimBus, SimCoralConfig};
-use coral::sim::host::SimulatedHost;
-use coral::sim::xapi::{Fault, FaultKind, PowerState, World, WorldConfig};
 use coral::usb::CoralState;
 use coral::xe::client::XeClient;
+use coral_testkit::device::{SimBus, SimCoralConfig};
+use coral_testkit::host::SimulatedHost;
+use coral_testkit::xapi::{Fault, FaultKind, PowerState, World, WorldConfig};
 use std::rc::Rc;
 
 fn image() -> FirmwareImage {

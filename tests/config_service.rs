@@ -4,7 +4,7 @@
 use assert_cmd::Command;
 mod support;
 
-use coral::sim::xapi::{coral_ready_device, PowerState};
+use coral_testkit::xapi::{coral_ready_device, PowerState};
 use std::path::{Path, PathBuf};
 use support::{fast_config, pool, FakeXapi, READ_COMMANDS};
 

@@ -4,7 +4,7 @@
 use assert_cmd::Command;
 mod support;
 
-use coral::sim::xapi::{coral_ready_device, PowerState, World};
+use coral_testkit::xapi::{coral_ready_device, PowerState, World};
 use serde_json::Value;
 use std::path::Path;
 use support::{fast_config, pool, FakeXapi};
@@ -177,7 +177,7 @@ fn a_policy_that_denies_the_coral_fails_with_the_rule_to_add() {
 fn an_ha_protected_vm_and_a_held_lock_fail() {
     let s = setup(|_, _| {});
     // HA protection set after install (install itself refuses such a VM).
-    let mut state = coral::sim::xapi::SimState::load(&s.xapi.state).unwrap();
+    let mut state = coral_testkit::xapi::SimState::load(&s.xapi.state).unwrap();
     state.world.vm_mut(&s.vm).unwrap().ha_restart_priority = "restart".into();
     state.save(&s.xapi.state).unwrap();
     let lock = std::fs::OpenOptions::new()

@@ -4,20 +4,16 @@
 
 mod support;
 
-use coral::sim::xapi::{coral_ready_device, Fault, FaultKind, PowerState};
+use coral_testkit::xapi::{coral_ready_device, Fault, FaultKind, OutageKind, PowerState};
 use support::*;
 
 fn ready_pool(name: &str, power: PowerState) -> (FakeXapi, String, String) {
-    let (world, host, vm) = pool(fast_config(), name, power, vec![coral_ready_device("2-4")]);
-    (FakeXapi::new(world, &host), host, vm)
+    FakeXapi::with_vm(fast_config(), name, power, coral_ready_device("2-4"))
 }
 
+/// `coral <args>` with the emulated Coral ready.
 fn attach(xapi: &FakeXapi, args: &[&str]) -> Run {
-    let mut emulator = vec!["--state".to_string(), "ready".to_string()];
-    emulator.extend(xapi.bus_args());
-    let mut command = vec![coral_bin().display().to_string()];
-    command.extend(args.iter().map(|s| s.to_string()));
-    emulate(&emulator, &command, &xapi.env())
+    xapi.run(&["--state", "ready"], args)
 }
 
 #[test]
@@ -87,14 +83,7 @@ fn attach_to_a_running_vm_with_restart_restarts_it_exactly_once() {
         vusbs_on_ready_group(&world, &host, &vm, "2-4"),
         vec![(true, true)]
     );
-    let history: Vec<_> = world.power_history.iter().map(|e| (e.from, e.to)).collect();
-    assert_eq!(
-        history,
-        vec![
-            (PowerState::Running, PowerState::Halted),
-            (PowerState::Halted, PowerState::Running)
-        ]
-    );
+    assert_eq!(power_transitions(&world), ONE_RESTART);
     assert!(!world
         .calls
         .iter()
@@ -149,12 +138,7 @@ fn a_clean_shutdown_that_hangs_leaves_the_vm_running_and_no_stray_vusb() {
     if !umockdev_available() {
         return;
     }
-    let (mut world, host, vm) = pool(
-        fast_config(),
-        "frigate",
-        PowerState::Running,
-        vec![coral_ready_device("2-4")],
-    );
+    let (mut world, host, vm) = frigate_pool(PowerState::Running, coral_ready_device("2-4"));
     world.faults.push(Fault {
         command: "vm-shutdown".into(),
         nth: None,
@@ -179,13 +163,7 @@ fn a_clean_shutdown_that_hangs_leaves_the_vm_running_and_no_stray_vusb() {
         "{}",
         run.stderr
     );
-    let world = xapi.world();
-    assert_eq!(world.vm(&vm).unwrap().power_state, PowerState::Running);
-    assert!(world.power_history.is_empty());
-    assert!(
-        vusbs_on_ready_group(&world, &host, &vm, "2-4").is_empty(),
-        "rolled back"
-    );
+    assert_vm_left_running(&xapi.world(), &host, &vm);
 }
 
 #[test]
@@ -226,34 +204,17 @@ fn xe_missing_or_no_inventory_is_exit_7() {
         return;
     }
     let (xapi, _, _) = ready_pool("frigate", PowerState::Halted);
-    let mut env = xapi.env();
-    env.push(("CORAL_XE".into(), "/nonexistent/xe".into()));
-    let run = emulate(
-        &["--state".into(), "ready".into()],
-        &[
-            coral_bin().display().to_string(),
-            "attach".into(),
-            "--vm".into(),
-            "frigate".into(),
-        ],
-        &env,
-    );
+    let attach_frigate = ["attach", "--vm", "frigate"];
+    let xe = [("CORAL_XE".to_string(), "/nonexistent/xe".to_string())];
+    let run = xapi.run_with_env(&["--state", "ready"], &attach_frigate, &xe);
     assert_eq!(run.status, Some(7), "{}", run.stderr);
     assert!(run.stderr.contains("CORAL_XE"), "{}", run.stderr);
 
-    let mut env = xapi.env();
-    env.retain(|(k, _)| k != "CORAL_INVENTORY");
-    env.push(("CORAL_INVENTORY".into(), "/nonexistent/inventory".into()));
-    let run = emulate(
-        &["--state".into(), "ready".into()],
-        &[
-            coral_bin().display().to_string(),
-            "attach".into(),
-            "--vm".into(),
-            "frigate".into(),
-        ],
-        &env,
-    );
+    let inventory = [(
+        "CORAL_INVENTORY".to_string(),
+        "/nonexistent/inventory".to_string(),
+    )];
+    let run = xapi.run_with_env(&["--state", "ready"], &attach_frigate, &inventory);
     assert_eq!(run.status, Some(7), "{}", run.stderr);
     assert!(run.stderr.contains("XCP-ng dom0"), "{}", run.stderr);
 }
@@ -286,16 +247,7 @@ fn a_killed_xe_vm_shutdown_goes_on_in_xapi_and_the_vm_is_started_again() {
     );
     std::thread::sleep(std::time::Duration::from_secs(3));
     let world = xapi.world();
-    let history: Vec<_> = world.power_history.iter().map(|e| (e.from, e.to)).collect();
-    assert_eq!(
-        history,
-        vec![
-            (PowerState::Running, PowerState::Halted),
-            (PowerState::Halted, PowerState::Running)
-        ],
-        "{}",
-        run.stderr
-    );
+    assert_eq!(power_transitions(&world), ONE_RESTART, "{}", run.stderr);
     assert_eq!(run.status, Some(0), "{}", run.stderr);
     assert_eq!(
         vusbs_on_ready_group(&world, &host, &vm, "2-4"),
@@ -308,17 +260,8 @@ fn status_while_xapi_is_starting_shows_the_usb_side_and_exits_0() {
     if !umockdev_available() {
         return;
     }
-    let (mut world, host, _) = pool(
-        fast_config(),
-        "frigate",
-        PowerState::Running,
-        vec![coral_ready_device("2-4")],
-    );
-    world.outages.push(coral::sim::xapi::Outage {
-        from_ms: 0,
-        until_ms: u64::MAX,
-        kind: coral::sim::xapi::OutageKind::StillBooting,
-    });
+    let (mut world, host, _) = frigate_pool(PowerState::Running, coral_ready_device("2-4"));
+    world.add_outage(0, u64::MAX, OutageKind::StillBooting);
     let xapi = FakeXapi::new(world, &host);
     let run = attach(&xapi, &["status", "--json"]);
     assert_eq!(run.status, Some(0), "{}", run.stderr);

@@ -581,7 +581,7 @@ fn a_late_boot_loader_is_waited_for_with_wait_device_only() {
 
 #[test]
 fn up_waits_for_a_boot_loader_that_appears_after_it_started() {
-    use coral::sim::xapi::PowerState;
+    use coral_testkit::xapi::PowerState;
     use support::{fast_config, pool, vusbs_on_ready_group, FakeXapi};
     let Some((fw, image)) = prerequisites() else {
         return;

@@ -5,8 +5,9 @@
 
 mod support;
 
-use coral::sim::xapi::{
-    coral_bootloader_device, coral_ready_device, Fault, FaultKind, PowerState, World,
+use coral_testkit::xapi::{
+    coral_bootloader_device, coral_ready_device, Fault, FaultKind, GuestShutdown, OutageKind,
+    PowerState, SimState, World, WorldConfig,
 };
 use support::*;
 
@@ -14,32 +15,18 @@ fn power_loss(power: PowerState) -> (FakeXapi, String, String) {
     power_loss_with(fast_config(), power)
 }
 
-fn power_loss_with(
-    config: coral::sim::xapi::WorldConfig,
-    power: PowerState,
-) -> (FakeXapi, String, String) {
-    let (world, host, vm) = pool(
-        config,
-        "frigate",
-        power,
-        vec![coral_bootloader_device("1-4")],
-    );
-    (FakeXapi::new(world, &host), host, vm)
+fn power_loss_with(config: WorldConfig, power: PowerState) -> (FakeXapi, String, String) {
+    FakeXapi::with_vm(config, "frigate", power, coral_bootloader_device("1-4"))
 }
 
+/// `coral up --vm frigate <args> --firmware <the shared image>`.
 fn up(xapi: &FakeXapi, emulator: &[&str], args: &[&str]) -> Run {
     let fw = shared_firmware("apex_latest_single_ep.bin").expect("checked by the caller");
-    let mut emulator: Vec<String> = emulator.iter().map(|s| s.to_string()).collect();
-    emulator.extend(xapi.bus_args());
-    let mut command = vec![
-        coral_bin().display().to_string(),
-        "up".into(),
-        "--vm".into(),
-        "frigate".into(),
-    ];
-    command.extend(args.iter().map(|s| s.to_string()));
-    command.extend(["--firmware".to_string(), fw.display().to_string()]);
-    emulate(&emulator, &command, &xapi.env())
+    let fw = fw.display().to_string();
+    let mut command = vec!["up", "--vm", "frigate"];
+    command.extend(args);
+    command.extend(["--firmware", fw.as_str()]);
+    xapi.run(emulator, &command)
 }
 
 fn ready() -> bool {
@@ -97,14 +84,7 @@ fn vm_running_with_restart_gets_exactly_one_clean_restart() {
         vusbs_on_ready_group(&world, &host, &vm, "2-4"),
         vec![(true, true)]
     );
-    let history: Vec<_> = world.power_history.iter().map(|e| (e.from, e.to)).collect();
-    assert_eq!(
-        history,
-        vec![
-            (PowerState::Running, PowerState::Halted),
-            (PowerState::Halted, PowerState::Running)
-        ]
-    );
+    assert_eq!(power_transitions(&world), ONE_RESTART);
 }
 
 #[test]
@@ -246,13 +226,8 @@ fn a_shutdown_that_is_never_acknowledged_leaves_the_vm_running() {
     if !ready() {
         return;
     }
-    let (mut world, host, vm) = pool(
-        fast_config(),
-        "frigate",
-        PowerState::Running,
-        vec![coral_bootloader_device("1-4")],
-    );
-    world.vm_mut(&vm).unwrap().guest_shutdown = coral::sim::xapi::GuestShutdown::NeverAcknowledges;
+    let (mut world, host, vm) = frigate_pool(PowerState::Running, coral_bootloader_device("1-4"));
+    world.vm_mut(&vm).unwrap().guest_shutdown = GuestShutdown::NeverAcknowledges;
     let xapi = FakeXapi::new(world, &host);
     let run = up(&xapi, &[], &["--restart"]);
     assert_eq!(run.status, Some(8), "{}", run.stderr);
@@ -261,17 +236,11 @@ fn a_shutdown_that_is_never_acknowledged_leaves_the_vm_running() {
         "{}",
         run.stderr
     );
-    let world = xapi.world();
-    assert_eq!(world.vm(&vm).unwrap().power_state, PowerState::Running);
-    assert!(world.power_history.is_empty());
-    assert!(
-        vusbs_on_ready_group(&world, &host, &vm, "2-4").is_empty(),
-        "no stray VUSB"
-    );
+    assert_vm_left_running(&xapi.world(), &host, &vm);
 
     // The rerun, with a guest that cooperates now, converges.
-    let mut state = coral::sim::xapi::SimState::load(&xapi.state).unwrap();
-    state.world.vm_mut(&vm).unwrap().guest_shutdown = coral::sim::xapi::GuestShutdown::Cooperates;
+    let mut state = SimState::load(&xapi.state).unwrap();
+    state.world.vm_mut(&vm).unwrap().guest_shutdown = GuestShutdown::Cooperates;
     state.save(&xapi.state).unwrap();
     let run = up(&xapi, &["--state", "ready"], &["--restart"]);
     assert_eq!(run.status, Some(0), "{}", run.stderr);
@@ -286,12 +255,7 @@ fn a_start_that_fails_with_the_coral_starts_the_vm_without_it() {
     if !ready() {
         return;
     }
-    let (mut world, host, vm) = pool(
-        fast_config(),
-        "frigate",
-        PowerState::Running,
-        vec![coral_ready_device("2-4")],
-    );
+    let (mut world, host, vm) = frigate_pool(PowerState::Running, coral_ready_device("2-4"));
     // Twice: a single failure is retried with the Coral.
     for nth in [1, 2] {
         world.faults.push(Fault {
@@ -325,22 +289,9 @@ fn up_at_boot_waits_while_xapi_is_down_then_starting() {
     if !ready() {
         return;
     }
-    let (mut world, host, vm) = pool(
-        fast_config(),
-        "frigate",
-        PowerState::Halted,
-        vec![coral_bootloader_device("1-4")],
-    );
-    world.outages.push(coral::sim::xapi::Outage {
-        from_ms: 0,
-        until_ms: 1_500,
-        kind: coral::sim::xapi::OutageKind::Refused,
-    });
-    world.outages.push(coral::sim::xapi::Outage {
-        from_ms: 1_500,
-        until_ms: 2_500,
-        kind: coral::sim::xapi::OutageKind::StillBooting,
-    });
+    let (mut world, host, vm) = frigate_pool(PowerState::Halted, coral_bootloader_device("1-4"));
+    world.add_outage(0, 1_500, OutageKind::Refused);
+    world.add_outage(1_500, 2_500, OutageKind::StillBooting);
     let xapi = FakeXapi::new(world, &host);
     let run = up(&xapi, &[], &[]);
     assert_eq!(run.status, Some(0), "{}", run.stderr);

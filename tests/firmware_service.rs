@@ -181,7 +181,7 @@ fn fetch_verifies_and_leaves_nothing_half_written() {
 
 #[test]
 fn service_install_show_uninstall_in_a_temporary_root() {
-    use coral::sim::xapi::{coral_ready_device, PowerState};
+    use coral_testkit::xapi::{coral_ready_device, PowerState};
     let vm = "my \"cam\" vm $x 100%";
     let (world, host, vm_uuid) = support::pool(
         support::fast_config(),

@@ -9,8 +9,8 @@ use coral::dfu::{state, status, DFU_ABORT, DFU_DNLOAD, DFU_GETSTATUS, DFU_UPLOAD
 use coral::error::{exit_code_of, next_step_of, NextStep};
 use coral::firmware::{FirmwareImage, FirmwareSource};
 use coral::ops::init::{init, wait_for_coral, InitOptions, InitOutcome};
-use coral::sim::coral::{SimBus, SimCoralConfig, SimFaults};
 use coral::usb::{CoralState, PortPath, UsbBus, UsbError};
+use coral_testkit::device::{SimBus, SimCoralConfig, SimFaults};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;

@@ -10,13 +10,13 @@ use coral::firmware::{FirmwareImage, FirmwareSource};
 use coral::ops::attach::AttachOptions;
 use coral::ops::init::InitOutcome;
 use coral::ops::up::{up, UpOptions, UpReport};
-use coral::sim::coral::{SimBus, SimCoralConfig};
-use coral::sim::host::SimulatedHost;
-use coral::sim::xapi::{
-    coral_bootloader_device, coral_ready_device, Outage, OutageKind, PowerState, World, WorldConfig,
-};
 use coral::usb::CoralState;
 use coral::xe::client::XeClient;
+use coral_testkit::device::{SimBus, SimCoralConfig};
+use coral_testkit::host::SimulatedHost;
+use coral_testkit::xapi::{
+    coral_bootloader_device, coral_ready_device, Outage, OutageKind, PowerState, World, WorldConfig,
+};
 use std::rc::Rc;
 use std::time::Duration;
 use support::READ_COMMANDS;
@@ -78,7 +78,7 @@ fn run_up(s: &Scenario, opts: &UpOptions, loads: &mut u32) -> anyhow::Result<UpR
 }
 
 /// The one VUSB of the VM, checked to link the group of the ready Coral's PUSB.
-fn vusb_on_ready_group(world: &World, vm_uuid: &str) -> coral::sim::xapi::Vusb {
+fn vusb_on_ready_group(world: &World, vm_uuid: &str) -> coral_testkit::xapi::Vusb {
     let vusbs: Vec<_> = world
         .vusbs
         .iter()
@@ -333,14 +333,14 @@ fn stale_boot(power: PowerState, late_ms: u64, scan_read_ms: u64) -> Scenario {
         let host = s.host.host_uuid().to_string();
         w.pending_scans.clear();
         let group = w.new_uuid();
-        w.groups.push(coral::sim::xapi::UsbGroup {
+        w.groups.push(coral_testkit::xapi::UsbGroup {
             uuid: group.clone(),
             name_label: "Group of 18d1 9302 USBs".into(),
             name_description: String::new(),
             other_config: Default::default(),
         });
         let pusb = w.new_uuid();
-        w.pusbs.push(coral::sim::xapi::Pusb {
+        w.pusbs.push(coral_testkit::xapi::Pusb {
             uuid: pusb,
             usb_group_uuid: group.clone(),
             host_uuid: host.clone(),
@@ -348,7 +348,7 @@ fn stale_boot(power: PowerState, late_ms: u64, scan_read_ms: u64) -> Scenario {
             passthrough_enabled: true,
         });
         let vusb = w.new_uuid();
-        w.vusbs.push(coral::sim::xapi::Vusb {
+        w.vusbs.push(coral_testkit::xapi::Vusb {
             uuid: vusb,
             vm_uuid: s.vm_uuid.clone(),
             usb_group_uuid: group,

@@ -10,11 +10,11 @@ use coral::mapping_state::StateStore;
 use coral::ops::attach::AttachOptions;
 use coral::ops::up::UpOptions;
 use coral::ops::watch::{watch, LockAttempt, Mapping, Wake, Wakeups, WatchEnv, WatchOptions};
-use coral::sim::coral::{SimBus, SimCoralConfig};
-use coral::sim::host::SimulatedHost;
-use coral::sim::xapi::{PowerState, World, WorldConfig};
 use coral::usb::CoralState;
 use coral::xe::client::XeClient;
+use coral_testkit::device::{SimBus, SimCoralConfig};
+use coral_testkit::host::SimulatedHost;
+use coral_testkit::xapi::{PowerState, World, WorldConfig};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -68,7 +68,7 @@ fn scenario(ports: &[u8], power: PowerState) -> Scenario {
             pusb.passthrough_enabled = true;
             let group = pusb.usb_group_uuid.clone();
             let uuid = world.new_uuid();
-            world.vusbs.push(coral::sim::xapi::Vusb {
+            world.vusbs.push(coral_testkit::xapi::Vusb {
                 uuid,
                 vm_uuid: vm.clone(),
                 usb_group_uuid: group,

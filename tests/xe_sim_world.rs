@@ -2,7 +2,7 @@
 //! formats, errors, scan semantics, VUSB preconditions, no hot plug, timed
 //! power operations, pools. The fake `xe` binary keeps it across processes.
 
-use coral::sim::xapi::{
+use coral_testkit::xapi::{
     coral_bootloader_device, coral_ready_device, Fault, FaultKind, GuestShutdown, Outage,
     OutageKind, PowerState, SimState, World, WorldConfig,
 };
@@ -336,9 +336,9 @@ fn the_fake_xe_binary_keeps_the_world_and_follows_the_bus_file() {
     )
     .unwrap();
 
-    let xe_bin = env!("CARGO_BIN_EXE_coral-xe-sim");
+    let xe_bin = coral_testkit::e2e::xe_sim_bin();
     let run = |line: &[&str]| {
-        std::process::Command::new(xe_bin)
+        std::process::Command::new(&xe_bin)
             .args(line)
             .env("CORAL_XE_SIM_STATE", &state)
             .env("CORAL_XE_SIM_USB", &bus)
@@ -367,7 +367,7 @@ fn the_fake_xe_binary_keeps_the_world_and_follows_the_bus_file() {
     let saved = SimState::load(&state).unwrap();
     assert_eq!(saved.world.calls.len(), 3);
 
-    let missing = std::process::Command::new(xe_bin)
+    let missing = std::process::Command::new(&xe_bin)
         .arg("vm-list")
         .env_remove("CORAL_XE_SIM_STATE")
         .output()

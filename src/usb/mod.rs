@@ -2,7 +2,7 @@
 //!
 //! [`UsbBus`] lists Corals and opens them; [`UsbTransport`] is exactly the
 //! USB requests the DFU download needs. [`rusb_backend`] implements both over
-//! libusb; `crate::sim::coral` implements both in memory.
+//! libusb; `crate::simulate::bootloader` implements both in memory.
 
 pub mod path;
 pub mod rusb_backend;

@@ -17,7 +17,7 @@ pub use errors::XeError;
 use std::time::Duration;
 
 /// Runs one `xe` command. Implemented by [`command::XeCommand`] (a real
-/// process) and by the simulated XAPI world (`crate::sim::xapi`).
+/// process) and by the simulated XAPI world (`crate::simulate`).
 pub trait XeRunner {
     /// Run `xe <args…>`, giving up after `timeout`; on exit status 0 return
     /// its stdout, else the failure classified by [`XeError::from_output`].

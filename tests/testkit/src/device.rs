@@ -8,9 +8,10 @@
 //! root hub, whose number may differ (`1-5` ↔ `2-3`, coral-dfu.md).
 //! Fault knobs ([`SimFaults`]) reproduce what goes wrong in the field.
 
-use crate::clock::Clock;
-use crate::dfu::{self, state, status};
-use crate::usb::{
+use coral::clock::Clock;
+use coral::dfu::{self, state, status};
+use coral::simulate::bootloader::interfaces;
+use coral::usb::{
     CoralDevice, CoralState, InterfaceInfo, PortPath, ResetOutcome, UsbBus, UsbError, UsbTransport,
 };
 use std::cell::RefCell;
@@ -405,37 +406,7 @@ fn stall(coral: &mut SimCoral) -> UsbError {
 impl UsbTransport for SimTransport {
     fn interfaces(&self) -> Result<Vec<InterfaceInfo>, UsbError> {
         self.with_device(None, |c, _| {
-            Ok(match c.identity {
-                CoralState::Uninitialized => {
-                    let size = c.config.transfer_size.to_le_bytes();
-                    vec![InterfaceInfo {
-                        number: 0,
-                        alt_setting: 0,
-                        class: dfu::DFU_CLASS,
-                        subclass: dfu::DFU_SUBCLASS,
-                        protocol: 2,
-                        extra: vec![
-                            9,
-                            dfu::FUNCTIONAL_DESCRIPTOR,
-                            0x0B,
-                            0xFF,
-                            0x00,
-                            size[0],
-                            size[1],
-                            0x10,
-                            0x01,
-                        ],
-                    }]
-                }
-                CoralState::Ready => vec![InterfaceInfo {
-                    number: 0,
-                    alt_setting: 0,
-                    class: 0xFF,
-                    subclass: 0xFF,
-                    protocol: 0xFF,
-                    extra: Vec::new(),
-                }],
-            })
+            Ok(interfaces(c.identity, c.config.transfer_size))
         })
     }
 

@@ -1,82 +1,19 @@
 //! `World::execute`: one `xe` command line against the pool, with the
 //! outputs, preconditions and error texts of the fact sheet.
 
-use super::output::{api_error, field, human, map, minimal, set, Field, Record};
 use super::world::ms;
 use super::{
     CallRecord, CallResult, CliOutput, FaultKind, GuestShutdown, OutageKind, PendingPower,
     PowerState, Vusb, World,
+};
+use coral::simulate::xe_cli::{
+    api, api_error, cli_error, field, list, map, param_get, set, Args, Failure, Outcome, Record,
 };
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// Most VUSBs a VM may have.
 const MAX_VUSBS_PER_VM: usize = 6;
-
-/// A failed command: what xe prints on stderr.
-struct Failure(String);
-
-type Outcome = Result<(String, u64), Failure>;
-
-fn api(code: &str, params: &[String]) -> Failure {
-    Failure(api_error(code, params))
-}
-
-fn cli_error(text: &str) -> Failure {
-    Failure(format!("{text}\n"))
-}
-
-/// Parsed command line: `key=value` arguments and `--flags`.
-struct Args {
-    params: Vec<(String, String)>,
-    minimal: bool,
-    multiple: bool,
-}
-
-impl Args {
-    fn parse(args: &[String]) -> Result<Args, Failure> {
-        let mut parsed = Args {
-            params: Vec::new(),
-            minimal: false,
-            multiple: false,
-        };
-        for arg in args {
-            match arg.as_str() {
-                "--minimal" => parsed.minimal = true,
-                "--multiple" => parsed.multiple = true,
-                _ => match arg.split_once('=') {
-                    Some((k, v)) => parsed.params.push((k.to_string(), v.to_string())),
-                    None => return Err(cli_error(&format!("Error: Unknown field '{arg}'"))),
-                },
-            }
-        }
-        Ok(parsed)
-    }
-
-    fn get(&self, key: &str) -> Option<&str> {
-        self.params
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn require(&self, key: &str) -> Result<&str, Failure> {
-        self.get(key).ok_or_else(|| {
-            cli_error(&format!(
-                "Required parameter not found: {key}\nFor usage run: 'xe help'"
-            ))
-        })
-    }
-
-    /// `field=value` filters (everything but the listed control keys).
-    fn filters(&self, control: &[&str]) -> Vec<(&str, &str)> {
-        self.params
-            .iter()
-            .filter(|(k, _)| !control.contains(&k.as_str()))
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect()
-    }
-}
 
 impl World {
     /// Run one `xe` command line (without the leading `xe`) at time `now`.
@@ -177,17 +114,17 @@ impl World {
     fn dispatch(&mut self, command: &str, args: &[String], at_ms: u64) -> Outcome {
         let a = Args::parse(args)?;
         match command {
-            "host-list" => self.list(&a, self.host_records(), &[]),
-            "pool-list" => self.list(&a, self.pool_records(), &[]),
-            "pusb-list" => self.list(&a, self.pusb_records(), &[]),
-            "usb-group-list" => self.list(&a, self.group_records(), &[]),
-            "vusb-list" => self.list(&a, self.vusb_records(), &[]),
+            "host-list" => list(&a, self.host_records(), &[]),
+            "pool-list" => list(&a, self.pool_records(), &[]),
+            "pusb-list" => list(&a, self.pusb_records(), &[]),
+            "usb-group-list" => list(&a, self.group_records(), &[]),
+            "vusb-list" => list(&a, self.vusb_records(), &[]),
             "vm-list" => self.vm_list(&a),
-            "pusb-param-get" => self.param_get(&a, "PUSB", self.pusb_records()),
-            "usb-group-param-get" => self.param_get(&a, "USB_group", self.group_records()),
-            "vusb-param-get" => self.param_get(&a, "VUSB", self.vusb_records()),
-            "vm-param-get" => self.param_get(&a, "VM", self.vm_records()),
-            "host-param-get" => self.param_get(&a, "host", self.host_records()),
+            "pusb-param-get" => param_get(&a, "PUSB", self.pusb_records()),
+            "usb-group-param-get" => param_get(&a, "USB_group", self.group_records()),
+            "vusb-param-get" => param_get(&a, "VUSB", self.vusb_records()),
+            "vm-param-get" => param_get(&a, "VM", self.vm_records()),
+            "host-param-get" => param_get(&a, "host", self.host_records()),
             "pusb-param-set" => self.pusb_param_set(&a),
             "pusb-scan" => {
                 let host = a.require("host-uuid")?.to_string();
@@ -208,46 +145,6 @@ impl World {
         }
     }
 
-    fn list(&self, a: &Args, records: Vec<Record>, defaults: &[&str]) -> Outcome {
-        let filters = a.filters(&["params"]);
-        if let Some(first) = records.first() {
-            if let Some((bad, _)) = filters
-                .iter()
-                .find(|(k, _)| !first.iter().any(|f| f.name == *k))
-            {
-                return Err(cli_error(&format!("Unknown field '{bad}'")));
-            }
-        }
-        let matching: Vec<&Record> = records
-            .iter()
-            .filter(|r| {
-                filters
-                    .iter()
-                    .all(|(k, v)| r.iter().any(|f| f.name == *k && f.value == *v))
-            })
-            .collect();
-        let wanted: Option<Vec<&str>> = match a.get("params") {
-            Some("all") => None,
-            Some(list) => Some(list.split(',').collect()),
-            None if defaults.is_empty() => None,
-            None => Some(defaults.to_vec()),
-        };
-        let shown: Vec<Vec<&Field>> = matching
-            .iter()
-            .map(|r| {
-                r.iter()
-                    .filter(|f| wanted.as_ref().is_none_or(|w| w.contains(&f.name)))
-                    .collect()
-            })
-            .collect();
-        let text = if a.minimal {
-            minimal(&shown)
-        } else {
-            human(&shown)
-        };
-        Ok((text, 0))
-    }
-
     fn vm_list(&self, a: &Args) -> Outcome {
         // Templates are hidden unless asked for.
         let mut records = self.vm_records();
@@ -257,21 +154,7 @@ impl World {
                     .any(|f| f.name == "is-a-template" && f.value == "false")
             });
         }
-        self.list(a, records, &["uuid", "name-label", "power-state"])
-    }
-
-    fn param_get(&self, a: &Args, class: &str, records: Vec<Record>) -> Outcome {
-        let uuid = a.require("uuid")?;
-        let name = a.require("param-name")?;
-        let record = records
-            .iter()
-            .find(|r| r.first().is_some_and(|f| f.value == uuid))
-            .ok_or_else(|| api("UUID_INVALID", &[class.to_string(), uuid.to_string()]))?;
-        let value = record
-            .iter()
-            .find(|f| f.name == name)
-            .ok_or_else(|| cli_error(&format!("Unknown field '{name}'")))?;
-        Ok((format!("{}\n", value.value), 0))
+        list(a, records, &["uuid", "name-label", "power-state"])
     }
 
     fn pusb_param_set(&mut self, a: &Args) -> Outcome {

@@ -2,8 +2,8 @@
 //! (usually virtual) clock, for fast unit and fault tests.
 
 use super::World;
-use crate::clock::Clock;
-use crate::xe::{XeError, XeRunner};
+use coral::clock::Clock;
+use coral::xe::{XeError, XeRunner};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;

@@ -2,9 +2,10 @@
 //! vanished devices), and VM power operations that take time.
 
 use super::{
-    Host, PendingPower, PendingScan, PowerEvent, PowerState, Pusb, SimUsbDevice, UsbGroup, Vm,
-    World, WorldConfig,
+    Host, Outage, OutageKind, PendingPower, PendingScan, PowerEvent, PowerState, Pusb,
+    SimUsbDevice, UsbGroup, Vm, World, WorldConfig,
 };
+use coral::simulate::xe_cli::sim_uuid;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -30,15 +31,7 @@ impl World {
     /// A fresh deterministic uuid.
     pub fn new_uuid(&mut self) -> String {
         self.next_id += 1;
-        let n = self.next_id;
-        format!(
-            "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
-            n.wrapping_mul(2654435761) as u32,
-            n & 0xffff,
-            n & 0xfff,
-            (n >> 12) & 0xfff,
-            n
-        )
+        sim_uuid(self.next_id)
     }
 
     /// Add a host; returns its uuid.
@@ -74,6 +67,15 @@ impl World {
             guest_shutdown: Default::default(),
         });
         uuid
+    }
+
+    /// xapi does not answer as `kind` says from `from_ms` until `until_ms`.
+    pub fn add_outage(&mut self, from_ms: u64, until_ms: u64, kind: OutageKind) {
+        self.outages.push(Outage {
+            from_ms,
+            until_ms,
+            kind,
+        });
     }
 
     /// The VM with this uuid.

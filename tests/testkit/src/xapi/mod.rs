@@ -5,14 +5,13 @@
 //! several hosts per pool.
 //!
 //! The world is plain data (serde), so the fake `xe` executable
-//! (`src/bin/coral-xe-sim.rs`) can keep it in a JSON file between calls, and
+//! (`coral-xe-sim`) can keep it in a JSON file between calls, and
 //! the in-process [`InProcessXe`] runner can drive it on virtual time.
 //!
 //! Time is passed in by the caller (`now`, a duration since an origin of the
 //! caller's choosing); the world never reads a clock itself.
 
 mod commands;
-mod output;
 mod runner;
 mod state;
 mod world;

@@ -2,7 +2,7 @@
 //! simulated XAPI pool kept in a JSON state file (never packaged).
 //!
 //! Environment:
-//! - `CORAL_XE_SIM_STATE` (required): the [`SimState`] file; calls are
+//! - `CORAL_XE_SIM_STATE` (required): the `SimState` file; calls are
 //!   serialized by an exclusive lock on `<state>.lock`.
 //! - `CORAL_XE_SIM_USB`: a bus file (JSON array of `SimUsbDevice`) written
 //!   by the USB emulator at every enumeration change; when it differs from
@@ -13,7 +13,7 @@
 //! saved; a hanging call sleeps until it is killed.
 
 use anyhow::Context;
-use coral::sim::xapi::{
+use coral_testkit::xapi::{
     coral_bootloader_device, coral_ready_device, PowerState, SimState, SimUsbDevice, Vusb, World,
     WorldConfig,
 };

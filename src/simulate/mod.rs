@@ -1,0 +1,286 @@
+//! The built-in simulated host behind `--simulate`, a demo strict as the
+//! real thing but without fault injection: one Coral on xHCI port 4 (boot
+//! loader at `1-4`, ready at `2-4` 800 ms after its reset, [`bootloader`])
+//! and an XCP-ng pool of one host with a running VM `frigate`
+//! (auto_poweron) whose asynchronous USB scans see that bus as udev tells
+//! them (`pool`), all on a virtual clock, so a run is instant yet reports
+//! realistic times. The state is kept in a file between runs, so that `up`,
+//! then `status`, then `detach` tell one story.
+
+pub mod bootloader;
+mod pool;
+pub mod xe_cli;
+
+use crate::clock::{Clock, VirtualClock};
+use crate::firmware::{FirmwareImage, FirmwareSource};
+use crate::usb::{CoralDevice, CoralState, UsbBus, UsbError, UsbTransport};
+use crate::xe::{XeError, XeRunner};
+use anyhow::Context;
+use bootloader::SimBus;
+use pool::{Device, Pool};
+use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::Duration;
+
+/// Env var naming the file that keeps the `--simulate` host between runs.
+pub const SIM_STATE_ENV: &str = "CORAL_SIM_STATE";
+
+/// Where `--simulate` keeps its state: `$CORAL_SIM_STATE`, else
+/// `$XDG_RUNTIME_DIR/coral-sim.json`, else `/tmp/coral-sim-<uid>.json`.
+pub fn sim_state_path() -> PathBuf {
+    if let Some(path) = std::env::var_os(SIM_STATE_ENV).filter(|v| !v.is_empty()) {
+        return PathBuf::from(path);
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join("coral-sim.json"),
+        None => {
+            use std::os::unix::fs::MetadataExt;
+            let uid = std::fs::metadata("/proc/self")
+                .map(|m| m.uid())
+                .unwrap_or(0);
+            PathBuf::from(format!("/tmp/coral-sim-{uid}.json"))
+        }
+    }
+}
+
+/// The simulated host's own file system root (its /etc), next to its state
+/// file: `coral-sim.json` → `coral-sim.root/`.
+pub fn sim_root(state: &Path) -> PathBuf {
+    state.with_extension("root")
+}
+
+/// The host as saved between runs.
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    /// Virtual time reached (ms).
+    now_ms: u64,
+    /// Each Coral's identity (`uninitialized` or `ready`), xHCI ports 4, 5, …
+    corals: Vec<String>,
+    /// The pool.
+    pool: Pool,
+}
+
+/// The simulated Coral + XCP-ng host.
+pub struct SimulatedHost {
+    inner: Rc<Inner>,
+    host_uuid: String,
+    bus: HostBus,
+    xe: HostXe,
+}
+
+/// What the bus and `xe` of the host share.
+struct Inner {
+    clock: Rc<VirtualClock>,
+    bus: SimBus,
+    pool: RefCell<Pool>,
+    /// The bus as XAPI was last told of it.
+    last_seen: RefCell<Vec<CoralDevice>>,
+}
+
+impl SimulatedHost {
+    /// A host with `frigate` running and its Coral in `coral`: uninitialized
+    /// (right after a power loss, boot loader at `1-4`) or ready (at `2-4`,
+    /// its PUSB listed, no VUSB yet).
+    pub fn new(coral: CoralState) -> Self {
+        let clock = Rc::new(VirtualClock::new());
+        let bus = SimBus::new(clock.clone(), &[coral]);
+        let pool = Pool::new("xcp-ng-sim", &["frigate"], as_xapi_devices(&bus.snapshot()));
+        Self::from_parts(clock, bus, pool)
+    }
+
+    fn from_parts(clock: Rc<VirtualClock>, bus: SimBus, pool: Pool) -> Self {
+        let last_seen = RefCell::new(bus.snapshot());
+        let host_uuid = pool.host_uuid().to_string();
+        let inner = Rc::new(Inner {
+            clock,
+            bus,
+            pool: RefCell::new(pool),
+            last_seen,
+        });
+        SimulatedHost {
+            bus: HostBus(inner.clone()),
+            xe: HostXe(inner.clone()),
+            inner,
+            host_uuid,
+        }
+    }
+
+    /// The host saved in `path`, or a new one (see [`SimulatedHost::new`])
+    /// when there is none yet.
+    pub fn load_or_new(path: &Path, coral: CoralState) -> anyhow::Result<Self> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::new(coral)),
+            Err(e) => {
+                let path = path.display();
+                anyhow::bail!("cannot read the simulation state {path}: {e}")
+            }
+        };
+        let snapshot: Snapshot = serde_json::from_str(&text).with_context(|| {
+            let path = path.display();
+            format!("bad simulation state {path}; delete it to start over")
+        })?;
+        let clock = Rc::new(VirtualClock::new());
+        clock.advance(Duration::from_millis(snapshot.now_ms));
+        let corals: Vec<CoralState> = (snapshot.corals.iter())
+            .map(|s| match s.as_str() {
+                "ready" => CoralState::Ready,
+                _ => CoralState::Uninitialized,
+            })
+            .collect();
+        let bus = SimBus::new(clock.clone(), &corals);
+        let mut pool = snapshot.pool;
+        // A Coral saved while re-enumerating is back as what it became:
+        // XAPI hears of it as udev would tell it.
+        let devices = as_xapi_devices(&bus.snapshot());
+        if *pool.bus() != devices {
+            pool.set_bus(devices, clock.now());
+        }
+        Ok(Self::from_parts(clock, bus, pool))
+    }
+
+    /// Save the host to `path` (atomically), creating its directory.
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let now = self.inner.clock.now();
+        self.inner.pool.borrow_mut().advance(now);
+        let snapshot = Snapshot {
+            now_ms: u64::try_from(now.as_millis()).unwrap_or(u64::MAX),
+            corals: (self.inner.bus.identities().iter())
+                .map(|c| c.as_str().to_string())
+                .collect(),
+            pool: self.inner.pool.borrow().clone(),
+        };
+        let text = serde_json::to_vec_pretty(&snapshot)?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, text)
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .with_context(|| format!("cannot save the simulation state {}", path.display()))
+    }
+
+    /// The virtual clock everything runs on.
+    pub fn clock(&self) -> &dyn Clock {
+        self.inner.clock.as_ref()
+    }
+
+    /// The simulated USB bus, as the product sees it: every change it
+    /// shows reaches XAPI as a udev event would, each starting a scan.
+    pub fn bus(&self) -> &dyn UsbBus {
+        &self.bus
+    }
+
+    /// The simulated `xe`.
+    pub fn xe(&self) -> &dyn XeRunner {
+        &self.xe
+    }
+
+    /// The simulated host's uuid (its "inventory").
+    pub fn host_uuid(&self) -> &str {
+        &self.host_uuid
+    }
+
+    /// Coral `index` browns out: it comes back at once as a fresh boot loader.
+    pub fn brownout(&self, index: usize) {
+        self.inner.bus.brownout(index);
+    }
+
+    /// One line saying what is simulated, for the log.
+    pub fn describe(&self) -> String {
+        let corals = (self.inner.bus.snapshot().iter())
+            .map(|c| format!("{} Coral at {}", c.state, c.path))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let now = self.inner.clock.now();
+        self.inner.pool.borrow_mut().advance(now);
+        let vms = (self.inner.pool.borrow().vm_states().iter())
+            .map(|(name, state)| format!("VM '{name}' {state}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "simulated host (virtual time): {corals}; {vms}; xe calls {} ms, XAPI USB scan {} ms, re-enumeration {} ms",
+            pool::CALL_MS,
+            pool::SCAN_MS,
+            bootloader::REENUMERATE_AFTER.as_millis()
+        )
+    }
+}
+
+impl Inner {
+    /// udev: when the bus differs from what XAPI was last told, XAPI is
+    /// told (and scans). A re-enumeration seen as "gone" then "back" is two
+    /// events and two scans, as on a real host.
+    fn sync(&self) {
+        let now_present = self.bus.snapshot();
+        if *self.last_seen.borrow() != now_present {
+            let devices = as_xapi_devices(&now_present);
+            self.pool.borrow_mut().set_bus(devices, self.clock.now());
+            *self.last_seen.borrow_mut() = now_present;
+        }
+    }
+}
+
+/// The host's bus, seen through udev.
+struct HostBus(Rc<Inner>);
+
+impl UsbBus for HostBus {
+    fn list_corals(&self) -> Result<Vec<CoralDevice>, UsbError> {
+        self.0.sync();
+        self.0.bus.list_corals()
+    }
+
+    fn open(&self, device: &CoralDevice) -> Result<Box<dyn UsbTransport>, UsbError> {
+        self.0.bus.open(device)
+    }
+}
+
+/// The host's `xe`: each call costs its time on the virtual clock.
+struct HostXe(Rc<Inner>);
+
+impl XeRunner for HostXe {
+    fn run(&self, args: &[String], timeout: Duration) -> Result<String, XeError> {
+        self.0.sync();
+        let clock = &self.0.clock;
+        let (result, took) = self.0.pool.borrow_mut().execute(args, clock.now());
+        if took > timeout {
+            // The caller gives up; xapi carries on regardless.
+            clock.sleep(timeout);
+            let args = args.to_vec();
+            return Err(XeError::TimedOut {
+                args,
+                after: timeout,
+            });
+        }
+        clock.sleep(took);
+        result.map_err(|stderr| XeError::from_output(args, 1, &stderr))
+    }
+}
+
+/// The Corals as XAPI's scan sees them.
+fn as_xapi_devices(corals: &[CoralDevice]) -> Vec<Device> {
+    (corals.iter())
+        .map(|c| Device {
+            path: c.path.to_string(),
+            ready: c.state == CoralState::Ready,
+        })
+        .collect()
+}
+
+/// What `--simulate` uploads when no firmware is configured: a stand-in of
+/// the real image's size (the simulated Coral accepts any image), so a
+/// newcomer sees the whole procedure before getting the real one.
+pub fn stand_in_firmware() -> FirmwareImage {
+    let bytes: Vec<u8> = (0..10_783u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    FirmwareImage {
+        sha256: crate::firmware::sha256_hex(&bytes),
+        bytes,
+        source: FirmwareSource::Simulated,
+        known_name: None,
+    }
+}

@@ -1,0 +1,189 @@
+//! A simulated host for in-process tests: the adversarial Coral bus
+//! ([`crate::device`]) and XAPI pool ([`crate::xapi`]) wired together as udev
+//! wires them (every bus change reaches XAPI as an asynchronous scan), on a
+//! virtual clock. [`SimulatedHost::new`] is the same scene as the product's
+//! `--simulate` host (one Coral on xHCI port 4, a running VM `frigate`);
+//! [`SimulatedHost::from_parts`] builds any other.
+
+use crate::device::{SimBus, SimCoralConfig};
+use crate::xapi::{
+    coral_bootloader_device, coral_ready_device, InProcessXe, PowerState, SimUsbDevice, World,
+    WorldConfig,
+};
+use coral::clock::{Clock, VirtualClock};
+use coral::usb::{CoralDevice, CoralState, UsbBus, UsbError, UsbTransport};
+use coral::xe::{XeError, XeRunner};
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// The simulated Coral + XCP-ng host.
+pub struct SimulatedHost {
+    clock: Rc<VirtualClock>,
+    bus: Rc<SimBus>,
+    udev: Udev,
+    xe: BusSyncedXe,
+    host_uuid: String,
+}
+
+impl SimulatedHost {
+    /// A host with `frigate` running and its Coral in `coral`: uninitialized
+    /// (right after a power loss, boot loader at `1-4`) or ready (at `2-4`,
+    /// its PUSB listed, no VUSB yet).
+    pub fn new(coral: CoralState) -> Self {
+        let clock = Rc::new(VirtualClock::new());
+        let bus = Rc::new(SimBus::new(clock.clone()));
+        bus.add_coral(SimCoralConfig::xhci(4), coral);
+
+        let mut world = World::new(WorldConfig::default());
+        let host_uuid = world.add_host("xcp-ng-sim");
+        world.pool.uuid = world.new_uuid();
+        world
+            .pool
+            .other_config
+            .insert("auto_poweron".into(), "true".into());
+        let vm = world.add_vm("frigate", PowerState::Running, Some(&host_uuid));
+        if let Some(vm) = world.vms.iter_mut().find(|v| v.uuid == vm) {
+            vm.other_config.insert("auto_poweron".into(), "true".into());
+        }
+        Self::from_parts(clock, bus, world, host_uuid)
+    }
+
+    /// A host from its parts (tests build their own scenarios): the world
+    /// is told what is on the bus now and has scanned it (xapi has started).
+    pub fn from_parts(
+        clock: Rc<VirtualClock>,
+        bus: Rc<SimBus>,
+        mut world: World,
+        host_uuid: String,
+    ) -> Self {
+        world.set_usb_devices(&host_uuid, as_xapi_devices(&bus.snapshot()), clock.now());
+        world.scan_now(&host_uuid);
+        let world = Rc::new(RefCell::new(world));
+        let udev = Udev(Rc::new(UdevState {
+            world: world.clone(),
+            bus: bus.clone(),
+            clock: clock.clone(),
+            host_uuid: host_uuid.clone(),
+            last_seen: RefCell::new(Some(bus.snapshot())),
+        }));
+        let xe = BusSyncedXe {
+            inner: InProcessXe::new(world, clock.clone()),
+            udev: udev.clone(),
+        };
+        SimulatedHost {
+            clock,
+            bus,
+            udev,
+            xe,
+            host_uuid,
+        }
+    }
+
+    /// The simulated XAPI world (to inspect records and power history),
+    /// with everything due by now (scans, power operations) completed.
+    pub fn world(&self) -> Rc<RefCell<World>> {
+        let world = self.xe.inner.world.clone();
+        world.borrow_mut().advance(self.clock.now());
+        world
+    }
+
+    /// The simulated bus itself (fault knobs, recorded requests).
+    pub fn sim_bus(&self) -> &SimBus {
+        &self.bus
+    }
+
+    /// The virtual clock everything runs on.
+    pub fn clock(&self) -> &dyn Clock {
+        self.clock.as_ref()
+    }
+
+    /// The simulated USB bus, as the product sees it: every change it
+    /// shows reaches XAPI as a udev event would (device removed, device
+    /// added), each starting an asynchronous scan.
+    pub fn bus(&self) -> &dyn UsbBus {
+        &self.udev
+    }
+
+    /// The simulated `xe`.
+    pub fn xe(&self) -> &dyn XeRunner {
+        &self.xe
+    }
+
+    /// The simulated host's uuid (its "inventory").
+    pub fn host_uuid(&self) -> &str {
+        &self.host_uuid
+    }
+
+    /// Tell XAPI about the bus as it is now, as udev does at the moment a
+    /// device arrives or leaves (its scan then runs asynchronously).
+    pub fn udev_event(&self) {
+        self.xe.udev.sync();
+    }
+}
+
+/// udev on the simulated host: whenever the bus differs from what XAPI was
+/// last told (seen at a USB listing or before an `xe` call), XAPI is told,
+/// which schedules its asynchronous scan. A re-enumeration seen as "gone"
+/// then "back" is two events and two scans, as on a real host.
+#[derive(Clone)]
+struct Udev(Rc<UdevState>);
+
+struct UdevState {
+    world: Rc<RefCell<World>>,
+    bus: Rc<SimBus>,
+    clock: Rc<VirtualClock>,
+    host_uuid: String,
+    last_seen: RefCell<Option<Vec<CoralDevice>>>,
+}
+
+impl Udev {
+    fn sync(&self) {
+        let s = &self.0;
+        let now_present = s.bus.snapshot();
+        let changed = s.last_seen.borrow().as_ref() != Some(&now_present);
+        if changed {
+            s.world.borrow_mut().set_usb_devices(
+                &s.host_uuid,
+                as_xapi_devices(&now_present),
+                s.clock.now(),
+            );
+            *s.last_seen.borrow_mut() = Some(now_present);
+        }
+    }
+}
+
+impl UsbBus for Udev {
+    fn list_corals(&self) -> Result<Vec<CoralDevice>, UsbError> {
+        self.sync();
+        self.0.bus.list_corals()
+    }
+
+    fn open(&self, device: &CoralDevice) -> Result<Box<dyn UsbTransport>, UsbError> {
+        self.0.bus.open(device)
+    }
+}
+
+/// An `xe` whose XAPI sees the simulated USB bus.
+struct BusSyncedXe {
+    inner: InProcessXe,
+    udev: Udev,
+}
+
+impl XeRunner for BusSyncedXe {
+    fn run(&self, args: &[String], timeout: Duration) -> Result<String, XeError> {
+        self.udev.sync();
+        self.inner.run(args, timeout)
+    }
+}
+
+/// The devices as XAPI's scan would see them.
+fn as_xapi_devices(corals: &[CoralDevice]) -> Vec<SimUsbDevice> {
+    corals
+        .iter()
+        .map(|c| match c.state {
+            CoralState::Uninitialized => coral_bootloader_device(&c.path.to_string()),
+            CoralState::Ready => coral_ready_device(&c.path.to_string()),
+        })
+        .collect()
+}
