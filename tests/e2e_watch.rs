@@ -7,7 +7,7 @@
 mod support;
 
 use coral::mapping_state::StateStore;
-use coral::sim::xapi::{coral_ready_device, Outage, OutageKind, PowerState, Vusb, World};
+use coral_testkit::xapi::{coral_ready_device, Outage, OutageKind, PowerState, Vusb, World};
 use serde_json::Value;
 use support::*;
 

@@ -481,7 +481,7 @@ fn a_scan_that_lands_after_the_usb_event_is_caught_by_the_settle_recheck() {
         world.set_usb_devices(&host_uuid, vec![], now);
         world.set_usb_devices(
             &host_uuid,
-            vec![coral::sim::xapi::coral_ready_device("2-4")],
+            vec![coral_testkit::xapi::coral_ready_device("2-4")],
             now + Duration::from_millis(5),
         );
     });
