@@ -149,6 +149,18 @@ pub enum NextStep {
         /// The VM started without its Coral.
         vm: String,
     },
+    /// Resume `vm`'s mapping, paused by a detach, by attaching it again.
+    ResumeMapping {
+        /// The VM whose mapping is paused.
+        vm: String,
+    },
+    /// Give `vm`'s mapping the port of its Coral.
+    DeviceForMapping {
+        /// The VM of the mapping.
+        vm: String,
+    },
+    /// Pass the ready Coral through to a VM.
+    AttachToVm,
     /// Restart the running `vm` now so that it gets the Coral.
     RestartNow {
         /// The VM waiting for its next start.

@@ -40,6 +40,11 @@ impl Wording for CliWording {
             NextStep::RestorePassthrough { vm } => format!(
                 "once the cause is fixed, restore the passthrough: `coral attach --vm {vm} --restart`"
             ),
+            NextStep::ResumeMapping { vm } => format!("`coral attach --vm {vm}` resumes it"),
+            NextStep::DeviceForMapping { vm } => {
+                format!("`coral service install --vm {vm} --device PATH`")
+            }
+            NextStep::AttachToVm => "`coral attach --vm <vm>`".into(),
             NextStep::RestartNow { vm } => {
                 format!("restart now: `coral attach --vm {vm} --restart`")
             }

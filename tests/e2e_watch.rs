@@ -301,7 +301,7 @@ fn detach_pauses_the_mapping_and_the_watcher_leaves_the_coral_alone() {
         "no VUSB recreated"
     );
     assert!(
-        run.stderr.contains("paused by `coral detach`"),
+        run.stderr.contains("paused by a deliberate detach"),
         "{}",
         run.stderr
     );

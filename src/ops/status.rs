@@ -1,6 +1,7 @@
 //! `coral status`: per Coral, its USB state and its XAPI objects.
 
 use crate::config::Config;
+use crate::error::NextStep;
 use crate::mapping_state::{MappingState, MappingStates};
 use crate::usb::{CoralState, UsbBus};
 use crate::xe::client::{PowerState, XeClient};
@@ -87,7 +88,7 @@ impl MappingStatus {
         };
         let device = self.device.as_deref().unwrap_or("the only Coral");
         let paused = if self.paused {
-            " [paused by `coral detach`]"
+            " [paused by a deliberate detach]"
         } else {
             ""
         };
@@ -184,7 +185,9 @@ impl StatusReport {
                 _ if c.usb_state == "ready" => {
                     out.push_str("  PUSB: not listed by XAPI yet (its scan is asynchronous)\n")
                 }
-                _ => out.push_str("  needs firmware: `coral init` or `coral up --vm <vm>`\n"),
+                _ => {
+                    let _ = writeln!(out, "  needs firmware: {}", NextStep::InitFirst);
+                }
             }
             if let (Some(vusb), Some(vm)) = (&c.vusb_uuid, &c.vm_uuid) {
                 let name = c.vm_name.as_deref().unwrap_or("?");
@@ -203,7 +206,7 @@ impl StatusReport {
                     short(vm)
                 );
             } else if c.pusb_uuid.is_some() {
-                out.push_str("  VUSB: none (`coral attach --vm <vm>`)\n");
+                let _ = writeln!(out, "  VUSB: none ({})", NextStep::AttachToVm);
             }
         }
         let now = crate::mapping_state::unix_now();

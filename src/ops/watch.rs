@@ -20,6 +20,7 @@ use super::up::{up, UpOptions, UpReport};
 use super::xapi_common::{pusb_at, resolve_vm, xe_fail};
 use crate::clock::Clock;
 use crate::config::Deadlines;
+use crate::error::NextStep;
 use crate::firmware::FirmwareImage;
 use crate::lock::LockGuard;
 use crate::mapping_state::StateStore;
@@ -214,7 +215,10 @@ impl Watcher {
             self.note(
                 index,
                 format!(
-                    "{vm_name}: paused by `coral detach`; `coral attach --vm {vm_uuid}` resumes it"
+                    "{vm_name}: paused by a deliberate detach; {}",
+                    NextStep::ResumeMapping {
+                        vm: vm_uuid.clone()
+                    }
                 ),
                 log::Level::Info,
             );
@@ -223,7 +227,16 @@ impl Watcher {
         let device = self.tracked[index].mapping.device.clone();
         let coral = match (device.as_deref(), several_mappings) {
             (None, true) => {
-                self.note(index, format!("{vm_name}: several mappings, so each needs its Coral's port (`coral service install --vm {vm_uuid} --device PATH`)"), log::Level::Error);
+                self.note(
+                    index,
+                    format!(
+                        "{vm_name}: several mappings, so each needs its Coral's port ({})",
+                        NextStep::DeviceForMapping {
+                            vm: vm_uuid.clone()
+                        }
+                    ),
+                    log::Level::Error,
+                );
                 return;
             }
             _ => select_one(corals, device.as_deref()).ok(),
@@ -355,7 +368,12 @@ impl Watcher {
         } else {
             "restarts not allowed for this mapping".to_string()
         };
-        let line = format!("pending restart: {vm_name} gets its Coral at its next start ({why}); now: `coral attach --vm {vm_uuid} --restart`");
+        let line = format!(
+            "pending restart: {vm_name} gets its Coral at its next start ({why}); {}",
+            NextStep::RestartNow {
+                vm: vm_uuid.to_string()
+            }
+        );
         if self.note(index, line.clone(), log::Level::Warn) {
             record(env.state, vm_uuid, vm_name, &line, true);
         }
