@@ -163,6 +163,12 @@ pub fn umockdev_available() -> bool {
     ok
 }
 
+/// True when an end-to-end firmware upload can run: umockdev is installed
+/// and the shared `apex_latest_single_ep.bin` is there; false is a [`skip`].
+pub fn umockdev_and_firmware_available() -> bool {
+    umockdev_available() && shared_firmware("apex_latest_single_ep.bin").is_some()
+}
+
 /// What one emulated run produced.
 pub struct Run {
     /// Exit status of the command.
@@ -440,6 +446,16 @@ pub fn frigate_pool(power: PowerState, present: SimUsbDevice) -> (World, String,
 /// The VM power transitions so far, as (from, to).
 pub fn power_transitions(world: &World) -> Vec<(PowerState, PowerState)> {
     world.power_history.iter().map(|e| (e.from, e.to)).collect()
+}
+
+/// The power transitions of `vm` so far, as (from, to).
+pub fn vm_power_transitions(world: &World, vm: &str) -> Vec<(PowerState, PowerState)> {
+    world
+        .power_history
+        .iter()
+        .filter(|e| e.vm_uuid == vm)
+        .map(|e| (e.from, e.to))
+        .collect()
 }
 
 /// One restart: a running VM halted, then running again.
