@@ -3,6 +3,7 @@
 
 use assert_cmd::Command;
 use coral::firmware::{self, FirmwareChoice, FirmwareSource};
+use coral_testkit::e2e::assert_succeeded;
 mod support;
 
 use std::path::Path;
@@ -67,11 +68,7 @@ fn the_image_comes_from_flag_then_env_then_installed_copy() {
         .env("CORAL_FIRMWARE_DIR", dir.path())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     assert_eq!(
         std::fs::read(dir.path().join("apex_latest_single_ep.bin")).unwrap(),
         std::fs::read(&single).unwrap()
@@ -167,11 +164,7 @@ fn fetch_verifies_and_leaves_nothing_half_written() {
         .env("CORAL_FIRMWARE_URL_BASE", &base)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     assert_eq!(
         std::fs::read(target.path().join("apex_latest_single_ep.bin")).unwrap(),
         std::fs::read(&single).unwrap()
@@ -198,11 +191,7 @@ fn service_install_show_uninstall_in_a_temporary_root() {
         .arg(root.path())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let unit =
         std::fs::read_to_string(root.path().join("etc/systemd/system/coral-up.service")).unwrap();
     for line in [

@@ -7,7 +7,7 @@
 use crate::xapi::{coral_ready_device, PowerState, SimState, SimUsbDevice, World, WorldConfig};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::sync::OnceLock;
 use tempfile::TempDir;
 
@@ -135,6 +135,15 @@ pub fn skip_with(ci: bool, log: Option<&Path>, test: &str, reason: &str) {
             eprintln!("cannot record the skip in {}: {e}", log.display());
         }
     }
+}
+
+/// Assert that a run of the binary succeeded, showing its stderr if not.
+pub fn assert_succeeded(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A firmware image from ../shared/firmware, or None (a [`skip`]).
