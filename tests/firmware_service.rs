@@ -3,17 +3,26 @@
 
 use assert_cmd::Command;
 use coral::firmware::{self, FirmwareChoice, FirmwareSource};
-use coral_testkit::e2e::assert_succeeded;
 mod support;
 
 use std::path::Path;
-use support::shared_firmware;
+use support::{assert_succeeded, shared_firmware};
 
 fn coral() -> Command {
     let mut cmd = Command::cargo_bin("coral").unwrap();
     cmd.env_remove("CORAL_FIRMWARE")
         .env_remove("CORAL_FIRMWARE_DIR");
     cmd
+}
+
+/// `coral service VERB --root ROOT`, the config file taken from that root.
+fn service_in_root(verb: &str, root: &Path) -> std::process::Output {
+    coral()
+        .env_remove("CORAL_CONFIG")
+        .args(["service", verb, "--root"])
+        .arg(root)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -221,21 +230,11 @@ fn service_install_show_uninstall_in_a_temporary_root() {
     );
     assert!(config.contains("restart = true"), "{config}");
 
-    let shown = coral()
-        .env_remove("CORAL_CONFIG")
-        .args(["service", "show", "--root"])
-        .arg(root.path())
-        .output()
-        .unwrap();
+    let shown = service_in_root("show", root.path());
     let shown = String::from_utf8_lossy(&shown.stdout);
     assert!(shown.contains(unit.trim()), "{shown}");
     assert!(shown.contains("installed, as install writes it"), "{shown}");
-    let out = coral()
-        .env_remove("CORAL_CONFIG")
-        .args(["service", "uninstall", "--root"])
-        .arg(root.path())
-        .output()
-        .unwrap();
+    let out = service_in_root("uninstall", root.path());
     assert!(out.status.success());
     assert!(!root
         .path()
