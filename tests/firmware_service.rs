@@ -134,14 +134,17 @@ fn fetch_verifies_and_leaves_nothing_half_written() {
     let served = tempfile::tempdir().unwrap();
     let target = tempfile::tempdir().unwrap();
     let base = format!("file://{}", served.path().display());
+    let fetch = || {
+        coral()
+            .args(["firmware", "fetch", "--dir"])
+            .arg(target.path())
+            .env("CORAL_FIRMWARE_URL_BASE", &base)
+            .output()
+            .unwrap()
+    };
 
     // Missing upstream file: curl fails, nothing is left behind.
-    let out = coral()
-        .args(["firmware", "fetch", "--dir"])
-        .arg(target.path())
-        .env("CORAL_FIRMWARE_URL_BASE", &base)
-        .output()
-        .unwrap();
+    let out = fetch();
     assert_eq!(
         out.status.code(),
         Some(4),
@@ -156,23 +159,13 @@ fn fetch_verifies_and_leaves_nothing_half_written() {
         b"not firmware",
     )
     .unwrap();
-    let out = coral()
-        .args(["firmware", "fetch", "--dir"])
-        .arg(target.path())
-        .env("CORAL_FIRMWARE_URL_BASE", &base)
-        .output()
-        .unwrap();
+    let out = fetch();
     assert_eq!(out.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not the pinned image"));
     assert_eq!(std::fs::read_dir(target.path()).unwrap().count(), 0);
 
     std::fs::copy(&single, served.path().join("apex_latest_single_ep.bin")).unwrap();
-    let out = coral()
-        .args(["firmware", "fetch", "--dir"])
-        .arg(target.path())
-        .env("CORAL_FIRMWARE_URL_BASE", &base)
-        .output()
-        .unwrap();
+    let out = fetch();
     assert_succeeded(&out);
     assert_eq!(
         std::fs::read(target.path().join("apex_latest_single_ep.bin")).unwrap(),
@@ -254,25 +247,21 @@ fn a_second_run_fails_fast_on_the_lock_with_no_wait() {
         .open(&lock)
         .unwrap();
     file.lock().unwrap();
-    let out = coral()
-        .args(["--no-wait", "--lock-file"])
-        .arg(&lock)
-        .args(["attach", "--vm", "frigate"])
-        .env("CORAL_XE", "/bin/false")
-        .env("CORAL_INVENTORY", dir.path().join("inv"))
-        .output()
-        .unwrap();
+    let attach_without_waiting = || {
+        coral()
+            .args(["--no-wait", "--lock-file"])
+            .arg(&lock)
+            .args(["attach", "--vm", "frigate"])
+            .env("CORAL_XE", "/bin/false")
+            .env("CORAL_INVENTORY", dir.path().join("inv"))
+            .output()
+            .unwrap()
+    };
+    let out = attach_without_waiting();
     // The inventory is read first (exit 7) — write one so the lock is what fails.
     assert_eq!(out.status.code(), Some(7));
     std::fs::write(dir.path().join("inv"), "INSTALLATION_UUID='h'\n").unwrap();
-    let out = coral()
-        .args(["--no-wait", "--lock-file"])
-        .arg(&lock)
-        .args(["attach", "--vm", "frigate"])
-        .env("CORAL_XE", "/bin/false")
-        .env("CORAL_INVENTORY", dir.path().join("inv"))
-        .output()
-        .unwrap();
+    let out = attach_without_waiting();
     assert_eq!(
         out.status.code(),
         Some(9),

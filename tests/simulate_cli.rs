@@ -222,11 +222,7 @@ fn simulate_and_dry_run_never_write_outside_the_simulation() {
             .arg(&image)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_succeeded(&out);
         assert!(String::from_utf8_lossy(&out.stdout).contains("would install"));
         assert!(
             !dir.exists(),
@@ -240,11 +236,7 @@ fn simulate_and_dry_run_never_write_outside_the_simulation() {
             .env("CORAL_FIRMWARE_URL_BASE", "file:///nonexistent")
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_succeeded(&out);
         assert!(
             !dir.exists(),
             "{flag} firmware fetch wrote {}",
