@@ -92,14 +92,10 @@ fn every_entry_is_recovered_and_a_missing_coral_does_not_stop_the_others() {
 
 #[test]
 fn xapi_that_never_answers_ends_the_wait_within_the_budget() {
-    let (host, vms) = host(vec![Fault {
-        command: "vm-list".into(),
-        nth: None,
-        kind: FaultKind::Fail {
-            code: "HOST_STILL_BOOTING".into(),
-            params: Vec::new(),
-        },
-    }]);
+    let (host, vms) = host(vec![Fault::every(
+        "vm-list",
+        FaultKind::fail("HOST_STILL_BOOTING", &[]),
+    )]);
     let config = Config {
         entries: vec![entry(&vms[0], "2-4")],
     };

@@ -254,14 +254,11 @@ fn a_start_that_fails_with_the_coral_starts_the_vm_without_it() {
     let (mut world, host, vm) = frigate_pool(PowerState::Running, coral_ready_device("2-4"));
     // Twice: a single failure is retried with the Coral.
     for nth in [1, 2] {
-        world.faults.push(Fault {
-            command: "vm-start".into(),
-            nth: Some(nth),
-            kind: FaultKind::Fail {
-                code: "INTERNAL_ERROR".into(),
-                params: vec!["usb reset failed".into()],
-            },
-        });
+        world.faults.push(Fault::nth(
+            "vm-start",
+            nth,
+            FaultKind::fail("INTERNAL_ERROR", &["usb reset failed"]),
+        ));
     }
     let xapi = FakeXapi::new(world, &host);
     let run = up(&xapi, &["--state", "ready"], &["--restart"]);
