@@ -154,14 +154,11 @@ fn every_mutating_call_failing_in_turn_leaves_the_vm_as_it_was_and_a_rerun_conve
     // (A single failing vm-start is retried: see the start tests.)
     for command in ["pusb-param-set", "vusb-create", "vm-shutdown"] {
         let r = rig_with("frigate", PowerState::Running, |w, _| {
-            w.faults.push(Fault {
-                command: command.into(),
-                nth: Some(1),
-                kind: FaultKind::Fail {
-                    code: "INTERNAL_ERROR".into(),
-                    params: vec![format!("{command} broke")],
-                },
-            })
+            w.faults.push(Fault::nth(
+                command,
+                1,
+                FaultKind::fail("INTERNAL_ERROR", &[&format!("{command} broke")]),
+            ))
         });
         let err = run(&r, &opts("frigate", true)).unwrap_err();
         let message = format!("{err:#}");
@@ -209,11 +206,7 @@ fn shutdowns_that_hang_or_are_never_acknowledged_leave_the_vm_running() {
     assert_eq!(vusbs, vec![false], "kept and reported");
     assert!(r.host.world().borrow().power_history.is_empty());
     let r = rig_with("frigate", PowerState::Running, |w, _| {
-        w.faults.push(Fault {
-            command: "vm-shutdown".into(),
-            nth: None,
-            kind: FaultKind::Hang,
-        })
+        w.faults.push(Fault::every("vm-shutdown", FaultKind::Hang))
     });
     let mut o = opts("frigate", true);
     o.shutdown_timeout = Duration::from_secs(5);
@@ -248,14 +241,10 @@ fn shutdowns_that_hang_or_are_never_acknowledged_leave_the_vm_running() {
 #[test]
 fn a_start_failing_with_the_coral_and_without_it_reports_the_vm_down() {
     let r = rig_with("frigate", PowerState::Running, |w, _| {
-        w.faults.push(Fault {
-            command: "vm-start".into(),
-            nth: None,
-            kind: FaultKind::Fail {
-                code: "INTERNAL_ERROR".into(),
-                params: vec!["no memory".into()],
-            },
-        })
+        w.faults.push(Fault::every(
+            "vm-start",
+            FaultKind::fail("INTERNAL_ERROR", &["no memory"]),
+        ))
     });
     let err = run(&r, &opts("frigate", true)).unwrap_err();
     let message = format!("{err:#}");
@@ -459,11 +448,8 @@ fn a_clean_shutdown_outliving_its_deadline_is_followed_and_the_vm_runs_with_the_
 #[test]
 fn a_vusb_create_that_outlives_its_deadline_is_adopted_not_left_unaccounted() {
     let r = rig_with("frigate", PowerState::Halted, |w, _| {
-        w.faults.push(Fault {
-            command: "vusb-create".into(),
-            nth: None,
-            kind: FaultKind::Slow { ms: 45_000 },
-        })
+        w.faults
+            .push(Fault::every("vusb-create", FaultKind::Slow { ms: 45_000 }))
     });
     let result = run(&r, &opts("frigate", false));
     settle(&r);
@@ -511,14 +497,10 @@ fn xapi_down_then_starting_is_waited_for_and_other_errors_are_not_retried() {
 
     // An API refusal is not "xapi unavailable": no retry.
     let r = rig_with("frigate", PowerState::Halted, |w, _| {
-        w.faults.push(Fault {
-            command: "vm-list".into(),
-            nth: None,
-            kind: FaultKind::Fail {
-                code: "INTERNAL_ERROR".into(),
-                params: vec!["db".into()],
-            },
-        })
+        w.faults.push(Fault::every(
+            "vm-list",
+            FaultKind::fail("INTERNAL_ERROR", &["db"]),
+        ))
     });
     let err = run(&r, &opts("frigate", false)).unwrap_err();
     assert_eq!(exit_code_of(&err), 7);
@@ -621,13 +603,12 @@ fn a_name_posing_as_another_vms_uuid_never_steers_coral() {
 
 #[test]
 fn a_transient_start_failure_keeps_the_coral() {
-    let fail_start = |nth| Fault {
-        command: "vm-start".into(),
-        nth: Some(nth),
-        kind: FaultKind::Fail {
-            code: "INTERNAL_ERROR".into(),
-            params: vec!["usb reset failed".into()],
-        },
+    let fail_start = |nth| {
+        Fault::nth(
+            "vm-start",
+            nth,
+            FaultKind::fail("INTERNAL_ERROR", &["usb reset failed"]),
+        )
     };
     // Fails once: retried with the VUSB.
     let r = rig_with("frigate", PowerState::Running, |w, _| {

@@ -7,24 +7,13 @@ mod support;
 use coral::clock::VirtualClock;
 use coral::config::{Config, Entry};
 use coral::error::{next_step_of, NextStep};
-use coral::firmware::{FirmwareImage, FirmwareSource};
 use coral::ops::boot::{budget, up_all};
 use coral::usb::CoralState;
 use coral::xe::client::XeClient;
 use coral_testkit::device::{SimBus, SimCoralConfig};
-use coral_testkit::host::SimulatedHost;
+use coral_testkit::host::{stand_in_single_ep_image, SimulatedHost};
 use coral_testkit::xapi::{Fault, FaultKind, PowerState, World, WorldConfig};
 use std::rc::Rc;
-
-fn image() -> FirmwareImage {
-    let bytes: Vec<u8> = (0..10_783u32).map(|i| (i * 7 % 251) as u8).collect();
-    FirmwareImage {
-        sha256: "test".into(),
-        bytes,
-        source: FirmwareSource::Flag("test.bin".into()),
-        known_name: Some("apex_latest_single_ep.bin".into()),
-    }
-}
 
 /// Two Corals after a power loss (ports 4 and 5), two halted VMs.
 fn host(faults: Vec<Fault>) -> (SimulatedHost, Vec<String>) {
@@ -68,7 +57,7 @@ fn every_entry_is_recovered_and_a_missing_coral_does_not_stop_the_others() {
         host.bus(),
         &xe,
         host.clock(),
-        &mut || Ok(image()),
+        &mut || Ok(stand_in_single_ep_image()),
         &config,
         false,
     )
@@ -103,14 +92,10 @@ fn every_entry_is_recovered_and_a_missing_coral_does_not_stop_the_others() {
 
 #[test]
 fn xapi_that_never_answers_ends_the_wait_within_the_budget() {
-    let (host, vms) = host(vec![Fault {
-        command: "vm-list".into(),
-        nth: None,
-        kind: FaultKind::Fail {
-            code: "HOST_STILL_BOOTING".into(),
-            params: Vec::new(),
-        },
-    }]);
+    let (host, vms) = host(vec![Fault::every(
+        "vm-list",
+        FaultKind::fail("HOST_STILL_BOOTING", &[]),
+    )]);
     let config = Config {
         entries: vec![entry(&vms[0], "2-4")],
     };
@@ -120,7 +105,7 @@ fn xapi_that_never_answers_ends_the_wait_within_the_budget() {
         host.bus(),
         &xe,
         host.clock(),
-        &mut || Ok(image()),
+        &mut || Ok(stand_in_single_ep_image()),
         &config,
         false,
     ) {

@@ -2,6 +2,7 @@
 //! fake `xe` (coral-xe-sim) resolving VMs, under a temporary root.
 
 use assert_cmd::Command;
+use coral_testkit::e2e::assert_succeeded;
 mod support;
 
 use coral_testkit::xapi::{coral_ready_device, PowerState};
@@ -239,11 +240,7 @@ fn a_non_default_config_path_is_passed_to_the_unit() {
         .env("CORAL_CONFIG", &config)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     assert!(read(&config).contains("vm_name = \"frigate\""));
     let unit = read(&host.unit());
     assert!(

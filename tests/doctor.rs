@@ -2,6 +2,7 @@
 //! a stand-in usb-policy.conf. Each check's verdict and fix; read-only.
 
 use assert_cmd::Command;
+use coral_testkit::e2e::assert_succeeded;
 mod support;
 
 use coral_testkit::xapi::{coral_ready_device, PowerState, World};
@@ -37,11 +38,7 @@ fn setup(edit: impl FnOnce(&mut World, &str)) -> Setup {
         .arg(setup.root.path())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     setup
 }
 

@@ -139,11 +139,9 @@ fn a_clean_shutdown_that_hangs_leaves_the_vm_running_and_no_stray_vusb() {
         return;
     }
     let (mut world, host, vm) = frigate_pool(PowerState::Running, coral_ready_device("2-4"));
-    world.faults.push(Fault {
-        command: "vm-shutdown".into(),
-        nth: None,
-        kind: FaultKind::Hang,
-    });
+    world
+        .faults
+        .push(Fault::every("vm-shutdown", FaultKind::Hang));
     let xapi = FakeXapi::new(world, &host);
     let run = attach(
         &xapi,

@@ -29,10 +29,6 @@ fn up(xapi: &FakeXapi, emulator: &[&str], args: &[&str]) -> Run {
     xapi.run(emulator, &command)
 }
 
-fn ready() -> bool {
-    umockdev_available() && shared_firmware("apex_latest_single_ep.bin").is_some()
-}
-
 fn no_bootloader_records(world: &World, host: &str) {
     assert!(
         !world
@@ -45,7 +41,7 @@ fn no_bootloader_records(world: &World, host: &str) {
 
 #[test]
 fn power_loss_with_the_vm_halted_needs_zero_power_transitions() {
-    if !ready() {
+    if !umockdev_and_firmware_available() {
         return;
     }
     let (xapi, host, vm) = power_loss(PowerState::Halted);
@@ -73,7 +69,7 @@ fn power_loss_with_the_vm_halted_needs_zero_power_transitions() {
 
 #[test]
 fn vm_running_with_restart_gets_exactly_one_clean_restart() {
-    if !ready() {
+    if !umockdev_and_firmware_available() {
         return;
     }
     let (xapi, host, vm) = power_loss(PowerState::Running);
@@ -89,7 +85,7 @@ fn vm_running_with_restart_gets_exactly_one_clean_restart() {
 
 #[test]
 fn vm_running_without_restart_is_left_running_with_the_vusb_pending() {
-    if !ready() {
+    if !umockdev_and_firmware_available() {
         return;
     }
     let (xapi, host, vm) = power_loss(PowerState::Running);
@@ -110,7 +106,7 @@ fn vm_running_without_restart_is_left_running_with_the_vusb_pending() {
 
 #[test]
 fn steady_state_touches_no_usb_and_writes_nothing() {
-    if !ready() {
+    if !umockdev_and_firmware_available() {
         return;
     }
     let (xapi, host, vm) = power_loss(PowerState::Halted);
@@ -141,7 +137,7 @@ fn steady_state_touches_no_usb_and_writes_nothing() {
 
 #[test]
 fn two_concurrent_runs_serialize_on_the_lock() {
-    if !ready() {
+    if !umockdev_and_firmware_available() {
         return;
     }
     let (xapi, host, vm) = power_loss(PowerState::Halted);
@@ -180,7 +176,7 @@ fn two_concurrent_runs_serialize_on_the_lock() {
 
 #[test]
 fn a_device_vanishing_during_upload_changes_nothing_in_xapi() {
-    if !ready() {
+    if !umockdev_and_firmware_available() {
         return;
     }
     let (xapi, host, vm) = power_loss(PowerState::Running);
@@ -196,7 +192,7 @@ fn a_device_vanishing_during_upload_changes_nothing_in_xapi() {
 
 #[test]
 fn an_xapi_scan_slower_than_the_deadline_is_a_timeout_with_nothing_changed() {
-    if !ready() {
+    if !umockdev_and_firmware_available() {
         return;
     }
     let mut config = fast_config();
@@ -223,7 +219,7 @@ fn an_xapi_scan_slower_than_the_deadline_is_a_timeout_with_nothing_changed() {
 
 #[test]
 fn a_shutdown_that_is_never_acknowledged_leaves_the_vm_running() {
-    if !ready() {
+    if !umockdev_and_firmware_available() {
         return;
     }
     let (mut world, host, vm) = frigate_pool(PowerState::Running, coral_bootloader_device("1-4"));
@@ -252,20 +248,17 @@ fn a_shutdown_that_is_never_acknowledged_leaves_the_vm_running() {
 
 #[test]
 fn a_start_that_fails_with_the_coral_starts_the_vm_without_it() {
-    if !ready() {
+    if !umockdev_and_firmware_available() {
         return;
     }
     let (mut world, host, vm) = frigate_pool(PowerState::Running, coral_ready_device("2-4"));
     // Twice: a single failure is retried with the Coral.
     for nth in [1, 2] {
-        world.faults.push(Fault {
-            command: "vm-start".into(),
-            nth: Some(nth),
-            kind: FaultKind::Fail {
-                code: "INTERNAL_ERROR".into(),
-                params: vec!["usb reset failed".into()],
-            },
-        });
+        world.faults.push(Fault::nth(
+            "vm-start",
+            nth,
+            FaultKind::fail("INTERNAL_ERROR", &["usb reset failed"]),
+        ));
     }
     let xapi = FakeXapi::new(world, &host);
     let run = up(&xapi, &["--state", "ready"], &["--restart"]);
@@ -286,7 +279,7 @@ fn a_start_that_fails_with_the_coral_starts_the_vm_without_it() {
 
 #[test]
 fn up_at_boot_waits_while_xapi_is_down_then_starting() {
-    if !ready() {
+    if !umockdev_and_firmware_available() {
         return;
     }
     let (mut world, host, vm) = frigate_pool(PowerState::Halted, coral_bootloader_device("1-4"));

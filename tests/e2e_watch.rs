@@ -70,20 +70,6 @@ fn env(xapi: &FakeXapi) -> Vec<(String, String)> {
     env
 }
 
-fn ready() -> bool {
-    umockdev_available() && shared_firmware("apex_latest_single_ep.bin").is_some()
-}
-
-/// (from, to) of the VM's power transitions.
-fn transitions(world: &World, vm: &str) -> Vec<(PowerState, PowerState)> {
-    world
-        .power_history
-        .iter()
-        .filter(|e| e.vm_uuid == vm)
-        .map(|e| (e.from, e.to))
-        .collect()
-}
-
 /// DNLOAD requests the Coral at `path` received.
 fn downloads_to(run: &Run, path: &str) -> usize {
     run.result["requests"]
@@ -120,7 +106,7 @@ fn the_watch_stopped_cleanly(run: &Run) {
 
 #[test]
 fn a_coral_that_drops_while_its_vm_is_halted_is_back_on_its_vm_without_a_power_change() {
-    if !ready() {
+    if !umockdev_and_firmware_available() {
         return;
     }
     let (world, host, vms) = healthy_pool(PowerState::Halted, &["2-4"]);
@@ -142,7 +128,7 @@ fn a_coral_that_drops_while_its_vm_is_halted_is_back_on_its_vm_without_a_power_c
         vec![(true, false)],
         "one VUSB, on the group of the Coral's new PUSB"
     );
-    assert!(transitions(&world, &vms[0]).is_empty());
+    assert!(vm_power_transitions(&world, &vms[0]).is_empty());
     let states = StateStore::in_dir(&xapi.dir().join("state"))
         .load()
         .unwrap();
@@ -151,7 +137,7 @@ fn a_coral_that_drops_while_its_vm_is_halted_is_back_on_its_vm_without_a_power_c
 
 #[test]
 fn a_running_vm_is_not_restarted_without_the_restart_policy_and_the_journal_says_pending_restart() {
-    if !ready() {
+    if !umockdev_and_firmware_available() {
         return;
     }
     let (world, host, vms) = healthy_pool(PowerState::Running, &["2-4"]);
@@ -168,7 +154,10 @@ fn a_running_vm_is_not_restarted_without_the_restart_policy_and_the_journal_says
         vec![(true, false)],
         "the VUSB is back, attached at the VM's next start"
     );
-    assert!(transitions(&world, &vms[0]).is_empty(), "never restarted");
+    assert!(
+        vm_power_transitions(&world, &vms[0]).is_empty(),
+        "never restarted"
+    );
     assert!(!world.calls.iter().any(|c| c.args[0] == "vm-shutdown"));
     let pending: Vec<&str> = run
         .stderr
@@ -185,7 +174,7 @@ fn a_running_vm_is_not_restarted_without_the_restart_policy_and_the_journal_says
 
 #[test]
 fn a_running_vm_is_restarted_once_when_its_policy_allows_it() {
-    if !ready() {
+    if !umockdev_and_firmware_available() {
         return;
     }
     let (world, host, vms) = healthy_pool(PowerState::Running, &["2-4"]);
@@ -203,7 +192,7 @@ fn a_running_vm_is_restarted_once_when_its_policy_allows_it() {
         "attached: the VM was restarted with it"
     );
     assert_eq!(
-        transitions(&world, &vms[0]),
+        vm_power_transitions(&world, &vms[0]),
         vec![
             (PowerState::Running, PowerState::Halted),
             (PowerState::Halted, PowerState::Running)
@@ -220,7 +209,7 @@ fn a_running_vm_is_restarted_once_when_its_policy_allows_it() {
 
 #[test]
 fn the_restart_rate_limit_leaves_the_second_drop_pending() {
-    if !ready() {
+    if !umockdev_and_firmware_available() {
         return;
     }
     let (world, host, vms) = healthy_pool(PowerState::Running, &["2-4"]);
@@ -247,7 +236,7 @@ fn the_restart_rate_limit_leaves_the_second_drop_pending() {
     assert_eq!(downloads_to(&run, "1-4"), 88, "two drops, two downloads");
     let world = xapi.world();
     assert_eq!(
-        transitions(&world, &vms[0]),
+        vm_power_transitions(&world, &vms[0]),
         vec![
             (PowerState::Running, PowerState::Halted),
             (PowerState::Halted, PowerState::Running)
@@ -267,7 +256,7 @@ fn the_restart_rate_limit_leaves_the_second_drop_pending() {
 
 #[test]
 fn detach_pauses_the_mapping_and_the_watcher_leaves_the_coral_alone() {
-    if !ready() {
+    if !umockdev_and_firmware_available() {
         return;
     }
     let (world, host, vms) = healthy_pool(PowerState::Halted, &["2-4"]);
@@ -309,7 +298,7 @@ fn detach_pauses_the_mapping_and_the_watcher_leaves_the_coral_alone() {
 
 #[test]
 fn sigterm_in_the_middle_of_a_recovery_ends_the_watch_at_once_and_a_rerun_converges() {
-    if !ready() {
+    if !umockdev_and_firmware_available() {
         return;
     }
     let (world, host, vms) = healthy_pool(PowerState::Halted, &["2-4"]);
@@ -353,7 +342,7 @@ fn sigterm_in_the_middle_of_a_recovery_ends_the_watch_at_once_and_a_rerun_conver
         !world.vusbs.iter().any(|v| v.vm_uuid == vms[0]),
         "no VUSB half-made"
     );
-    assert!(transitions(&world, &vms[0]).is_empty());
+    assert!(vm_power_transitions(&world, &vms[0]).is_empty());
 
     // The Coral as the interrupted run left it (re-enumerating, then ready):
     // the next watcher (systemd restarts it) finishes the job.
@@ -368,7 +357,7 @@ fn sigterm_in_the_middle_of_a_recovery_ends_the_watch_at_once_and_a_rerun_conver
 
 #[test]
 fn of_two_corals_only_the_one_that_dropped_is_reinitialized_and_reattached() {
-    if !ready() {
+    if !umockdev_and_firmware_available() {
         return;
     }
     let (world, host, vms) = healthy_pool(PowerState::Halted, &["2-4", "2-5"]);
@@ -422,7 +411,7 @@ fn of_two_corals_only_the_one_that_dropped_is_reinitialized_and_reattached() {
 
 #[test]
 fn xapi_unavailable_while_the_coral_comes_back_is_retried_until_it_answers() {
-    if !ready() {
+    if !umockdev_and_firmware_available() {
         return;
     }
     let (mut world, host, vms) = healthy_pool(PowerState::Halted, &["2-4"]);
@@ -464,7 +453,10 @@ fn xapi_unavailable_while_the_coral_comes_back_is_retried_until_it_answers() {
 #[test]
 #[ignore = "benchmark: scripts/bench-watch.sh"]
 fn figures() {
-    assert!(ready(), "umockdev and ../shared/firmware are needed");
+    assert!(
+        umockdev_and_firmware_available(),
+        "umockdev and ../shared/firmware are needed"
+    );
     for restart in [false, true] {
         let mut to_vusb = Vec::new();
         let mut to_running = Vec::new();
@@ -535,7 +527,10 @@ fn figures() {
 #[test]
 #[ignore = "benchmark: scripts/bench-watch.sh"]
 fn idle_minute() {
-    assert!(ready(), "umockdev and ../shared/firmware are needed");
+    assert!(
+        umockdev_and_firmware_available(),
+        "umockdev and ../shared/firmware are needed"
+    );
     let (world, host, _vms) = healthy_pool(PowerState::Running, &["2-4"]);
     let xapi = FakeXapi::new(world, &host);
     let marker = xapi.dir().join("state").display().to_string();

@@ -6,13 +6,23 @@ use coral::firmware::{self, FirmwareChoice, FirmwareSource};
 mod support;
 
 use std::path::Path;
-use support::shared_firmware;
+use support::{assert_succeeded, shared_firmware};
 
 fn coral() -> Command {
     let mut cmd = Command::cargo_bin("coral").unwrap();
     cmd.env_remove("CORAL_FIRMWARE")
         .env_remove("CORAL_FIRMWARE_DIR");
     cmd
+}
+
+/// `coral service VERB --root ROOT`, the config file taken from that root.
+fn service_in_root(verb: &str, root: &Path) -> std::process::Output {
+    coral()
+        .env_remove("CORAL_CONFIG")
+        .args(["service", verb, "--root"])
+        .arg(root)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -67,11 +77,7 @@ fn the_image_comes_from_flag_then_env_then_installed_copy() {
         .env("CORAL_FIRMWARE_DIR", dir.path())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     assert_eq!(
         std::fs::read(dir.path().join("apex_latest_single_ep.bin")).unwrap(),
         std::fs::read(&single).unwrap()
@@ -128,14 +134,17 @@ fn fetch_verifies_and_leaves_nothing_half_written() {
     let served = tempfile::tempdir().unwrap();
     let target = tempfile::tempdir().unwrap();
     let base = format!("file://{}", served.path().display());
+    let fetch = || {
+        coral()
+            .args(["firmware", "fetch", "--dir"])
+            .arg(target.path())
+            .env("CORAL_FIRMWARE_URL_BASE", &base)
+            .output()
+            .unwrap()
+    };
 
     // Missing upstream file: curl fails, nothing is left behind.
-    let out = coral()
-        .args(["firmware", "fetch", "--dir"])
-        .arg(target.path())
-        .env("CORAL_FIRMWARE_URL_BASE", &base)
-        .output()
-        .unwrap();
+    let out = fetch();
     assert_eq!(
         out.status.code(),
         Some(4),
@@ -150,28 +159,14 @@ fn fetch_verifies_and_leaves_nothing_half_written() {
         b"not firmware",
     )
     .unwrap();
-    let out = coral()
-        .args(["firmware", "fetch", "--dir"])
-        .arg(target.path())
-        .env("CORAL_FIRMWARE_URL_BASE", &base)
-        .output()
-        .unwrap();
+    let out = fetch();
     assert_eq!(out.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not the pinned image"));
     assert_eq!(std::fs::read_dir(target.path()).unwrap().count(), 0);
 
     std::fs::copy(&single, served.path().join("apex_latest_single_ep.bin")).unwrap();
-    let out = coral()
-        .args(["firmware", "fetch", "--dir"])
-        .arg(target.path())
-        .env("CORAL_FIRMWARE_URL_BASE", &base)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = fetch();
+    assert_succeeded(&out);
     assert_eq!(
         std::fs::read(target.path().join("apex_latest_single_ep.bin")).unwrap(),
         std::fs::read(&single).unwrap()
@@ -198,11 +193,7 @@ fn service_install_show_uninstall_in_a_temporary_root() {
         .arg(root.path())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let unit =
         std::fs::read_to_string(root.path().join("etc/systemd/system/coral-up.service")).unwrap();
     for line in [
@@ -232,21 +223,11 @@ fn service_install_show_uninstall_in_a_temporary_root() {
     );
     assert!(config.contains("restart = true"), "{config}");
 
-    let shown = coral()
-        .env_remove("CORAL_CONFIG")
-        .args(["service", "show", "--root"])
-        .arg(root.path())
-        .output()
-        .unwrap();
+    let shown = service_in_root("show", root.path());
     let shown = String::from_utf8_lossy(&shown.stdout);
     assert!(shown.contains(unit.trim()), "{shown}");
     assert!(shown.contains("installed, as install writes it"), "{shown}");
-    let out = coral()
-        .env_remove("CORAL_CONFIG")
-        .args(["service", "uninstall", "--root"])
-        .arg(root.path())
-        .output()
-        .unwrap();
+    let out = service_in_root("uninstall", root.path());
     assert!(out.status.success());
     assert!(!root
         .path()
@@ -266,25 +247,21 @@ fn a_second_run_fails_fast_on_the_lock_with_no_wait() {
         .open(&lock)
         .unwrap();
     file.lock().unwrap();
-    let out = coral()
-        .args(["--no-wait", "--lock-file"])
-        .arg(&lock)
-        .args(["attach", "--vm", "frigate"])
-        .env("CORAL_XE", "/bin/false")
-        .env("CORAL_INVENTORY", dir.path().join("inv"))
-        .output()
-        .unwrap();
+    let attach_without_waiting = || {
+        coral()
+            .args(["--no-wait", "--lock-file"])
+            .arg(&lock)
+            .args(["attach", "--vm", "frigate"])
+            .env("CORAL_XE", "/bin/false")
+            .env("CORAL_INVENTORY", dir.path().join("inv"))
+            .output()
+            .unwrap()
+    };
+    let out = attach_without_waiting();
     // The inventory is read first (exit 7) — write one so the lock is what fails.
     assert_eq!(out.status.code(), Some(7));
     std::fs::write(dir.path().join("inv"), "INSTALLATION_UUID='h'\n").unwrap();
-    let out = coral()
-        .args(["--no-wait", "--lock-file"])
-        .arg(&lock)
-        .args(["attach", "--vm", "frigate"])
-        .env("CORAL_XE", "/bin/false")
-        .env("CORAL_INVENTORY", dir.path().join("inv"))
-        .output()
-        .unwrap();
+    let out = attach_without_waiting();
     assert_eq!(
         out.status.code(),
         Some(9),

@@ -3,7 +3,7 @@
 use assert_cmd::Command;
 mod support;
 
-use support::shared_firmware;
+use support::{assert_succeeded, shared_firmware};
 
 /// A simulated host of its own (state file in a fresh directory) for one test.
 struct Sim {
@@ -40,6 +40,7 @@ impl Sim {
         cmd
     }
 
+    /// `coral ARGS` against this host: (succeeded, stdout, stderr).
     fn run(&self, args: &[&str]) -> (bool, String, String) {
         let out = self.coral().args(args).output().unwrap();
         (
@@ -55,22 +56,17 @@ fn simulated_up_with_restart_recovers_the_coral_and_restarts_once() {
     let Some(image) = shared_firmware("apex_latest_single_ep.bin") else {
         return;
     };
-    let out = Sim::new()
-        .coral()
-        .args([
-            "--simulate",
-            "up",
-            "--vm",
-            "frigate",
-            "--restart",
-            "--firmware",
-        ])
-        .arg(&image)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    let image = image.display().to_string();
+    let (ok, stdout, stderr) = Sim::new().run(&[
+        "--simulate",
+        "up",
+        "--vm",
+        "frigate",
+        "--restart",
+        "--firmware",
+        &image,
+    ]);
+    assert!(ok, "stdout: {stdout}\nstderr: {stderr}");
     assert!(stderr.contains("10783 bytes"), "{stderr}");
     assert!(
         stderr.contains("2-4"),
@@ -85,14 +81,8 @@ fn simulated_up_with_restart_recovers_the_coral_and_restarts_once() {
 
 #[test]
 fn simulated_init_works_without_any_firmware_installed() {
-    let out = Sim::new()
-        .coral()
-        .args(["--simulate", "init"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    let (ok, stdout, stderr) = Sim::new().run(&["--simulate", "init"]);
+    assert!(ok, "stdout: {stdout}\nstderr: {stderr}");
     assert!(stdout.contains("Coral ready at 2-4"), "{stdout}");
     assert!(
         stderr.contains("coral firmware fetch"),
@@ -127,11 +117,7 @@ fn simulated_status_json_follows_the_schema() {
         .args(["--simulate", "status", "--json"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(json["schema"], 1);
     let corals = json["corals"].as_array().expect("corals array");
@@ -155,11 +141,7 @@ fn simulated_attach_dry_run_prints_the_commands_and_changes_nothing() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     for expected in [
         "xe pusb-param-set",
         "xe vusb-create",
@@ -240,11 +222,7 @@ fn simulate_and_dry_run_never_write_outside_the_simulation() {
             .arg(&image)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_succeeded(&out);
         assert!(String::from_utf8_lossy(&out.stdout).contains("would install"));
         assert!(
             !dir.exists(),
@@ -258,11 +236,7 @@ fn simulate_and_dry_run_never_write_outside_the_simulation() {
             .env("CORAL_FIRMWARE_URL_BASE", "file:///nonexistent")
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_succeeded(&out);
         assert!(
             !dir.exists(),
             "{flag} firmware fetch wrote {}",
@@ -285,11 +259,7 @@ fn simulate_and_dry_run_never_write_outside_the_simulation() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     assert!(
         stdout.contains("would write") && stdout.contains("ExecStart="),
         "{stdout}"

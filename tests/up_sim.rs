@@ -6,30 +6,19 @@ mod support;
 
 use coral::clock::VirtualClock;
 use coral::error::NextStep;
-use coral::firmware::{FirmwareImage, FirmwareSource};
 use coral::ops::attach::AttachOptions;
 use coral::ops::init::InitOutcome;
 use coral::ops::up::{up, UpOptions, UpReport};
 use coral::usb::CoralState;
 use coral::xe::client::XeClient;
 use coral_testkit::device::{SimBus, SimCoralConfig};
-use coral_testkit::host::SimulatedHost;
+use coral_testkit::host::{stand_in_single_ep_image, SimulatedHost};
 use coral_testkit::xapi::{
     coral_bootloader_device, coral_ready_device, Outage, OutageKind, PowerState, World, WorldConfig,
 };
 use std::rc::Rc;
 use std::time::Duration;
 use support::READ_COMMANDS;
-
-fn image() -> FirmwareImage {
-    let bytes: Vec<u8> = (0..10_783u32).map(|i| (i * 7 % 251) as u8).collect();
-    FirmwareImage {
-        sha256: "test".into(),
-        bytes,
-        source: FirmwareSource::Flag("test.bin".into()),
-        known_name: Some("apex_latest_single_ep.bin".into()),
-    }
-}
 
 struct Scenario {
     host: SimulatedHost,
@@ -72,7 +61,7 @@ fn run_up(s: &Scenario, opts: &UpOptions, loads: &mut u32) -> anyhow::Result<UpR
     let xe = XeClient::new(s.host.xe(), s.host.host_uuid().to_string(), opts.dry_run);
     let mut load = || {
         *loads += 1;
-        Ok(image())
+        Ok(stand_in_single_ep_image())
     };
     up(s.host.bus(), &xe, s.host.clock(), &mut load, opts)
 }
@@ -241,7 +230,7 @@ fn dry_run_verifies_the_firmware_and_changes_nothing() {
 fn the_built_in_simulation_recovers_from_power_loss() {
     let host = SimulatedHost::new(CoralState::Uninitialized);
     let xe = XeClient::new(host.xe(), host.host_uuid().to_string(), false);
-    let mut load = || Ok(image());
+    let mut load = || Ok(stand_in_single_ep_image());
     let report = up(
         host.bus(),
         &xe,
@@ -265,7 +254,7 @@ fn client(s: &Scenario, dry_run: bool) -> XeClient<'_> {
 
 fn run_up_waiting(s: &Scenario, opts: &UpOptions) -> anyhow::Result<UpReport> {
     let xe = client(s, opts.dry_run);
-    let mut load = || Ok(image());
+    let mut load = || Ok(stand_in_single_ep_image());
     up(s.host.bus(), &xe, s.host.clock(), &mut load, opts)
 }
 

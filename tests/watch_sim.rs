@@ -5,7 +5,6 @@
 //! asserts XAPI records, the VM power history and the USB traffic.
 
 use coral::clock::VirtualClock;
-use coral::firmware::{FirmwareImage, FirmwareSource};
 use coral::mapping_state::StateStore;
 use coral::ops::attach::AttachOptions;
 use coral::ops::up::UpOptions;
@@ -13,7 +12,8 @@ use coral::ops::watch::{watch, LockAttempt, Mapping, Wake, Wakeups, WatchEnv, Wa
 use coral::usb::CoralState;
 use coral::xe::client::XeClient;
 use coral_testkit::device::{SimBus, SimCoralConfig};
-use coral_testkit::host::SimulatedHost;
+use coral_testkit::e2e::{vm_power_transitions, vusbs_on_ready_group};
+use coral_testkit::host::{stand_in_single_ep_image, SimulatedHost};
 use coral_testkit::xapi::{PowerState, World, WorldConfig};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -21,16 +21,6 @@ use std::rc::Rc;
 use std::time::Duration;
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-fn image() -> FirmwareImage {
-    let bytes: Vec<u8> = (0..10_783u32).map(|i| (i * 7 % 251) as u8).collect();
-    FirmwareImage {
-        sha256: "test".into(),
-        bytes,
-        source: FirmwareSource::Flag("test.bin".into()),
-        known_name: Some("apex_latest_single_ep.bin".into()),
-    }
-}
 
 /// A host whose Corals (xHCI ports `ports`) are ready and each passed
 /// through to its own VM `cam-<port>` in `power`, as after a good boot.
@@ -179,7 +169,7 @@ fn run_watch(s: &Scenario, opts: &WatchOptions, script: &Script, lock_busy_until
     let loads = Cell::new(0);
     let mut load = || {
         loads.set(loads.get() + 1);
-        Ok(image())
+        Ok(stand_in_single_ep_image())
     };
     let state = StateStore::in_dir(s.state_dir.path());
     let clock = s.host.clock();
@@ -206,33 +196,12 @@ fn run_watch(s: &Scenario, opts: &WatchOptions, script: &Script, lock_busy_until
 fn vusbs_of(s: &Scenario, vm: &str, ready_path: &str) -> Vec<(bool, bool)> {
     let world = s.host.world();
     let world = world.borrow();
-    let group = world
-        .pusbs
-        .iter()
-        .find(|p| p.device.path == ready_path && p.device.product_id == "9302")
-        .map(|p| p.usb_group_uuid.clone());
-    world
-        .vusbs
-        .iter()
-        .filter(|v| v.vm_uuid == vm)
-        .map(|v| {
-            (
-                Some(&v.usb_group_uuid) == group.as_ref(),
-                v.currently_attached,
-            )
-        })
-        .collect()
+    vusbs_on_ready_group(&world, s.host.host_uuid(), vm, ready_path)
 }
 
+/// The VM's power transitions so far, as (from, to).
 fn transitions(s: &Scenario, vm: &str) -> Vec<(PowerState, PowerState)> {
-    let world = s.host.world();
-    let world = world.borrow();
-    world
-        .power_history
-        .iter()
-        .filter(|e| e.vm_uuid == vm)
-        .map(|e| (e.from, e.to))
-        .collect()
+    vm_power_transitions(&s.host.world().borrow(), vm)
 }
 
 fn coral_states(s: &Scenario) -> Vec<(String, CoralState)> {

@@ -270,19 +270,12 @@ fn selectors_and_cli_mistakes_print_xe_texts() {
 #[test]
 fn faults_fail_the_nth_call_or_hang() {
     let (mut w, _) = one_host();
-    w.faults.push(Fault {
-        command: "vm-list".into(),
-        nth: Some(2),
-        kind: FaultKind::Fail {
-            code: "SOMETHING_ODD".into(),
-            params: vec!["x".into(), "y".into()],
-        },
-    });
-    w.faults.push(Fault {
-        command: "host-list".into(),
-        nth: None,
-        kind: FaultKind::Hang,
-    });
+    w.faults.push(Fault::nth(
+        "vm-list",
+        2,
+        FaultKind::fail("SOMETHING_ODD", &["x", "y"]),
+    ));
+    w.faults.push(Fault::every("host-list", FaultKind::Hang));
     assert_eq!(xe(&mut w, &["vm-list"], 0).0, 0);
     let (status, _, err) = xe(&mut w, &["vm-list"], 0);
     assert_eq!(
@@ -457,11 +450,8 @@ fn a_slow_call_takes_effect_even_when_its_client_gives_up() {
     w.set_usb_devices(&host, vec![coral_ready_device("2-4")], ms(0));
     w.scan_now(&host);
     let group = w.groups[0].uuid.clone();
-    w.faults.push(Fault {
-        command: "vusb-create".into(),
-        nth: None,
-        kind: FaultKind::Slow { ms: 60_000 },
-    });
+    w.faults
+        .push(Fault::every("vusb-create", FaultKind::Slow { ms: 60_000 }));
     let r = w.execute(
         &args(&[
             "vusb-create",

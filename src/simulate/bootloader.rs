@@ -5,8 +5,9 @@
 //! after a complete download and a reset. No fault knobs: the test kit's
 //! Coral (`coral-testkit`) is the adversarial one.
 
+use super::dfu_machine::{read_memory, DfuMachine, InRequest, OutRequest};
 use crate::clock::Clock;
-use crate::dfu::{self, state, status};
+use crate::dfu;
 use crate::usb::{
     CoralDevice, CoralState, InterfaceInfo, PortPath, ResetOutcome, UsbBus, UsbError, UsbTransport,
 };
@@ -19,26 +20,6 @@ const TRANSFER_SIZE: u16 = 256;
 /// From a reset to the new identity on the bus.
 pub const REENUMERATE_AFTER: Duration = Duration::from_millis(800);
 
-/// The boot loader's DFU state.
-#[derive(Default)]
-struct Dfu {
-    state: u8,
-    status: u8,
-    next_block: u16,
-    received: Vec<u8>,
-    manifested: bool,
-    upload_block: u16,
-}
-
-impl Dfu {
-    fn idle() -> Self {
-        Dfu {
-            state: state::IDLE,
-            ..Dfu::default()
-        }
-    }
-}
-
 /// One Coral on xHCI port `port`: boot loader at `1-<port>`, ready at `2-<port>`.
 struct Coral {
     port: u8,
@@ -47,7 +28,7 @@ struct Coral {
     address: u8,
     /// When it appears again after a reset, and as what.
     back: Option<(Duration, CoralState)>,
-    dfu: Dfu,
+    dfu: DfuMachine,
     detach_requested: bool,
     flashed: Vec<u8>,
 }
@@ -72,13 +53,6 @@ impl Coral {
             state: self.identity,
             peer: Some(self.path_of(other)),
         }
-    }
-
-    /// Stall: the request is invalid in this state.
-    fn stall(&mut self) -> UsbError {
-        self.dfu.state = state::ERROR;
-        self.dfu.status = status::ERR_STALLEDPKT;
-        UsbError::Stall
     }
 }
 
@@ -105,7 +79,7 @@ impl BusState {
                     c.present = true;
                     c.identity = identity;
                     c.address = address;
-                    c.dfu = Dfu::idle();
+                    c.dfu = DfuMachine::idle(TRANSFER_SIZE);
                     c.detach_requested = false;
                 }
             }
@@ -131,7 +105,7 @@ impl SimBus {
                 present: true,
                 address,
                 back: None,
-                dfu: Dfu::idle(),
+                dfu: DfuMachine::idle(TRANSFER_SIZE),
                 detach_requested: false,
                 flashed: Vec::new(),
             });
@@ -170,7 +144,7 @@ impl SimBus {
         c.back = None;
         c.identity = CoralState::Uninitialized;
         c.address = address;
-        c.dfu = Dfu::idle();
+        c.dfu = DfuMachine::idle(TRANSFER_SIZE);
     }
 }
 
@@ -249,19 +223,26 @@ impl UsbTransport for SimTransport {
                 || request_type != dfu::REQUEST_IN
                 || index != 0
             {
-                return Err(c.stall());
+                return Err(c.dfu.stall());
             }
-            match request {
-                dfu::DFU_GETSTATUS if buf.len() == 6 => {
-                    get_status(c, buf);
+            match c.dfu.accept_in(request, buf.len())? {
+                InRequest::GetStatus => {
+                    if let Some(image) = c.dfu.sync() {
+                        c.flashed = image;
+                    }
+                    buf.copy_from_slice(&c.dfu.status_reply(0));
                     Ok(6)
                 }
-                dfu::DFU_GETSTATE if buf.len() == 1 => {
+                InRequest::GetState => {
                     buf[0] = c.dfu.state;
                     Ok(1)
                 }
-                dfu::DFU_UPLOAD => upload(c, value, buf),
-                _ => Err(c.stall()),
+                InRequest::Upload => {
+                    let flashed = &c.flashed;
+                    c.dfu.upload(value, buf, |offset, buf| {
+                        Ok(read_memory(flashed, offset, buf))
+                    })
+                }
             }
         })
     }
@@ -276,7 +257,7 @@ impl UsbTransport for SimTransport {
     ) -> Result<usize, UsbError> {
         self.with(|c, _| {
             if request_type != dfu::REQUEST_OUT || index != 0 {
-                return Err(c.stall());
+                return Err(c.dfu.stall());
             }
             if c.identity == CoralState::Ready {
                 if request == dfu::DFU_DETACH && data.is_empty() {
@@ -285,24 +266,16 @@ impl UsbTransport for SimTransport {
                 }
                 return Err(UsbError::Stall);
             }
-            // DFU 1.1, appendix A: the requests each state accepts.
-            match (request, c.dfu.state) {
-                (dfu::DFU_DNLOAD, state::IDLE | state::DNLOAD_IDLE) => dnload(c, value, data),
-                (dfu::DFU_CLRSTATUS, state::ERROR) if data.is_empty() => {
-                    c.dfu = Dfu::idle();
+            match c.dfu.accept_out(request, data.len())? {
+                OutRequest::Dnload => c.dfu.dnload(value, data),
+                OutRequest::ClrStatus => {
+                    c.dfu.clear_status();
                     Ok(0)
                 }
-                (dfu::DFU_ABORT, state::IDLE | state::DNLOAD_IDLE | state::UPLOAD_IDLE)
-                    if data.is_empty() =>
-                {
-                    let manifested = c.dfu.manifested;
-                    c.dfu = Dfu {
-                        manifested,
-                        ..Dfu::idle()
-                    };
+                OutRequest::Abort => {
+                    c.dfu.abort();
                     Ok(0)
                 }
-                _ => Err(c.stall()),
             }
         })
     }
@@ -310,11 +283,11 @@ impl UsbTransport for SimTransport {
     fn reset(self: Box<Self>) -> Result<ResetOutcome, UsbError> {
         self.with(|c, now| {
             let back_as = match c.identity {
-                CoralState::Uninitialized if c.dfu.manifested => CoralState::Ready,
+                CoralState::Uninitialized if c.dfu.manifested() => CoralState::Ready,
                 CoralState::Ready if c.detach_requested => CoralState::Uninitialized,
                 _ => {
                     // A reset before a complete download: the same device, afresh.
-                    c.dfu = Dfu::idle();
+                    c.dfu = DfuMachine::idle(TRANSFER_SIZE);
                     return Ok(ResetOutcome::SameDevice);
                 }
             };
@@ -358,60 +331,4 @@ pub fn interfaces(identity: CoralState, transfer_size: u16) -> Vec<InterfaceInfo
             extra: Vec::new(),
         },
     }]
-}
-
-fn dnload(c: &mut Coral, block: u16, data: &[u8]) -> Result<usize, UsbError> {
-    if data.len() > TRANSFER_SIZE as usize || block != c.dfu.next_block {
-        return Err(c.stall());
-    }
-    if data.is_empty() {
-        if c.dfu.state != state::DNLOAD_IDLE {
-            return Err(c.stall());
-        }
-        c.dfu.state = state::MANIFEST_SYNC;
-        return Ok(0);
-    }
-    if c.dfu.state == state::IDLE {
-        c.dfu.received.clear();
-    }
-    c.dfu.received.extend_from_slice(data);
-    c.dfu.next_block = block.wrapping_add(1);
-    c.dfu.state = state::DNLOAD_SYNC;
-    Ok(data.len())
-}
-
-/// GETSTATUS: a block is written (dfuDNLOAD-SYNC → dfuDNLOAD-IDLE) or the
-/// image manifested (dfuMANIFEST-SYNC → dfuIDLE) at once: no bwPollTimeout.
-fn get_status(c: &mut Coral, buf: &mut [u8]) {
-    match c.dfu.state {
-        state::DNLOAD_SYNC => c.dfu.state = state::DNLOAD_IDLE,
-        state::MANIFEST_SYNC => {
-            c.dfu.state = state::IDLE;
-            c.dfu.manifested = true;
-            c.dfu.next_block = 0;
-            c.flashed = c.dfu.received.clone();
-        }
-        _ => {}
-    }
-    buf.copy_from_slice(&[c.dfu.status, 0, 0, 0, c.dfu.state, 0]);
-}
-
-/// UPLOAD: the last complete download, block by block; a short block ends it.
-fn upload(c: &mut Coral, block: u16, buf: &mut [u8]) -> Result<usize, UsbError> {
-    let starting = c.dfu.state == state::IDLE && block == 0;
-    let continuing = c.dfu.state == state::UPLOAD_IDLE && block == c.dfu.upload_block;
-    if buf.len() > TRANSFER_SIZE as usize || !(starting || continuing) {
-        return Err(c.stall());
-    }
-    let start = (block as usize * buf.len()).min(c.flashed.len());
-    let n = buf.len().min(c.flashed.len() - start);
-    buf[..n].copy_from_slice(&c.flashed[start..start + n]);
-    if n < buf.len() {
-        c.dfu.state = state::IDLE;
-        c.dfu.upload_block = 0;
-    } else {
-        c.dfu.state = state::UPLOAD_IDLE;
-        c.dfu.upload_block = block.wrapping_add(1);
-    }
-    Ok(n)
 }

@@ -8,6 +8,7 @@
 //! then `status`, then `detach` tell one story.
 
 pub mod bootloader;
+pub mod dfu_machine;
 mod pool;
 pub mod xe_cli;
 

@@ -11,6 +11,7 @@
 use coral::clock::Clock;
 use coral::dfu::{self, state, status};
 use coral::simulate::bootloader::interfaces;
+use coral::simulate::dfu_machine::{read_memory, DfuMachine, DnloadBlock, InRequest, OutRequest};
 use coral::usb::{
     CoralDevice, CoralState, InterfaceInfo, PortPath, ResetOutcome, UsbBus, UsbError, UsbTransport,
 };
@@ -118,58 +119,50 @@ pub struct SimRequest {
     pub length: u16,
 }
 
-/// DFU state of the boot loader.
+/// The boot loader: the product's strict DFU 1.1 machine, plus the faults
+/// the test kit layers around it as they unfold.
 #[derive(Clone, Debug)]
-struct DfuMachine {
-    state: u8,
-    status: u8,
-    next_block: u16,
-    received: Vec<u8>,
+struct BootLoader {
+    strict: DfuMachine,
+    pending: PendingFaults,
+}
+
+/// What the faults have in store for a boot loader: busy polls and
+/// bwPollTimeout timers left, an error status due, read-back blocks served.
+#[derive(Clone, Debug, Default)]
+struct PendingFaults {
     busy_left: u32,
     busy_until: Duration,
     manifest_left: u32,
     manifest_until: Duration,
-    manifested: bool,
-    pending_error: Option<u8>,
-    upload_block: u16,
+    error: Option<u8>,
     uploads: u32,
 }
 
-impl DfuMachine {
-    /// A fresh boot loader, or one an interrupted run left in `start_state`
-    /// (still busy with a block, or manifesting, as `faults` say).
-    fn new(start_state: Option<u8>, faults: &SimFaults) -> Self {
-        let state = start_state.unwrap_or(state::IDLE);
-        DfuMachine {
-            state,
-            status: if state == state::ERROR {
-                status::ERR_WRITE
-            } else {
-                status::OK
-            },
-            next_block: 0,
-            received: Vec::new(),
-            busy_left: if state == state::DNLOAD_SYNC {
-                faults.busy_polls
-            } else {
-                0
-            },
-            busy_until: Duration::ZERO,
-            manifest_left: if state == state::MANIFEST_SYNC {
-                faults.manifest_polls
-            } else {
-                0
-            },
-            manifest_until: Duration::ZERO,
-            manifested: false,
-            pending_error: None,
-            upload_block: 0,
-            uploads: 0,
+impl BootLoader {
+    /// A fresh boot loader in dfuIDLE.
+    fn fresh(transfer_size: u16) -> Self {
+        BootLoader {
+            strict: DfuMachine::idle(transfer_size),
+            pending: PendingFaults::default(),
         }
     }
 
-    fn fresh() -> Self {
-        Self::new(None, &SimFaults::default())
+    /// A fresh boot loader, or one an interrupted run left in `start_state`
+    /// (still busy with a block, or manifesting, as `faults` say).
+    fn new(transfer_size: u16, start_state: Option<u8>, faults: &SimFaults) -> Self {
+        let mut loader = BootLoader::fresh(transfer_size);
+        match start_state {
+            Some(state::ERROR) => loader.strict.fail(status::ERR_WRITE),
+            Some(state) => loader.strict.state = state,
+            None => {}
+        }
+        match loader.strict.state {
+            state::DNLOAD_SYNC => loader.pending.busy_left = faults.busy_polls,
+            state::MANIFEST_SYNC => loader.pending.manifest_left = faults.manifest_polls,
+            _ => {}
+        }
+        loader
     }
 }
 
@@ -180,7 +173,7 @@ struct SimCoral {
     address: u8,
     /// When a disconnected device appears again, and as what.
     reappear: Option<(Duration, CoralState)>,
-    dfu: DfuMachine,
+    dfu: BootLoader,
     detach_requested: bool,
     /// The bytes of the last completed (manifested) download.
     flashed: Vec<u8>,
@@ -221,7 +214,7 @@ impl BusState {
                     coral.present = true;
                     coral.identity = identity;
                     coral.address = address;
-                    coral.dfu = DfuMachine::fresh();
+                    coral.dfu = BootLoader::fresh(coral.config.transfer_size);
                     coral.detach_requested = false;
                 }
             }
@@ -265,7 +258,11 @@ impl SimBus {
     pub fn add_coral(&self, config: SimCoralConfig, state: CoralState) -> usize {
         let mut bus = self.state.borrow_mut();
         let address = bus.new_address();
-        let dfu = DfuMachine::new(config.faults.start_state, &config.faults);
+        let dfu = BootLoader::new(
+            config.transfer_size,
+            config.faults.start_state,
+            &config.faults,
+        );
         if config.bootloader_path != config.ready_path {
             let pair = (config.bootloader_path.clone(), config.ready_path.clone());
             bus.peers.push(pair);
@@ -335,7 +332,7 @@ impl SimBus {
         coral.reappear = None;
         coral.identity = CoralState::Uninitialized;
         coral.address = address;
-        coral.dfu = DfuMachine::fresh();
+        coral.dfu = BootLoader::fresh(coral.config.transfer_size);
     }
 }
 
@@ -396,13 +393,6 @@ impl SimTransport {
     }
 }
 
-/// Stall: the request is invalid in this state.
-fn stall(coral: &mut SimCoral) -> UsbError {
-    coral.dfu.state = state::ERROR;
-    coral.dfu.status = status::ERR_STALLEDPKT;
-    UsbError::Stall
-}
-
 impl UsbTransport for SimTransport {
     fn interfaces(&self) -> Result<Vec<InterfaceInfo>, UsbError> {
         self.with_device(None, |c, _| {
@@ -439,20 +429,19 @@ impl UsbTransport for SimTransport {
                 || request_type != dfu::REQUEST_IN
                 || index != 0
             {
-                return Err(stall(c));
+                return Err(c.dfu.strict.stall());
             }
             if !timers_elapsed(c, now) {
                 // Asked before bwPollTimeout passed: DFU 1.1 allows nothing then.
-                return Err(stall(c));
+                return Err(c.dfu.strict.stall());
             }
-            match request {
-                dfu::DFU_GETSTATUS if buf.len() == 6 => Ok(get_status(c, now, buf)),
-                dfu::DFU_GETSTATE if buf.len() == 1 => {
-                    buf[0] = c.dfu.state;
+            match c.dfu.strict.accept_in(request, buf.len())? {
+                InRequest::GetStatus => Ok(get_status(c, now, buf)),
+                InRequest::GetState => {
+                    buf[0] = c.dfu.strict.state;
                     Ok(1)
                 }
-                dfu::DFU_UPLOAD => upload(c, value, buf),
-                _ => Err(stall(c)),
+                InRequest::Upload => upload(c, value, buf),
             }
         })
     }
@@ -473,7 +462,7 @@ impl UsbTransport for SimTransport {
         };
         self.with_device(Some(record), |c, now| {
             if request_type != dfu::REQUEST_OUT || index != 0 {
-                return Err(stall(c));
+                return Err(c.dfu.strict.stall());
             }
             if c.identity == CoralState::Ready {
                 return if request == dfu::DFU_DETACH && data.is_empty() {
@@ -484,29 +473,24 @@ impl UsbTransport for SimTransport {
                 };
             }
             if !timers_elapsed(c, now) {
-                return Err(stall(c));
+                return Err(c.dfu.strict.stall());
             }
-            // DFU 1.1, appendix A: the requests each state accepts.
-            match (request, c.dfu.state) {
-                (dfu::DFU_DNLOAD, state::IDLE | state::DNLOAD_IDLE) => dnload(c, value, data),
-                (dfu::DFU_CLRSTATUS, state::ERROR) if data.is_empty() => {
+            match c.dfu.strict.accept_out(request, data.len())? {
+                OutRequest::Dnload => dnload(c, value, data),
+                OutRequest::ClrStatus => {
                     // Back to dfuIDLE; a new download starts at block 0.
-                    c.dfu = DfuMachine::fresh();
+                    c.dfu.strict.clear_status();
+                    c.dfu.pending = PendingFaults::default();
                     if let Some(code) = c.config.faults.sticky_error {
-                        c.dfu.state = state::ERROR;
-                        c.dfu.status = code;
+                        c.dfu.strict.fail(code);
                     }
                     Ok(0)
                 }
-                (dfu::DFU_ABORT, state::IDLE | state::DNLOAD_IDLE | state::UPLOAD_IDLE)
-                    if data.is_empty() =>
-                {
-                    let flashed = c.dfu.manifested;
-                    c.dfu = DfuMachine::fresh();
-                    c.dfu.manifested = flashed;
+                OutRequest::Abort => {
+                    c.dfu.strict.abort();
+                    c.dfu.pending = PendingFaults::default();
                     Ok(0)
                 }
-                _ => Err(stall(c)),
             }
         })
     }
@@ -516,7 +500,7 @@ impl UsbTransport for SimTransport {
             let back_at = now + c.config.reenumerate_after;
             let reset_error = c.config.faults.reset_error.clone();
             let outcome = match c.identity {
-                CoralState::Uninitialized if c.dfu.manifested => {
+                CoralState::Uninitialized if c.dfu.strict.manifested() => {
                     let faults = &c.config.faults;
                     c.reappear = if faults.never_reenumerate {
                         None
@@ -533,7 +517,7 @@ impl UsbTransport for SimTransport {
                 }
                 CoralState::Uninitialized => {
                     // A reset before the download completed: a fresh boot loader, same address.
-                    c.dfu = DfuMachine::fresh();
+                    c.dfu = BootLoader::fresh(c.config.transfer_size);
                     return Ok(ResetOutcome::SameDevice);
                 }
                 CoralState::Ready => return Ok(ResetOutcome::SameDevice),
@@ -547,17 +531,12 @@ impl UsbTransport for SimTransport {
     }
 }
 
+/// DNLOAD, strict as the product's machine checks it, with the block faults
+/// (vanish, stall, short write, busy polls, error status) layered around it.
 fn dnload(c: &mut SimCoral, block: u16, data: &[u8]) -> Result<usize, UsbError> {
     let faults = c.config.faults.clone();
-    if data.len() > c.config.transfer_size as usize || block != c.dfu.next_block {
-        return Err(stall(c));
-    }
-    if data.is_empty() {
-        if c.dfu.state != state::DNLOAD_IDLE {
-            return Err(stall(c));
-        }
-        c.dfu.state = state::MANIFEST_SYNC;
-        c.dfu.manifest_left = faults.manifest_polls;
+    if c.dfu.strict.check_dnload(block, data.len())? == DnloadBlock::End {
+        c.dfu.pending.manifest_left = faults.manifest_polls;
         return Ok(0);
     }
     if faults.vanish_at_block == Some(block) {
@@ -565,21 +544,16 @@ fn dnload(c: &mut SimCoral, block: u16, data: &[u8]) -> Result<usize, UsbError> 
         return Err(UsbError::NoDevice);
     }
     if faults.stall_at_block == Some(block) {
-        return Err(stall(c));
-    }
-    if c.dfu.state == state::IDLE {
-        c.dfu.received.clear();
+        return Err(c.dfu.strict.stall());
     }
     let taken = if faults.short_write_at_block == Some(block) {
         data.len() / 2
     } else {
         data.len()
     };
-    c.dfu.received.extend_from_slice(&data[..taken]);
-    c.dfu.next_block = block.wrapping_add(1);
-    c.dfu.state = state::DNLOAD_SYNC;
-    c.dfu.busy_left = faults.busy_polls;
-    c.dfu.pending_error = faults
+    c.dfu.strict.store_block(block, &data[..taken]);
+    c.dfu.pending.busy_left = faults.busy_polls;
+    c.dfu.pending.error = faults
         .error_at_block
         .filter(|(b, _)| *b == block)
         .map(|(_, s)| s);
@@ -590,21 +564,25 @@ fn dnload(c: &mut SimCoral, block: u16, data: &[u8]) -> Result<usize, UsbError> 
 /// (to dfuDNLOAD-SYNC / dfuMANIFEST-SYNC); false while it has not (DFU 1.1
 /// allows no request in those states).
 fn timers_elapsed(c: &mut SimCoral, now: Duration) -> bool {
-    match c.dfu.state {
-        state::DNBUSY if now < c.dfu.busy_until => false,
+    let dfu = &mut c.dfu;
+    match dfu.strict.state {
+        state::DNBUSY if now < dfu.pending.busy_until => false,
         state::DNBUSY => {
-            c.dfu.state = state::DNLOAD_SYNC;
+            dfu.strict.state = state::DNLOAD_SYNC;
             true
         }
-        state::MANIFEST if now < c.dfu.manifest_until => false,
+        state::MANIFEST if now < dfu.pending.manifest_until => false,
         state::MANIFEST => {
-            c.dfu.state = state::MANIFEST_SYNC;
+            dfu.strict.state = state::MANIFEST_SYNC;
             true
         }
         _ => true,
     }
 }
 
+/// GETSTATUS: a pending error status, or dfuDNBUSY / dfuMANIFEST for as
+/// many polls as the faults say, before the product machine's own
+/// transition (the block written, the image manifested).
 fn get_status(c: &mut SimCoral, now: Duration, buf: &mut [u8]) -> usize {
     let poll = c.config.faults.poll_timeout_ms;
     let reported = if c.config.faults.garbled_poll_timeout {
@@ -612,57 +590,40 @@ fn get_status(c: &mut SimCoral, now: Duration, buf: &mut [u8]) -> usize {
     } else {
         poll
     };
+    let busy_until = now + Duration::from_millis(poll.into());
+    let dfu = &mut c.dfu;
     let mut poll_out = 0;
-    match c.dfu.state {
-        state::DNLOAD_SYNC => {
-            if let Some(code) = c.dfu.pending_error.take() {
-                c.dfu.state = state::ERROR;
-                c.dfu.status = code;
-            } else if c.dfu.busy_left > 0 {
-                c.dfu.busy_left -= 1;
-                c.dfu.state = state::DNBUSY;
-                c.dfu.busy_until = now + Duration::from_millis(poll.into());
-                poll_out = reported;
-            } else {
-                c.dfu.state = state::DNLOAD_IDLE;
+    match dfu.strict.state {
+        state::DNLOAD_SYNC if dfu.pending.error.is_some() => {
+            dfu.strict
+                .fail(dfu.pending.error.take().unwrap_or_default());
+        }
+        state::DNLOAD_SYNC if dfu.pending.busy_left > 0 => {
+            dfu.pending.busy_left -= 1;
+            dfu.strict.state = state::DNBUSY;
+            dfu.pending.busy_until = busy_until;
+            poll_out = reported;
+        }
+        state::MANIFEST_SYNC if dfu.pending.manifest_left > 0 => {
+            dfu.pending.manifest_left -= 1;
+            dfu.strict.state = state::MANIFEST;
+            dfu.pending.manifest_until = busy_until;
+            poll_out = reported;
+        }
+        _ => {
+            if let Some(image) = dfu.strict.sync() {
+                c.flashed = image;
             }
         }
-        state::MANIFEST_SYNC => {
-            if c.dfu.manifest_left > 0 {
-                c.dfu.manifest_left -= 1;
-                c.dfu.state = state::MANIFEST;
-                c.dfu.manifest_until = now + Duration::from_millis(poll.into());
-                poll_out = reported;
-            } else {
-                c.dfu.state = state::IDLE;
-                c.dfu.manifested = true;
-                c.dfu.next_block = 0;
-                c.flashed = c.dfu.received.clone();
-            }
-        }
-        _ => {}
     }
-    buf[0] = c.dfu.status;
-    buf[1..4].copy_from_slice(&poll_out.to_le_bytes()[..3]);
-    buf[4] = c.dfu.state;
-    buf[5] = 0;
+    buf.copy_from_slice(&c.dfu.strict.status_reply(poll_out));
     6
 }
 
+/// UPLOAD, strict as the product's machine checks it, reading back a
+/// memory the faults may corrupt, lengthen, or make endless.
 fn upload(c: &mut SimCoral, block: u16, buf: &mut [u8]) -> Result<usize, UsbError> {
-    let size = c.config.transfer_size as usize;
-    let starting = c.dfu.state == state::IDLE && block == 0;
-    let continuing = c.dfu.state == state::UPLOAD_IDLE && block == c.dfu.upload_block;
-    if buf.len() > size || !(starting || continuing) {
-        return Err(stall(c));
-    }
     let faults = c.config.faults.clone();
-    c.dfu.uploads += 1;
-    if faults.endless_upload && c.dfu.uploads > 100_000 {
-        return Err(UsbError::Other(
-            "simulated device: the host never stopped reading back".into(),
-        ));
-    }
     let mut memory = c.flashed.clone();
     memory.extend(std::iter::repeat_n(0xA5, faults.extra_readback));
     if let Some(at) = faults.corrupt_readback_at {
@@ -670,21 +631,20 @@ fn upload(c: &mut SimCoral, block: u16, buf: &mut [u8]) -> Result<usize, UsbErro
             *b ^= 0xFF;
         }
     }
-    let start = block as usize * buf.len();
-    let n = if faults.endless_upload {
-        buf.len()
-    } else {
-        buf.len().min(memory.len().saturating_sub(start))
-    };
-    for (i, byte) in buf[..n].iter_mut().enumerate() {
-        *byte = memory.get(start + i).copied().unwrap_or(0xA5);
-    }
-    if n < buf.len() {
-        c.dfu.state = state::IDLE;
-        c.dfu.upload_block = 0;
-    } else {
-        c.dfu.state = state::UPLOAD_IDLE;
-        c.dfu.upload_block = block.wrapping_add(1);
-    }
-    Ok(n)
+    let uploads = &mut c.dfu.pending.uploads;
+    c.dfu.strict.upload(block, buf, |offset, buf| {
+        *uploads += 1;
+        if !faults.endless_upload {
+            return Ok(read_memory(&memory, offset, buf));
+        }
+        if *uploads > 100_000 {
+            return Err(UsbError::Other(
+                "simulated device: the host never stopped reading back".into(),
+            ));
+        }
+        for (i, byte) in buf.iter_mut().enumerate() {
+            *byte = memory.get(offset + i).copied().unwrap_or(0xA5);
+        }
+        Ok(buf.len())
+    })
 }

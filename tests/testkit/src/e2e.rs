@@ -7,7 +7,7 @@
 use crate::xapi::{coral_ready_device, PowerState, SimState, SimUsbDevice, World, WorldConfig};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::sync::OnceLock;
 use tempfile::TempDir;
 
@@ -137,6 +137,15 @@ pub fn skip_with(ci: bool, log: Option<&Path>, test: &str, reason: &str) {
     }
 }
 
+/// Assert that a run of the binary succeeded, showing its stderr if not.
+pub fn assert_succeeded(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A firmware image from ../shared/firmware, or None (a [`skip`]).
 pub fn shared_firmware(name: &str) -> Option<PathBuf> {
     let path = repo_root().join("../shared/firmware").join(name);
@@ -161,6 +170,12 @@ pub fn umockdev_available() -> bool {
         skip("umockdev is not installed (scripts/test.sh installs it)");
     }
     ok
+}
+
+/// True when an end-to-end firmware upload can run: umockdev is installed
+/// and the shared `apex_latest_single_ep.bin` is there; false is a [`skip`].
+pub fn umockdev_and_firmware_available() -> bool {
+    umockdev_available() && shared_firmware("apex_latest_single_ep.bin").is_some()
 }
 
 /// What one emulated run produced.
@@ -440,6 +455,16 @@ pub fn frigate_pool(power: PowerState, present: SimUsbDevice) -> (World, String,
 /// The VM power transitions so far, as (from, to).
 pub fn power_transitions(world: &World) -> Vec<(PowerState, PowerState)> {
     world.power_history.iter().map(|e| (e.from, e.to)).collect()
+}
+
+/// The power transitions of `vm` so far, as (from, to).
+pub fn vm_power_transitions(world: &World, vm: &str) -> Vec<(PowerState, PowerState)> {
+    world
+        .power_history
+        .iter()
+        .filter(|e| e.vm_uuid == vm)
+        .map(|e| (e.from, e.to))
+        .collect()
 }
 
 /// One restart: a running VM halted, then running again.

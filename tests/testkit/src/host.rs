@@ -11,6 +11,7 @@ use crate::xapi::{
     WorldConfig,
 };
 use coral::clock::{Clock, VirtualClock};
+use coral::firmware::{FirmwareImage, FirmwareSource};
 use coral::usb::{CoralDevice, CoralState, UsbBus, UsbError, UsbTransport};
 use coral::xe::{XeError, XeRunner};
 use std::cell::RefCell;
@@ -186,4 +187,17 @@ fn as_xapi_devices(corals: &[CoralDevice]) -> Vec<SimUsbDevice> {
             CoralState::Ready => coral_ready_device(&c.path.to_string()),
         })
         .collect()
+}
+
+/// A stand-in for `apex_latest_single_ep.bin` in in-process tests: an image
+/// of the real one's size (10,783 bytes, 43 blocks of 256) and known name,
+/// with made-up bytes.
+pub fn stand_in_single_ep_image() -> FirmwareImage {
+    let bytes: Vec<u8> = (0..10_783u32).map(|i| (i * 7 % 251) as u8).collect();
+    FirmwareImage {
+        sha256: "test".into(),
+        bytes,
+        source: FirmwareSource::Flag("test.bin".into()),
+        known_name: Some("apex_latest_single_ep.bin".into()),
+    }
 }

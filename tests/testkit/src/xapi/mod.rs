@@ -189,6 +189,26 @@ pub struct Fault {
     pub kind: FaultKind,
 }
 
+impl Fault {
+    /// A fault on every call of `command`.
+    pub fn every(command: &str, kind: FaultKind) -> Self {
+        Fault {
+            command: command.into(),
+            nth: None,
+            kind,
+        }
+    }
+
+    /// A fault on the `nth` call of `command` only (1-based).
+    pub fn nth(command: &str, nth: u32, kind: FaultKind) -> Self {
+        Fault {
+            command: command.into(),
+            nth: Some(nth),
+            kind,
+        }
+    }
+}
+
 /// What an injected fault does.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -211,6 +231,16 @@ pub enum FaultKind {
         /// Extra time before `xe` answers.
         ms: u64,
     },
+}
+
+impl FaultKind {
+    /// Fail with XAPI error `code` and these error parameters.
+    pub fn fail(code: &str, params: &[&str]) -> Self {
+        FaultKind::Fail {
+            code: code.into(),
+            params: params.iter().map(|p| p.to_string()).collect(),
+        }
+    }
 }
 
 /// A period when xapi does not answer calls (boot, toolstack restart).
