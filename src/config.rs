@@ -16,6 +16,7 @@
 
 use crate::error::{fail, fail_then, FailureKind, NextStep};
 use crate::usb::PortPath;
+pub use crate::xe::looks_like_uuid;
 use serde::Deserialize;
 use std::fs::File;
 use std::io::Write;
@@ -418,16 +419,6 @@ fn line_of(text: &str, offset: usize) -> usize {
         .filter(|&&b| b == b'\n')
         .count()
         + 1
-}
-
-/// 8-4-4-4-12 hex digits.
-pub fn looks_like_uuid(text: &str) -> bool {
-    let parts: Vec<&str> = text.split('-').collect();
-    parts.len() == 5
-        && parts
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(p, n)| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 #[cfg(test)]
