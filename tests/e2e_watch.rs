@@ -540,8 +540,11 @@ fn idle_minute() {
         for entry in std::fs::read_dir("/proc").unwrap().flatten() {
             let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
             let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            // coral itself (argv[0] is the binary), not the emulator that
+            // shares its environment and names it on its command line.
+            let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
             let is_watcher = String::from_utf8_lossy(&environ).contains(&marker)
-                && String::from_utf8_lossy(&cmdline).contains("watch");
+                && String::from_utf8_lossy(argv0).ends_with("/coral");
             if !is_watcher {
                 continue;
             }
