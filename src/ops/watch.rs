@@ -375,7 +375,8 @@ impl Watcher {
             }
         );
         if self.note(index, line.clone(), log::Level::Warn) {
-            record(env.state, vm_uuid, vm_name, &line, true);
+            let name = plain_name(&self.tracked[index].mapping);
+            record(env.state, vm_uuid, &name, &line, true);
         }
     }
 
@@ -466,7 +467,13 @@ impl Watcher {
         }
         let line = format!("{vm_name}: {report}");
         log::info!("watch: {line}");
-        record(env.state, &vm_uuid, &vm_name, &line, true);
+        record(
+            env.state,
+            &vm_uuid,
+            &plain_name(&tracked.mapping),
+            &line,
+            true,
+        );
         if report.attach.as_ref().is_some_and(|a| a.pending_restart) {
             self.warn_pending(env, index, &vm_uuid, &vm_name);
         }
@@ -486,7 +493,13 @@ impl Watcher {
             .unwrap_or_else(|| (tracked.mapping.vm.clone(), tracked.mapping.vm.clone()));
         let line = format!("{vm_name}: {what}; retrying in {} s", backoff.as_secs());
         log::error!("watch: {line}");
-        record(env.state, &vm_uuid, &vm_name, &line, false);
+        record(
+            env.state,
+            &vm_uuid,
+            &plain_name(&tracked.mapping),
+            &line,
+            false,
+        );
     }
 
     /// Log a lasting condition once (again only when it changes); true when logged.
@@ -498,6 +511,16 @@ impl Watcher {
         log::log!(level, "watch: {line}");
         tracked.last_note = Some(line);
         true
+    }
+}
+
+/// The VM's name as people know it, for the record: the config's, else the
+/// name `--vm` gave (nothing when `--vm` gave a uuid).
+fn plain_name(mapping: &Mapping) -> String {
+    match &mapping.name {
+        Some(name) if !name.is_empty() => name.clone(),
+        _ if crate::xe::looks_like_uuid(&mapping.vm) => String::new(),
+        _ => mapping.vm.clone(),
     }
 }
 
