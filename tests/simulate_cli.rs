@@ -336,3 +336,55 @@ fn simulated_boot_service_recovers_every_entry_and_doctor_passes() {
         assert!(names.contains(&expected), "{expected} missing: {names:?}");
     }
 }
+
+#[test]
+fn status_shows_each_mapping_with_the_watchers_last_action_and_the_pause_of_detach() {
+    let sim = Sim::new();
+    for args in [
+        &["--simulate", "service", "install", "--vm", "frigate"][..],
+        &["--simulate", "watch"][..],
+    ] {
+        let (ok, _, stderr) = sim.run(args);
+        assert!(ok, "{args:?}: {stderr}");
+    }
+    let (ok, stdout, stderr) = sim.run(&["--simulate", "status", "--json"]);
+    assert!(ok, "{stderr}");
+    let status: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let mapping = &status["mappings"][0];
+    assert_eq!(mapping["vm_name"], "frigate", "{status:#}");
+    assert_eq!(mapping["paused"], false);
+    assert_eq!(mapping["last_action_ok"], true);
+    assert!(mapping["last_action_at"].as_u64().unwrap() > 0);
+    assert!(
+        mapping["last_action"]
+            .as_str()
+            .unwrap()
+            .contains("pending restart"),
+        "the simulated brownout left the running VM waiting for its next start: {mapping}"
+    );
+
+    let (ok, _, stderr) = sim.run(&["--simulate", "detach", "--vm", "frigate"]);
+    assert!(ok, "{stderr}");
+    let (_, table, _) = sim.run(&["--simulate", "status"]);
+    assert!(
+        table.contains("Mapping the only Coral -> VM frigate (")
+            && table.contains("[paused by a deliberate detach]"),
+        "{table}"
+    );
+    // The watcher leaves a paused mapping alone (the simulated brownout
+    // leaves the Coral in its boot loader), and `up --vm` resumes it.
+    let (_, _, stderr) = sim.run(&["--simulate", "watch"]);
+    assert!(stderr.contains("paused by a deliberate detach"), "{stderr}");
+    let (ok, stdout, stderr) = sim.run(&["--simulate", "status", "--json"]);
+    assert!(ok, "{stderr}");
+    let status: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        status["corals"][0]["usb_state"], "uninitialized",
+        "left in its boot loader: {status:#}"
+    );
+    let (ok, _, stderr) = sim.run(&["--simulate", "up", "--vm", "frigate"]);
+    assert!(ok, "{stderr}");
+    let (_, stdout, _) = sim.run(&["--simulate", "status", "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(status["mappings"][0]["paused"], false, "{status:#}");
+}
