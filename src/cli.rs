@@ -141,7 +141,7 @@ pub struct ReplugArgs {
 /// Which VM, and how its power may be touched.
 #[derive(Debug, Args, Clone, Default)]
 pub struct VmArgs {
-    /// The VM: its uuid or its exact name-label (`coral up` without it: every entry of the config).
+    /// The VM: its uuid or its exact name-label (without it, `up` and `watch` take every entry of the config).
     #[arg(long, value_name = "UUID|NAME", value_parser = VmReference)]
     pub vm: Option<String>,
 
@@ -333,6 +333,7 @@ pub struct ServiceRootArgs {
 /// Options of `coral service install`.
 #[derive(Debug, Args, Clone, Default)]
 #[command(mut_arg("vm", |a| a.required(true)))]
+#[command(mut_arg("force_shutdown", |a| a.hide(true)))]
 pub struct ServiceInstallArgs {
     /// The VM the service hands the Coral to, its policy and deadlines (kept
     /// in its config entry; at boot each deadline is capped by the boot budget).
@@ -351,6 +352,7 @@ pub struct ServiceInstallArgs {
 
 /// Options of `coral watch`.
 #[derive(Debug, Args, Clone, Default)]
+#[command(mut_arg("force_shutdown", |a| a.hide(true)))]
 pub struct WatchArgs {
     /// The VM (without it: every entry of the config), its policy and deadlines.
     /// The watcher never hard-stops a VM: --force-shutdown is refused.
