@@ -93,6 +93,9 @@ def config_descriptor(ident, transfer_size):
 
 
 ROOT_PORTS = 8  # ports per root hub in the testbed
+UEVENT_ATTEMPTS = 3  # a uevent lost to umockdev's sender race is sent again
+UEVENT_CHILD_SECONDS = 2.0  # a forked sender that takes longer has hung
+UEVENT_LOST = "coral_emulator: uevent lost"  # the harness repeats such a run
 
 
 def controller_partner(bus):
@@ -124,19 +127,40 @@ class Emulator:
         """Send a uevent. While the command runs, its libusb opens and closes
         udev monitors all the time, and umockdev aborts the sender when a
         listener's socket vanishes between finding and connecting to it: so
-        send from a short-lived child, whose abort costs only that event."""
+        send from a short-lived child, whose abort costs only that attempt.
+        A child forked from this multi-threaded process can also hang (a lock
+        another thread held at the fork): it gets UEVENT_CHILD_SECONDS, then
+        is killed. A lost event is sent again, UEVENT_ATTEMPTS times in all;
+        if every attempt is lost the run is marked for the harness to repeat
+        (UEVENT_LOST on stderr)."""
         if not self.command_running:
             self.tb.uevent(syspath, action)
             return
+        for attempt in range(1, UEVENT_ATTEMPTS + 1):
+            if self.uevent_from_child(syspath, action):
+                return
+            self.log("uevent %s lost (attempt %d)" % (action, attempt))
+        sys.stderr.write("%s: %s %s\n" % (UEVENT_LOST, action, syspath))
+        sys.stderr.flush()
+
+    def uevent_from_child(self, syspath, action):
+        """One attempt from a forked child; True when it completed."""
         pid = os.fork()
         if pid == 0:
             try:
                 self.tb.uevent(syspath, action)
             finally:
                 os._exit(0)
-        _, status = os.waitpid(pid, 0)
-        if status != 0:
-            self.log("uevent %s lost (a listener went away while it was sent)" % action)
+        deadline = time.monotonic() + UEVENT_CHILD_SECONDS
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return status == 0
+            if time.monotonic() >= deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return False
+            time.sleep(0.005)
 
     def log(self, what):
         self.events.append({"t_ms": round((time.monotonic() - self.t0) * 1000, 1),

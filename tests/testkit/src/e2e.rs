@@ -253,7 +253,9 @@ pub fn emulate(emulator_args: &[String], command: &[String], env: &[(String, Str
     let mut attempt = 0;
     loop {
         let run = emulate_once(emulator_args, command, env);
-        if !run.stderr.contains(UMOCKDEV_SEND_RACE) || attempt == UMOCKDEV_RACE_RETRIES {
+        let hit =
+            run.stderr.contains(UMOCKDEV_SEND_RACE) || run.stderr.contains(EMULATOR_LOST_EVENT);
+        if !hit || attempt == UMOCKDEV_RACE_RETRIES {
             return run;
         }
         attempt += 1;
@@ -271,6 +273,9 @@ pub fn emulate(emulator_args: &[String], command: &[String], env: &[(String, Str
 /// the emulator then loses its device or dies. It is the test tool failing,
 /// not coral, so such a run is repeated from the same starting state.
 const UMOCKDEV_SEND_RACE: &str = "sendmsg_one: cannot connect to client's event socket";
+/// What the emulator prints when every attempt to send one uevent was lost
+/// to that race (or its forked sender hung).
+const EMULATOR_LOST_EVENT: &str = "coral_emulator: uevent lost";
 /// How often a run hit by that race is repeated.
 const UMOCKDEV_RACE_RETRIES: usize = 2;
 
