@@ -22,6 +22,7 @@ use std::fs::File;
 use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Where the config lives unless `$CORAL_CONFIG` says otherwise.
 pub const DEFAULT_PATH: &str = "/etc/coral/coral.toml";
@@ -59,6 +60,13 @@ pub struct Deadlines {
 }
 
 impl Deadlines {
+    /// One of these deadlines as a duration, else `default`.
+    pub fn or(value: Option<f64>, default: Duration) -> Duration {
+        value
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            .unwrap_or(default)
+    }
+
     /// Each deadline present, as `(key, seconds)`, in file order.
     fn present(&self) -> Vec<(&'static str, f64)> {
         [

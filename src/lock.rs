@@ -32,26 +32,8 @@ pub struct LockGuard {
 
 /// Take the lock at `path`; `FailureKind::Busy` when it cannot be had.
 pub fn acquire(path: &Path, wait: LockWait, clock: &dyn Clock) -> anyhow::Result<LockGuard> {
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(|e| {
-            fail_then(
-                FailureKind::Busy,
-                format!("cannot open the lock file {}: {e}", path.display()),
-                NextStep::RootOrLockFile,
-            )
-        })?;
-    let try_lock = || match file.try_lock() {
-        Ok(()) => Ok(Some(())),
-        Err(TryLockError::WouldBlock) => Ok(None),
-        Err(TryLockError::Error(e)) => Err(fail(
-            FailureKind::Busy,
-            format!("cannot lock {}: {e}", path.display()),
-        )),
-    };
+    let file = open(path)?;
+    let try_lock = || try_lock(&file, path).map(|got| got.then_some(()));
     let got = match wait {
         LockWait::NoWait => try_lock()?,
         LockWait::UpTo(timeout) => match try_lock()? {
@@ -75,11 +57,50 @@ pub fn acquire(path: &Path, wait: LockWait, clock: &dyn Clock) -> anyhow::Result
             },
         ));
     }
-    let mut file = file;
+    Ok(held(file))
+}
+
+/// Take the lock if it is free now; `Ok(None)` when another run holds it
+/// (for `coral watch`, which tries again later instead of waiting).
+pub fn try_acquire(path: &Path) -> anyhow::Result<Option<LockGuard>> {
+    let file = open(path)?;
+    Ok(try_lock(&file, path)?.then(|| held(file)))
+}
+
+/// The lock file, created when missing.
+fn open(path: &Path) -> anyhow::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| {
+            fail_then(
+                FailureKind::Busy,
+                format!("cannot open the lock file {}: {e}", path.display()),
+                NextStep::RootOrLockFile,
+            )
+        })
+}
+
+/// One attempt at the exclusive lock: true when this run has it now.
+fn try_lock(file: &File, path: &Path) -> anyhow::Result<bool> {
+    match file.try_lock() {
+        Ok(()) => Ok(true),
+        Err(TryLockError::WouldBlock) => Ok(false),
+        Err(TryLockError::Error(e)) => Err(fail(
+            FailureKind::Busy,
+            format!("cannot lock {}: {e}", path.display()),
+        )),
+    }
+}
+
+/// The locked file as a guard, with this process's id written in it.
+fn held(mut file: File) -> LockGuard {
     let _ = file
         .set_len(0)
         .and_then(|_| writeln!(file, "{}", std::process::id()));
-    Ok(LockGuard { _file: file })
+    LockGuard { _file: file }
 }
 
 /// Whether the lock at `path` is free, without taking it or creating the
@@ -97,36 +118,6 @@ pub fn is_free(path: &Path) -> std::io::Result<bool> {
         }
         Err(TryLockError::WouldBlock) => Ok(false),
         Err(TryLockError::Error(e)) => Err(e),
-    }
-}
-
-/// Take the lock if it is free now; `Ok(None)` when another run holds it
-/// (for `coral watch`, which tries again later instead of waiting).
-pub fn try_acquire(path: &Path) -> anyhow::Result<Option<LockGuard>> {
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(|e| {
-            fail(
-                FailureKind::Busy,
-                format!("cannot open the lock file {}: {e}", path.display()),
-            )
-        })?;
-    match file.try_lock() {
-        Ok(()) => {
-            let mut file = file;
-            let _ = file
-                .set_len(0)
-                .and_then(|_| writeln!(file, "{}", std::process::id()));
-            Ok(Some(LockGuard { _file: file }))
-        }
-        Err(TryLockError::WouldBlock) => Ok(None),
-        Err(TryLockError::Error(e)) => Err(fail(
-            FailureKind::Busy,
-            format!("cannot lock {}: {e}", path.display()),
-        )),
     }
 }
 

@@ -112,18 +112,18 @@ impl StateStore {
 
     /// Pause or resume a mapping (`coral detach` pauses; `attach`/`up` resume).
     pub fn set_paused(&self, vm_uuid: &str, vm_name: &str, paused: bool) -> io::Result<()> {
-        let current = self.load().unwrap_or_default();
-        let unchanged = current
+        let mut states = self.load().unwrap_or_default();
+        let unchanged = states
             .mappings
             .get(vm_uuid)
             .map_or(!paused, |s| s.paused == paused);
         if unchanged {
             return Ok(());
         }
-        self.update(vm_uuid, |s| {
-            s.paused = paused;
-            s.vm_name = vm_name.to_string();
-        })
+        let state = states.mappings.entry(vm_uuid.to_string()).or_default();
+        state.paused = paused;
+        state.vm_name = vm_name.to_string();
+        self.save(&states)
     }
 
     /// Record what the watcher just did for a mapping.

@@ -7,7 +7,7 @@
 
 use super::up::{up, UpOptions, UpReport};
 use crate::clock::{poll_until, Clock};
-use crate::config::{Config, Entry};
+use crate::config::{Config, Deadlines, Entry};
 use crate::error::{fail_then, Failure, FailureKind, NextStep};
 use crate::firmware::FirmwareImage;
 use crate::ops::attach::AttachOptions;
@@ -146,13 +146,7 @@ pub fn up_all(
             entry.label()
         );
         // The entry's own deadlines, each capped by its share of the budget.
-        let own = |value: Option<f64>, cap: Duration| {
-            left(
-                value
-                    .and_then(|s| Duration::try_from_secs_f64(s).ok())
-                    .map_or(cap, |d| d.min(cap)),
-            )
-        };
+        let own = |value: Option<f64>, cap: Duration| left(Deadlines::or(value, cap).min(cap));
         let opts = UpOptions {
             // The configured Corals were waited for above.
             wait_device: Duration::ZERO,

@@ -152,6 +152,27 @@ pub struct CoralStatus {
     pub pending_restart: bool,
 }
 
+impl CoralStatus {
+    /// A Coral as USB shows it, with nothing from XAPI (yet).
+    fn usb_only(path: String, usb_state: String, usb_id: String, device_number: u8) -> Self {
+        CoralStatus {
+            path,
+            usb_state,
+            usb_id,
+            device_number,
+            pusb_uuid: None,
+            passthrough_enabled: None,
+            group_uuid: None,
+            vusb_uuid: None,
+            vm_uuid: None,
+            vm_name: None,
+            vm_power_state: None,
+            attached: false,
+            pending_restart: false,
+        }
+    }
+}
+
 impl StatusReport {
     /// A block per Coral, readable on an 80-column terminal.
     pub fn render_table(&self) -> String {
@@ -233,20 +254,13 @@ pub fn status(usb: &dyn UsbBus, xe: Option<&XeClient>) -> anyhow::Result<StatusR
         mappings: Vec::new(),
         corals: corals
             .iter()
-            .map(|coral| CoralStatus {
-                path: coral.path.to_string(),
-                usb_state: coral.state.to_string(),
-                usb_id: coral.state.id().to_string(),
-                device_number: coral.address,
-                pusb_uuid: None,
-                passthrough_enabled: None,
-                group_uuid: None,
-                vusb_uuid: None,
-                vm_uuid: None,
-                vm_name: None,
-                vm_power_state: None,
-                attached: false,
-                pending_restart: false,
+            .map(|coral| {
+                CoralStatus::usb_only(
+                    coral.path.to_string(),
+                    coral.state.to_string(),
+                    coral.state.id().to_string(),
+                    coral.address,
+                )
             })
             .collect(),
     };
@@ -262,18 +276,12 @@ pub fn status(usb: &dyn UsbBus, xe: Option<&XeClient>) -> anyhow::Result<StatusR
             log::warn!("XAPI not available ({err}); showing USB only");
             report.xapi_available = false;
             for c in &mut report.corals {
-                *c = CoralStatus {
-                    pusb_uuid: None,
-                    passthrough_enabled: None,
-                    group_uuid: None,
-                    vusb_uuid: None,
-                    vm_uuid: None,
-                    vm_name: None,
-                    vm_power_state: None,
-                    attached: false,
-                    pending_restart: false,
-                    ..c.clone()
-                };
+                *c = CoralStatus::usb_only(
+                    std::mem::take(&mut c.path),
+                    std::mem::take(&mut c.usb_state),
+                    std::mem::take(&mut c.usb_id),
+                    c.device_number,
+                );
             }
             Ok(report)
         }

@@ -414,11 +414,7 @@ impl Watcher {
         }
         log::warn!("watch: {reason}; recovering {vm_name}");
         let mapping = &self.tracked[index].mapping;
-        let own = |value: Option<f64>, default: Duration| {
-            value
-                .and_then(|s| Duration::try_from_secs_f64(s).ok())
-                .unwrap_or(default)
-        };
+        let own = Deadlines::or;
         let opts = UpOptions {
             replug_timeout: own(
                 mapping.deadlines.replug_timeout,
