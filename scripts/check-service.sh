@@ -19,6 +19,8 @@ unit="$work/sim.root/etc/systemd/system/coral-up.service"
 cat "$unit"
 grep -qx 'TimeoutStartSec=240' "$unit"
 grep -qx 'Before=xapi-domains.service' "$unit"
+# A stop must not kill an `xe vm-shutdown` in flight (xapi-usb.md, systemd 219).
+grep -qx 'KillMode=mixed' "$unit"
 if grep -Eq '^(Restart|Requires|RequiredBy)=' "$unit"; then
     echo "check-service: the unit must not use Restart= (systemd 219 oneshot) nor Requires" >&2
     exit 1
@@ -30,6 +32,8 @@ printf '[Unit]\nDescription=stand-in for XCP-ng\n[Service]\nType=oneshot\nExecSt
 watch="$work/sim.root/etc/systemd/system/coral-watch.service"
 cat "$watch"
 grep -qx 'Restart=on-failure' "$watch"
+grep -qx 'KillMode=mixed' "$watch"
+grep -qx 'ExecReload=/bin/kill -HUP $MAINPID' "$watch"
 grep -qx 'After=xapi-init-complete.target coral-up.service' "$watch"
 cp "$unit" "$watch" "$stubs/"
 SYSTEMD_UNIT_PATH="$stubs:" systemd-analyze verify "$stubs/coral-up.service" "$stubs/coral-watch.service"

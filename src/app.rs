@@ -538,12 +538,14 @@ fn run_up(cli: &Cli, env: &Environment, out: &Output, args: &UpArgs) -> anyhow::
     let choice = firmware_choice(&args.firmware);
     let mut load = || load_firmware(&choice, env.is_simulated());
     let (runner, host_uuid) = env.xapi()?;
+    // SIGTERM and SIGINT stop it between steps (what has begun is finished).
+    let clock = stoppable(env)?;
     let xe = XeClient::new(runner, host_uuid, cli.dry_run).waiting_for_xapi(
-        env.clock(),
+        clock.as_ref(),
         seconds("--xapi-timeout", args.vm.xapi_timeout)?,
     );
     let _lock = take_lock(cli, env)?;
-    let report = up(env.usb(), &xe, env.clock(), &mut load, &opts)?;
+    let report = up(env.usb(), &xe, clock.as_ref(), &mut load, &opts).map_err(stopped_then_up)?;
     print_planned(&xe, out);
     if let Some(attach) = &report.attach {
         out.result(&attach.to_string());
@@ -590,9 +592,12 @@ fn run_up_all(cli: &Cli, env: &Environment, out: &Output, args: &UpArgs) -> anyh
     let choice = firmware_choice(&args.firmware);
     let mut load = || load_firmware(&choice, env.is_simulated());
     let (runner, host_uuid) = env.xapi()?;
-    let xe = XeClient::new(runner, host_uuid, cli.dry_run);
+    let stop_aware = stoppable(env)?;
     let _lock = take_lock(cli, env)?;
-    let report = boot::up_all(env.usb(), &xe, env.clock(), &mut load, &config, cli.dry_run)?;
+    // One deadline from here on, for every wait and every `xe` call.
+    let clock = boot::boot_clock(stop_aware.as_ref());
+    let xe = XeClient::new(runner, host_uuid, cli.dry_run).bounded_by(&clock);
+    let report = boot::up_all(env.usb(), &xe, &clock, &mut load, &config, cli.dry_run)?;
     print_planned(&xe, out);
     for outcome in &report.outcomes {
         if let Ok(up) = &outcome.result {
@@ -641,29 +646,17 @@ fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<(
             restart: args.vm.restart,
             deadlines: Default::default(),
         }],
+        None => config_mappings(&service_place(cli, None).config.file)?,
+    };
+    // SIGHUP: the config again (a --vm watcher keeps its one mapping).
+    let reload: crate::watch_runtime::Reload = match &args.vm.vm {
+        Some(_) => {
+            let same = mappings.clone();
+            Box::new(move || Ok(same.clone()))
+        }
         None => {
-            let place = service_place(cli, None);
-            let config = coral::config::load(&place.config.file)?.ok_or_else(|| {
-                fail(
-                    FailureKind::Other,
-                    format!(
-                        "no --vm and no config at {}; pass --vm VM, or add an entry with `coral service install --vm VM`",
-                        place.config.file.display()
-                    ),
-                )
-            })?;
-            config
-                .entries
-                .iter()
-                .map(|entry| Mapping {
-                    vm: entry.vm_uuid.clone(),
-                    name: Some(entry.vm_name.clone()),
-                    device: entry.device.clone(),
-                    start: entry.start,
-                    restart: entry.restart,
-                    deadlines: entry.deadlines,
-                })
-                .collect()
+            let file = service_place(cli, None).config.file;
+            Box::new(move || config_mappings(&file))
         }
     };
     let opts = WatchOptions {
@@ -710,7 +703,7 @@ fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<(
             Box::new(ClockRef(host.clock())),
         ),
         Environment::Real { .. } => {
-            let wakeups = HostWakeups::start()?;
+            let wakeups = HostWakeups::start(reload)?;
             let clock = CancellableClock::new(wakeups.stop_flag());
             (Box::new(wakeups), Box::new(clock))
         }
@@ -725,6 +718,49 @@ fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<(
     };
     watch(&mut watch_env, wakeups.as_ref(), &opts);
     Ok(())
+}
+
+/// The clock `coral up` runs on: on the real host, one that SIGTERM and
+/// SIGINT stop between steps (the lifetime owner, `watch_runtime`).
+fn stoppable(env: &Environment) -> anyhow::Result<Box<dyn Clock + '_>> {
+    Ok(match env {
+        Environment::Real { .. } => Box::new(crate::watch_runtime::stoppable_clock()?),
+        Environment::Simulated { .. } => Box::new(ClockRef(env.clock())),
+    })
+}
+
+/// A stop before a step, as the one error line with its next step.
+fn stopped_then_up(err: anyhow::Error) -> anyhow::Error {
+    if coral::clock::is_stopped(&err) {
+        coral::error::fail_then(FailureKind::Other, format!("{err:#}"), coral::error::NextStep::Up)
+    } else {
+        err
+    }
+}
+
+/// The watcher's mappings: every entry of the config at `file`.
+fn config_mappings(file: &std::path::Path) -> anyhow::Result<Vec<coral::ops::watch::Mapping>> {
+    let config = coral::config::load(file)?.ok_or_else(|| {
+        fail(
+            FailureKind::Other,
+            format!(
+                "no --vm and no config at {}; pass --vm VM, or add an entry with `coral service install --vm VM`",
+                file.display()
+            ),
+        )
+    })?;
+    Ok(config
+        .entries
+        .iter()
+        .map(|entry| coral::ops::watch::Mapping {
+            vm: entry.vm_uuid.clone(),
+            name: Some(entry.vm_name.clone()),
+            device: entry.device.clone(),
+            start: entry.start,
+            restart: entry.restart,
+            deadlines: entry.deadlines,
+        })
+        .collect())
 }
 
 /// `--dry-run watch`: one check, then stop.

@@ -1,5 +1,15 @@
 //! Time, behind a trait, so that every wait is a poll with a deadline and the
 //! simulators can run on virtual time (no real sleeping in unit tests).
+//!
+//! The clock also carries the two limits a procedure must respect, kept
+//! apart because they mean different things:
+//! - **a stop was requested** ([`Clock::stop_requested`], SIGTERM or SIGINT):
+//!   no new step that changes a VM's power state or XAPI's records begins
+//!   ([`may_begin`]), and a wait for something to begin ends ([`poll_until`]);
+//!   but what has begun is followed to its end ([`follow_until`]), so a clean
+//!   shutdown in flight is still followed and the VM started again;
+//! - **a deadline** ([`Clock::deadline`], the boot budget): no wait and no
+//!   `xe` call lasts past it.
 
 use std::cell::Cell;
 use std::time::{Duration, Instant};
@@ -10,6 +20,89 @@ pub trait Clock {
     fn now(&self) -> Duration;
     /// Wait for `duration` (a virtual clock just advances).
     fn sleep(&self, duration: Duration);
+    /// True once a stop (SIGTERM, SIGINT) was requested: see [`may_begin`].
+    fn stop_requested(&self) -> bool {
+        false
+    }
+    /// The latest time (on this clock) any wait or call may end; None: no limit.
+    fn deadline(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// `timeout`, cut so that it ends by `clock`'s deadline.
+pub fn capped(clock: &dyn Clock, timeout: Duration) -> Duration {
+    match clock.deadline() {
+        Some(deadline) => timeout.min(deadline.saturating_sub(clock.now())),
+        None => timeout,
+    }
+}
+
+/// The time left before `clock`'s deadline (None: no deadline).
+pub fn time_left(clock: &dyn Clock) -> Option<Duration> {
+    clock
+        .deadline()
+        .map(|deadline| deadline.saturating_sub(clock.now()))
+}
+
+/// A stop was requested before `step` began, so nothing of it was done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stopped {
+    /// The step that was not begun, e.g. `shutting VM 'cam' down`.
+    pub before: String,
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "stopped (SIGTERM or SIGINT) before {}", self.before)
+    }
+}
+
+impl std::error::Error for Stopped {}
+
+/// "May I begin `step`?", asked before every step that changes a VM's power
+/// state or XAPI's records: no once a stop was requested.
+pub fn may_begin(clock: &dyn Clock, step: impl FnOnce() -> String) -> Result<(), Stopped> {
+    if clock.stop_requested() {
+        Err(Stopped { before: step() })
+    } else {
+        Ok(())
+    }
+}
+
+/// True when `err` says a stop ended the procedure before a step.
+pub fn is_stopped(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| e.downcast_ref::<Stopped>().is_some())
+}
+
+/// A clock whose deadline is `deadline` (or its inner clock's, if earlier):
+/// the boot budget, or the part of it a step may spend.
+pub struct Bounded<'a> {
+    inner: &'a dyn Clock,
+    deadline: Duration,
+}
+
+impl<'a> Bounded<'a> {
+    /// `inner`, with nothing lasting past `deadline`.
+    pub fn new(inner: &'a dyn Clock, deadline: Duration) -> Self {
+        let deadline = inner.deadline().map_or(deadline, |d| d.min(deadline));
+        Bounded { inner, deadline }
+    }
+}
+
+impl Clock for Bounded<'_> {
+    fn now(&self) -> Duration {
+        self.inner.now()
+    }
+    fn sleep(&self, duration: Duration) {
+        self.inner.sleep(duration)
+    }
+    fn stop_requested(&self) -> bool {
+        self.inner.stop_requested()
+    }
+    fn deadline(&self) -> Option<Duration> {
+        Some(self.deadline)
+    }
 }
 
 /// The real clock.
@@ -68,23 +161,46 @@ impl Clock for VirtualClock {
     }
 }
 
-/// Poll `probe` every `interval` until it yields `Some`, or `timeout` passes.
+/// Poll `probe` every `interval` until it yields `Some`, or `timeout` passes,
+/// or (a wait before a step: nothing has begun) a stop is requested.
 ///
 /// Probes once immediately, so an already-true condition costs no waiting.
-/// Returns `Ok(None)` on timeout; errors from the probe end the wait.
+/// Returns `Ok(None)` on timeout or stop; errors from the probe end the wait.
+/// Never lasts past the clock's deadline.
 pub fn poll_until<T, E>(
     clock: &dyn Clock,
     timeout: Duration,
     interval: Duration,
+    probe: impl FnMut() -> Result<Option<T>, E>,
+) -> Result<Option<T>, E> {
+    poll(clock, timeout, interval, true, probe)
+}
+
+/// Like [`poll_until`], but a stop does not end it: for following an
+/// operation that has begun (a clean shutdown, a start) to its end.
+pub fn follow_until<T, E>(
+    clock: &dyn Clock,
+    timeout: Duration,
+    interval: Duration,
+    probe: impl FnMut() -> Result<Option<T>, E>,
+) -> Result<Option<T>, E> {
+    poll(clock, timeout, interval, false, probe)
+}
+
+fn poll<T, E>(
+    clock: &dyn Clock,
+    timeout: Duration,
+    interval: Duration,
+    ends_on_stop: bool,
     mut probe: impl FnMut() -> Result<Option<T>, E>,
 ) -> Result<Option<T>, E> {
-    let deadline = clock.now() + timeout;
+    let deadline = clock.now().saturating_add(capped(clock, timeout));
     loop {
         if let Some(found) = probe()? {
             return Ok(Some(found));
         }
         let now = clock.now();
-        if now >= deadline {
+        if now >= deadline || (ends_on_stop && clock.stop_requested()) {
             return Ok(None);
         }
         clock.sleep(interval.min(deadline - now));
@@ -106,6 +222,59 @@ mod tests {
         );
         assert_eq!(got, Ok(Some(7)));
         assert_eq!(clock.now(), Duration::ZERO);
+    }
+
+    /// A virtual clock that a test can stop.
+    struct Stoppable {
+        clock: VirtualClock,
+        stop_at: Duration,
+    }
+
+    impl Clock for Stoppable {
+        fn now(&self) -> Duration {
+            self.clock.now()
+        }
+        fn sleep(&self, duration: Duration) {
+            self.clock.sleep(duration)
+        }
+        fn stop_requested(&self) -> bool {
+            self.clock.now() >= self.stop_at
+        }
+    }
+
+    #[test]
+    fn a_stop_ends_a_wait_before_a_step_but_not_a_follow_up() {
+        let clock = Stoppable {
+            clock: VirtualClock::new(),
+            stop_at: Duration::from_secs(3),
+        };
+        let got: Result<Option<u8>, ()> =
+            poll_until(&clock, Duration::from_secs(60), Duration::from_secs(1), || {
+                Ok(None)
+            });
+        assert_eq!(got, Ok(None));
+        assert_eq!(clock.now(), Duration::from_secs(3), "ended at the stop");
+        // A follow-up goes on after the stop, to its own end.
+        let got: Result<Option<u8>, ()> =
+            follow_until(&clock, Duration::from_secs(60), Duration::from_secs(1), || {
+                Ok((clock.now() >= Duration::from_secs(20)).then_some(1))
+            });
+        assert_eq!(got, Ok(Some(1)));
+        assert_eq!(clock.now(), Duration::from_secs(20));
+        assert!(may_begin(&clock, || "a shutdown".into()).is_err());
+    }
+
+    #[test]
+    fn a_bounded_clock_cuts_every_wait_at_its_deadline() {
+        let inner = VirtualClock::new();
+        let clock = Bounded::new(&inner, Duration::from_secs(10));
+        let got: Result<Option<u8>, ()> =
+            follow_until(&clock, Duration::from_secs(60), Duration::from_secs(3), || {
+                Ok(None)
+            });
+        assert_eq!(got, Ok(None));
+        assert_eq!(clock.now(), Duration::from_secs(10));
+        assert_eq!(capped(&clock, Duration::from_secs(30)), Duration::ZERO);
     }
 
     #[test]

@@ -349,7 +349,7 @@ impl<'a> Download<'a> {
                 ..DownloadSummary::default()
             },
             budget: DOWNLOAD_DEADLINE,
-            deadline: clock.now() + DOWNLOAD_DEADLINE,
+            deadline: clock.now() + crate::clock::capped(clock, DOWNLOAD_DEADLINE),
         })
     }
 

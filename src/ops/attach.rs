@@ -8,7 +8,7 @@
 //! procedure acts on the outcome.
 
 use super::xapi_common::{pusb_at, ready_coral, resolve_vm, wait_for_pusb, xe_fail, Vm};
-use crate::clock::Clock;
+use crate::clock::{capped, follow_until, may_begin, time_left, Bounded, Clock};
 use crate::error::{fail, fail_then, FailureKind, Flag, NextStep};
 use crate::usb::UsbBus;
 use crate::xe::client::{PowerState, PusbInfo, VmInfo, VusbInfo, XeClient, CALL_TIMEOUT};
@@ -27,7 +27,13 @@ pub const DEFAULT_SCAN_TIMEOUT: Duration = Duration::from_secs(30);
 /// than xapi's own 60 s for a guest that never acknowledges a shutdown).
 pub const FOLLOW_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often a followed operation is looked at.
-const FOLLOW_POLL: Duration = Duration::from_secs(1);
+pub const FOLLOW_POLL: Duration = Duration::from_secs(1);
+/// Under a deadline (the boot budget): the time kept, after a shutdown and
+/// its follow-up, for starting the VM again (with the Coral, then without).
+pub const START_RESERVE: Duration = Duration::from_secs(60);
+/// Under a deadline: the least time a clean shutdown and its follow-up get;
+/// with less left than this plus [`START_RESERVE`], no shutdown is begun.
+pub const MIN_SHUTDOWN_WINDOW: Duration = Duration::from_secs(30);
 /// Times the attach is redone when a scan replaced the Coral's records
 /// under it (each time the Coral re-enumerated again).
 const SETTLE_ATTEMPTS: usize = 3;
@@ -235,7 +241,8 @@ pub fn attach_planned(
             check_vusb_limits(plan)?;
         }
 
-        // Every known precondition has passed: write.
+        // Every known precondition has passed: write (unless a stop came).
+        may_begin(clock, || format!("passing the Coral at {path} through to {label}"))?;
         if !pusb.passthrough {
             xe.enable_passthrough(&pusb.uuid)
                 .map_err(|e| xe_fail("enabling passthrough", e))?;
@@ -285,6 +292,7 @@ pub fn attach_planned(
 
     match vm.info.power_state {
         PowerState::Halted if opts.start => {
+            may_begin(clock, || format!("starting {label}"))?;
             start_with_coral(xe, clock, vm, &vusb, created, false)?;
             report.changed = true;
             report.say(format!(
@@ -296,7 +304,19 @@ pub fn attach_planned(
             "{label} is halted; it gets the Coral when it starts (or pass {})",
             Flag::Start
         )),
+        _ if opts.restart && !restart_fits(clock) => {
+            report.pending_restart = true;
+            report.say(format!(
+                "{label} is running; not restarted: {} s are left of the boot budget and a restart needs {} s; the Coral arrives at its next start ({})",
+                time_left(clock).unwrap_or_default().as_secs(),
+                (MIN_SHUTDOWN_WINDOW + START_RESERVE).as_secs(),
+                NextStep::RestartNow {
+                    vm: vm.uuid().to_string()
+                }
+            ));
+        }
         _ if opts.restart => {
+            may_begin(clock, || format!("restarting {label}"))?;
             restart_with_coral(xe, clock, vm, &vusb, created, opts, &mut report)?;
             report.changed = true;
             report.restarted = !xe.dry_run();
@@ -319,6 +339,12 @@ pub fn attach_planned(
         }
     }
     Ok(report)
+}
+
+/// Under a deadline, a shutdown is begun only if what is left covers its
+/// follow-up and the start after it.
+fn restart_fits(clock: &dyn Clock) -> bool {
+    time_left(clock).is_none_or(|left| left >= MIN_SHUTDOWN_WINDOW + START_RESERVE)
 }
 
 /// `text` when the VM runs on another host than this one.
@@ -391,7 +417,7 @@ fn create_vusb(
         Err(err) => return Err(xe_fail("creating the VUSB", err)),
     };
     log::warn!("{err}; looking for the VUSB in XAPI");
-    let found = crate::clock::poll_until(clock, FOLLOW_TIMEOUT, FOLLOW_POLL, || {
+    let found = follow_until(clock, FOLLOW_TIMEOUT, FOLLOW_POLL, || {
         xe.vusbs_of_group(group)
             .map(|v| v.into_iter().find(|v| v.vm_uuid == vm_uuid))
     })
@@ -418,10 +444,11 @@ struct Followed {
     pending: bool,
 }
 
-/// Follow a VM's operations inside xapi until none is left, bounded.
+/// Follow a VM's operations inside xapi until none is left, bounded (a stop
+/// does not end it: the operation has begun).
 fn follow(xe: &XeClient, clock: &dyn Clock, vm: &str) -> anyhow::Result<Followed> {
     let mut last = None;
-    let done = crate::clock::poll_until(clock, FOLLOW_TIMEOUT, FOLLOW_POLL, || {
+    let done = follow_until(clock, FOLLOW_TIMEOUT, FOLLOW_POLL, || {
         let info = xe.vm(vm)?;
         let idle = info
             .as_ref()
@@ -453,12 +480,13 @@ fn shut_down(
     vm: &Vm,
     opts: &AttachOptions,
 ) -> anyhow::Result<Result<(), NotDown>> {
+    let timeout = capped(clock, opts.shutdown_timeout);
     log::info!(
         "shutting {} down cleanly (up to {} s)",
         vm.label,
-        opts.shutdown_timeout.as_secs()
+        timeout.as_secs()
     );
-    let clean = match xe.vm_shutdown(vm.uuid(), false, opts.shutdown_timeout) {
+    let clean = match xe.vm_shutdown(vm.uuid(), false, timeout) {
         Ok(()) => return Ok(Ok(())),
         Err(err) => err,
     };
@@ -532,7 +560,14 @@ fn restart_with_coral(
     report: &mut AttachReport,
 ) -> anyhow::Result<()> {
     let label = &vm.label;
-    match shut_down(xe, clock, vm, opts)? {
+    // Under a deadline, the shutdown and its follow-up leave the start its reserve.
+    let shutdown_clock = Bounded::new(
+        clock,
+        clock
+            .deadline()
+            .map_or(Duration::MAX, |d| d.saturating_sub(START_RESERVE)),
+    );
+    match shut_down(xe, &shutdown_clock, vm, opts)? {
         Ok(()) => {}
         Err(NotDown::Running(why)) => {
             if created {

@@ -6,7 +6,7 @@
 //! command to run and the others still go ahead.
 
 use super::up::{up, UpOptions, UpReport};
-use crate::clock::{poll_until, Clock};
+use crate::clock::{capped, may_begin, poll_until, Bounded, Clock};
 use crate::config::{Config, Deadlines, Entry};
 use crate::error::{fail_then, Failure, FailureKind, NextStep};
 use crate::firmware::FirmwareImage;
@@ -17,12 +17,16 @@ use std::time::Duration;
 
 /// Every wait of the boot path, in one place (README "Boot budget").
 ///
-/// Worst case: the lock wait, then one shared deadline for everything after
-/// it (xapi, device, and per Coral the replug and the scan); each step waits
-/// at most its own cap and never past the shared deadline. The unit's
-/// `TimeoutStartSec` leaves a margin on top for the `xe` calls themselves
-/// and a VM start, and even when it is reached systemd only stops coral:
-/// `xapi-domains.service` does not require the unit, so VMs auto-start.
+/// Worst case: the lock wait, then one deadline ([`boot_clock`]) for
+/// everything after it, all Corals together: waiting for xapi and the
+/// devices, every firmware download (begun only if its whole deadline is
+/// left), every `xe` call (each call's timeout cut to what is left), every
+/// replug and scan wait, and a restart's shutdown, follow-up and start (a
+/// shutdown is begun only if what is left covers its follow-up and the
+/// start: [`crate::ops::attach::START_RESERVE`]). The unit's
+/// `TimeoutStartSec` is above that with a margin, and even when it is
+/// reached systemd only stops coral: `xapi-domains.service` does not
+/// require the unit, so VMs auto-start.
 pub mod budget {
     use std::time::Duration;
 
@@ -37,14 +41,15 @@ pub mod budget {
     pub const REPLUG_WAIT: Duration = crate::ops::init::DEFAULT_REPLUG_TIMEOUT;
     /// XAPI's asynchronous scan listing one ready Coral.
     pub const SCAN_WAIT: Duration = crate::ops::attach::DEFAULT_SCAN_TIMEOUT;
-    /// The shared deadline of every wait after the lock, all entries together.
+    /// The one deadline of everything after the lock, all entries together.
     pub const AFTER_LOCK: Duration = Duration::from_secs(120);
     /// The DFU download's own deadline (a real one takes well under a second;
-    /// this bounds a device that keeps asking the host to wait).
+    /// this bounds a device that keeps asking the host to wait); inside
+    /// [`AFTER_LOCK`], and begun only if it fits there whole.
     pub const DOWNLOAD_WAIT: Duration = crate::dfu::DOWNLOAD_DEADLINE;
     /// All of coral's own waits at boot, worst case.
     pub const WORST_CASE_WAITS: Duration =
-        Duration::from_secs(LOCK_WAIT.as_secs() + AFTER_LOCK.as_secs() + DOWNLOAD_WAIT.as_secs());
+        Duration::from_secs(LOCK_WAIT.as_secs() + AFTER_LOCK.as_secs());
     /// The unit's `TimeoutStartSec`.
     pub const UNIT_START_TIMEOUT: Duration = Duration::from_secs(240);
 
@@ -55,6 +60,19 @@ pub mod budget {
             <= AFTER_LOCK.as_secs()
     );
     const _: () = assert!(WORST_CASE_WAITS.as_secs() + 60 <= UNIT_START_TIMEOUT.as_secs());
+    // A restart can fit: its shortest window and the start after it.
+    const _: () = assert!(
+        crate::ops::attach::MIN_SHUTDOWN_WINDOW.as_secs()
+            + crate::ops::attach::START_RESERVE.as_secs()
+            <= AFTER_LOCK.as_secs()
+    );
+}
+
+/// The boot path's clock: `clock` with the one deadline, [`budget::AFTER_LOCK`]
+/// from now (call it once the lock is held). Give the `XeClient` the same
+/// clock ([`XeClient::bounded_by`]) so every `xe` call ends by it too.
+pub fn boot_clock(clock: &dyn Clock) -> Bounded<'_> {
+    Bounded::new(clock, clock.now().saturating_add(budget::AFTER_LOCK))
 }
 
 /// How often the boot path asks xapi again while it starts.
@@ -128,8 +146,10 @@ pub fn up_all(
             NextStep::AddEntry,
         ));
     }
-    let deadline = clock.now() + budget::AFTER_LOCK;
-    let left = |cap: Duration| cap.min(deadline.saturating_sub(clock.now()));
+    // The one deadline (the caller's, if it already set one).
+    let bounded = boot_clock(clock);
+    let clock: &dyn Clock = &bounded;
+    let left = |cap: Duration| capped(clock, cap);
 
     wait_for_xapi(xe, clock, &config.entries[0], left(budget::XAPI_WAIT))?;
     wait_for_devices(usb, clock, &config.entries, left(budget::DEVICE_WAIT));
@@ -165,7 +185,9 @@ pub fn up_all(
             },
             dry_run,
         };
-        let result = up(usb, xe, clock, load_firmware, &opts);
+        let result = may_begin(clock, || format!("recovering {}", entry.label()))
+            .map_err(anyhow::Error::from)
+            .and_then(|()| up(usb, xe, clock, load_firmware, &opts));
         if let Err(err) = &result {
             log::error!(
                 "{}: {err:#}; it starts without its Coral; {}",

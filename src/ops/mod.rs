@@ -3,6 +3,7 @@
 
 pub mod attach;
 pub mod boot;
+pub mod bring_back;
 pub mod detach;
 pub mod doctor;
 pub mod firmware_cmd;

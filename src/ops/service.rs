@@ -22,8 +22,9 @@ pub const UNIT_NAME: &str = "coral-up.service";
 /// The watcher's unit file name.
 pub const WATCH_UNIT_NAME: &str = "coral-watch.service";
 /// How long systemd waits for the watcher to stop: it exits within a second,
-/// unless it is bringing a VM it restarted back up (clean shutdown + start).
-const WATCH_STOP_TIMEOUT_SECS: u64 = 300;
+/// unless it is finishing what it began (a clean shutdown in flight, its
+/// follow-up, the VM's start: [`crate::ops::watch::STOP_BUDGET`]), plus a margin.
+const WATCH_STOP_TIMEOUT_SECS: u64 = crate::ops::watch::STOP_BUDGET.as_secs() + 30;
 /// Pause before systemd restarts a watcher that exited with an error (a
 /// broken config): the journal shows the error, and a fix is picked up.
 const WATCH_RESTART_SECS: u64 = 30;
@@ -90,6 +91,10 @@ After=xapi-init-complete.target {UNIT_NAME}\n\
 [Service]\n\
 Type=simple\n\
 {environment}ExecStart={exec}\n\
+ExecReload=/bin/kill -HUP $MAINPID\n\
+# SIGTERM to coral only: an `xe vm-shutdown` in flight lives on, and coral\n\
+# follows it and starts the VM again before it exits (README \"Stopping\").\n\
+KillMode=mixed\n\
 Restart=on-failure\n\
 RestartSec={WATCH_RESTART_SECS}\n\
 TimeoutStopSec={WATCH_STOP_TIMEOUT_SECS}\n\
@@ -142,6 +147,8 @@ Type=oneshot\n\
 RemainAfterExit=yes\n\
 {environment}ExecStart={exec}\n\
 TimeoutStartSec={timeout}\n\
+KillMode=mixed\n\
+TimeoutStopSec={timeout}\n\
 \n\
 [Install]\n\
 WantedBy={WANTED_BY}\n",
@@ -201,8 +208,9 @@ pub trait Systemd {
     fn disable(&self, unit: &str) -> anyhow::Result<()>;
     /// Whether UNIT is enabled (read-only).
     fn is_enabled(&self, unit: &str) -> anyhow::Result<bool>;
-    /// `systemctl restart UNIT` (starts it if it is not running).
-    fn restart(&self, unit: &str) -> anyhow::Result<()>;
+    /// `systemctl reload-or-restart UNIT`: a running unit re-reads its
+    /// config (SIGHUP); one that is not running is started.
+    fn reload_or_restart(&self, unit: &str) -> anyhow::Result<()>;
     /// `systemctl stop UNIT`.
     fn stop(&self, unit: &str) -> anyhow::Result<()>;
 }
@@ -220,8 +228,8 @@ impl Systemd for Systemctl {
     fn disable(&self, unit: &str) -> anyhow::Result<()> {
         systemctl(&["disable", unit]).map(drop)
     }
-    fn restart(&self, unit: &str) -> anyhow::Result<()> {
-        systemctl(&["restart", unit]).map(drop)
+    fn reload_or_restart(&self, unit: &str) -> anyhow::Result<()> {
+        systemctl(&["reload-or-restart", unit]).map(drop)
     }
     fn stop(&self, unit: &str) -> anyhow::Result<()> {
         systemctl(&["stop", unit]).map(drop)
@@ -287,7 +295,7 @@ impl Systemd for RootedSystemd {
     fn is_enabled(&self, unit: &str) -> anyhow::Result<bool> {
         Ok(self.link(unit).symlink_metadata().is_ok())
     }
-    fn restart(&self, _unit: &str) -> anyhow::Result<()> {
+    fn reload_or_restart(&self, _unit: &str) -> anyhow::Result<()> {
         Ok(())
     }
     fn stop(&self, _unit: &str) -> anyhow::Result<()> {
@@ -381,9 +389,10 @@ pub fn install(
             systemd.enable(unit.name)
         })?;
     }
-    // The watcher reads the config when it starts: (re)start it now.
-    out.act(&format!("systemctl restart {WATCH_UNIT_NAME}"), || {
-        systemd.restart(WATCH_UNIT_NAME)
+    // A running watcher reads the config again (SIGHUP: no new process, no
+    // recovery cut short); one that is not running is started.
+    out.act(&format!("systemctl reload-or-restart {WATCH_UNIT_NAME}"), || {
+        systemd.reload_or_restart(WATCH_UNIT_NAME)
     })?;
     out.line(format!(
         "at boot {UNIT_NAME} runs `coral up` for {} entr{} before XCP-ng auto-starts VMs",
@@ -468,8 +477,8 @@ pub fn uninstall(place: &Place, vm: Option<&str>) -> anyhow::Result<String> {
             out.write(&place.config.file, config.to_toml().as_bytes())?;
             let systemd = place.systemd();
             if unit_path(place.root.as_deref(), WATCH_UNIT_NAME).exists() {
-                out.act(&format!("systemctl restart {WATCH_UNIT_NAME}"), || {
-                    systemd.restart(WATCH_UNIT_NAME)
+                out.act(&format!("systemctl reload-or-restart {WATCH_UNIT_NAME}"), || {
+                    systemd.reload_or_restart(WATCH_UNIT_NAME)
                 })?;
             }
             return Ok(out.text());
@@ -635,5 +644,28 @@ mod tests {
         assert!(text.contains("\nTimeoutStartSec=240\n"), "{text}");
         assert!(!text.contains("Restart="), "systemd 219 oneshot: {text}");
         assert!(!text.contains("Requires"), "{text}");
+        assert!(text.contains("\nKillMode=mixed\n"), "{text}");
+        assert!(text.contains("\nTimeoutStopSec=240\n"), "{text}");
+    }
+
+    #[test]
+    fn a_stop_or_reload_of_the_watcher_never_kills_what_it_began() {
+        let text = watch_unit_text(&UnitSpec {
+            exe: "/usr/bin/coral".into(),
+            config_env: None,
+        });
+        assert!(text.contains("\nKillMode=mixed\n"), "{text}");
+        assert!(text.contains("\nExecReload=/bin/kill -HUP $MAINPID\n"), "{text}");
+        // The stop covers a default clean shutdown, its follow-up and a start.
+        let stop: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+            .and_then(|v| v.parse().ok())
+            .expect("TimeoutStopSec");
+        assert!(stop > crate::ops::watch::STOP_BUDGET.as_secs(), "{text}");
+        assert!(
+            crate::ops::watch::STOP_BUDGET
+                >= crate::ops::attach::DEFAULT_SHUTDOWN_TIMEOUT + crate::ops::attach::FOLLOW_TIMEOUT
+        );
     }
 }

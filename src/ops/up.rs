@@ -6,7 +6,7 @@ use super::attach::{attach_planned, read_plan, AttachOptions, AttachReport};
 use super::init::{init, wait_for_coral, InitOptions, InitOutcome};
 use super::xapi_common::{check_vm_spec, SCAN_POLL_INTERVAL};
 use crate::clock::{poll_until, Clock};
-use crate::error::Flag;
+use crate::error::{fail, FailureKind, Flag};
 use crate::firmware::FirmwareImage;
 use crate::usb::{CoralState, UsbBus};
 use crate::xe::client::XeClient;
@@ -144,6 +144,24 @@ pub fn up(
                     attach: Some(report),
                     elapsed: clock.now() - started,
                 });
+            }
+            // Under a deadline (the boot budget), a download is begun only if
+            // its whole deadline fits; after a stop, not at all.
+            crate::clock::may_begin(clock, || {
+                format!("uploading firmware to the Coral at {}", coral.path)
+            })?;
+            if let Some(left) = crate::clock::time_left(clock) {
+                if left < crate::dfu::DOWNLOAD_DEADLINE {
+                    return Err(fail(
+                        FailureKind::Timeout,
+                        format!(
+                            "{} s are left of the boot budget, less than a firmware upload may take ({} s); the Coral at {} was not touched",
+                            left.as_secs(),
+                            crate::dfu::DOWNLOAD_DEADLINE.as_secs(),
+                            coral.path
+                        ),
+                    ));
+                }
             }
             if !stale.is_empty() {
                 wait_for_stale_records_to_go(xe, clock, &stale, opts.attach.scan_timeout);

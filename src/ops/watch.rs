@@ -11,11 +11,19 @@
 //!   when its scan sees the device changed or gone).
 //!
 //! What it never does: restart a running VM unless the mapping allows it
-//! (and then at most `max_restarts_per_hour` times per VM), hard-stop a VM,
-//! touch a mapping an admin paused with `coral detach`, or run while another
-//! `coral` run holds the lock.
+//! (and then at most `max_restarts_per_hour` shutdowns begun per VM, whatever
+//! came of them), hard-stop a VM, touch a mapping an admin paused with
+//! `coral detach`, run while another `coral` run holds the lock, or leave
+//! halted a VM its own step halted (it is started again, without the Coral
+//! if it must, before anything else and before the watcher exits).
+//!
+//! Its lifetime: on a stop (SIGTERM, SIGINT) no new step begins; what has
+//! begun is finished or undone, and a VM coral halted is started again. On
+//! a reload (SIGHUP) the mappings are read again; a broken config keeps
+//! the ones in use.
 
 use super::attach::AttachOptions;
+use super::bring_back::{bring_back, BroughtBack};
 use super::up::{up, UpOptions, UpReport};
 use super::xapi_common::{pusb_at, resolve_vm, xe_fail};
 use crate::clock::Clock;
@@ -45,6 +53,17 @@ pub const USB_SETTLE_RECHECK: Duration = Duration::from_secs(5);
 const FIRST_BACKOFF: Duration = Duration::from_secs(5);
 /// Longest retry delay after repeated failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// After a stop (SIGTERM), the time what has begun may still take: a clean
+/// shutdown in flight (its default deadline), its follow-up, and starting
+/// the VM again. The units' `TimeoutStopSec` is this and a margin.
+pub const STOP_BUDGET: Duration = Duration::from_secs(
+    super::attach::DEFAULT_SHUTDOWN_TIMEOUT.as_secs()
+        + super::attach::FOLLOW_TIMEOUT.as_secs()
+        + 2 * super::attach::START_RESERVE.as_secs(),
+);
+/// Longest pause between USB listings while they keep failing (the first
+/// pause is the poll interval; it doubles).
+pub const MAX_LISTING_BACKOFF: Duration = Duration::from_secs(60);
 
 /// One Coral → VM mapping to keep healthy.
 #[derive(Clone, Debug, PartialEq)]
@@ -86,14 +105,21 @@ pub enum Wake {
     UsbChanged,
     /// The wait timed out.
     Timeout,
-    /// SIGTERM or SIGINT: exit now.
+    /// SIGTERM or SIGINT: begin nothing new, finish what has begun, exit.
     Stop,
+    /// SIGHUP: read the mappings again ([`Wakeups::reload`]).
+    Reload,
 }
 
 /// Where wake-ups come from: hotplug events and signals (real), or a script (tests).
 pub trait Wakeups {
     /// Wait up to `timeout` for an event.
     fn wait(&self, timeout: Duration) -> Wake;
+    /// After [`Wake::Reload`]: the mappings as the config reads now (an
+    /// error keeps the ones in use).
+    fn reload(&self) -> anyhow::Result<Vec<Mapping>> {
+        Err(anyhow::anyhow!("this watcher has no config to read again"))
+    }
 }
 
 /// What the watcher needs from the host.
@@ -134,6 +160,23 @@ struct Tracked {
     retry_at: Duration,
     /// The last problem logged, so a lasting condition is logged once.
     last_note: Option<String>,
+    /// A shutdown coral began did not end with the VM running again: it is
+    /// started again before anything else ([`Watcher::restore`]).
+    halted_by_us: bool,
+}
+
+impl Tracked {
+    fn new(mapping: Mapping) -> Self {
+        Tracked {
+            mapping,
+            vm: None,
+            restarts: VecDeque::new(),
+            failures: 0,
+            retry_at: Duration::ZERO,
+            last_note: None,
+            halted_by_us: false,
+        }
+    }
 }
 
 /// The health of a mapping whose Coral is ready.
@@ -160,20 +203,87 @@ impl Watcher {
     /// A watcher for `opts.mappings`.
     pub fn new(opts: &WatchOptions) -> Self {
         Watcher {
-            tracked: opts
-                .mappings
-                .iter()
-                .map(|m| Tracked {
-                    mapping: m.clone(),
-                    vm: None,
-                    restarts: VecDeque::new(),
-                    failures: 0,
-                    retry_at: Duration::ZERO,
-                    last_note: None,
-                })
-                .collect(),
+            tracked: opts.mappings.iter().cloned().map(Tracked::new).collect(),
             max_restarts_per_hour: opts.max_restarts_per_hour,
             recovery: opts.recovery.clone(),
+        }
+    }
+
+    /// The mappings of a reloaded config: a mapping kept (same VM) keeps
+    /// what the watcher knows of it (restarts begun, a VM left halted).
+    pub fn set_mappings(&mut self, mappings: Vec<Mapping>) {
+        let mut old = std::mem::take(&mut self.tracked);
+        for mapping in mappings {
+            let kept = old.iter().position(|t| t.mapping.vm == mapping.vm);
+            let tracked = match kept {
+                Some(i) => {
+                    let mut tracked = old.remove(i);
+                    if tracked.mapping != mapping {
+                        tracked.mapping = mapping;
+                        tracked.vm = None;
+                        tracked.last_note = None;
+                    }
+                    tracked
+                }
+                None => Tracked::new(mapping),
+            };
+            self.tracked.push(tracked);
+        }
+        // A mapping removed while coral had its VM down is kept until the
+        // VM runs again: a reload never leaves a VM down.
+        for tracked in old.into_iter().filter(|t| t.halted_by_us) {
+            self.tracked.push(tracked);
+        }
+    }
+
+    /// Before exiting on a stop: start again every VM coral left halted.
+    pub fn finish(&mut self, env: &mut WatchEnv) {
+        for index in 0..self.tracked.len() {
+            if self.tracked[index].halted_by_us {
+                self.restore(env, index);
+            }
+        }
+    }
+
+    /// A VM whose shutdown coral began and that did not run again after it:
+    /// follow what xapi still does on it, then start it (without the Coral
+    /// if it must), and say so.
+    fn restore(&mut self, env: &mut WatchEnv, index: usize) {
+        let Some((vm_uuid, vm_name)) = self.tracked[index].vm.clone() else {
+            return;
+        };
+        match bring_back(env.xe, env.clock, &vm_uuid) {
+            Ok(BroughtBack::Running { started: false }) | Ok(BroughtBack::Elsewise(_)) => {
+                self.tracked[index].halted_by_us = false;
+            }
+            Ok(BroughtBack::Running { started: true }) => {
+                self.tracked[index].halted_by_us = false;
+                let line = format!(
+                    "{vm_name} was left halted by coral's own restart; started it again with its Coral"
+                );
+                log::warn!("watch: {line}");
+                record(env.state, &vm_uuid, &plain_name(&self.tracked[index].mapping), &line, true);
+            }
+            Ok(BroughtBack::StartedWithout { removed }) => {
+                self.tracked[index].halted_by_us = false;
+                let line = format!(
+                    "{vm_name} was left halted by coral's own restart and would not start with its Coral: started it without it (removed {} VUSB(s)); {}",
+                    removed.len(),
+                    NextStep::RestorePassthrough {
+                        vm: vm_uuid.clone()
+                    }
+                );
+                log::error!("watch: {line}");
+                record(env.state, &vm_uuid, &plain_name(&self.tracked[index].mapping), &line, false);
+            }
+            Ok(BroughtBack::StillBusy) => {
+                let line = format!(
+                    "{vm_name}: xapi is still shutting it down (a clean shutdown cannot be cancelled); it is started when it halts"
+                );
+                self.note(index, line, log::Level::Warn);
+                self.tracked[index].retry_at = env.clock.now() + FIRST_BACKOFF;
+            }
+            Err(e) => self.failed(env, index, &format!("starting it again: {e:#}")),
         }
     }
 
@@ -189,7 +299,17 @@ impl Watcher {
         xapi_due: bool,
     ) {
         let several_mappings = self.tracked.len() > 1;
+        // First, a VM coral's own step left halted: never left down.
         for index in 0..self.tracked.len() {
+            if self.tracked[index].halted_by_us && env.clock.now() >= self.tracked[index].retry_at
+            {
+                self.restore(env, index);
+            }
+        }
+        for index in 0..self.tracked.len() {
+            if env.clock.stop_requested() {
+                return;
+            }
             self.check_one(env, index, corals, usb_changed, xapi_due, several_mappings);
         }
     }
@@ -443,24 +563,41 @@ impl Watcher {
         if level == log::LevelFilter::Info {
             log::set_max_level(log::LevelFilter::Warn);
         }
+        let shutdowns = env.xe.shutdowns_begun();
         let outcome = up(env.usb, env.xe, env.clock, env.load_firmware, &opts);
         log::set_max_level(level);
+        // Every shutdown begun counts against the budget, whatever came of it.
+        let begun = env.xe.shutdowns_begun().saturating_sub(shutdowns);
+        let now = env.clock.now();
+        for _ in 0..begun {
+            self.tracked[index].restarts.push_back(now);
+        }
         match outcome {
             Ok(report) => self.recovered(env, index, &report),
-            Err(e) => self.failed(env, index, &format!("recovery failed: {e:#}")),
+            Err(e) if crate::clock::is_stopped(&e) => {
+                log::info!("watch: {vm_name}: {e:#}; the recovery resumes when the watcher runs again");
+            }
+            Err(e) => {
+                if begun > 0 {
+                    // Coral's own step may have left the VM halted: look and
+                    // start it again (now, and at every check until it runs).
+                    self.tracked[index].halted_by_us = true;
+                }
+                self.failed(env, index, &format!("recovery failed: {e:#}"));
+                if begun > 0 {
+                    self.tracked[index].retry_at = now;
+                    self.restore(env, index);
+                }
+            }
         }
     }
 
     fn recovered(&mut self, env: &mut WatchEnv, index: usize, report: &UpReport) {
-        let now = env.clock.now();
         let (vm_uuid, vm_name) = self.tracked[index].vm.clone().unwrap_or_default();
         let tracked = &mut self.tracked[index];
         tracked.failures = 0;
         tracked.retry_at = Duration::ZERO;
         tracked.last_note = None;
-        if report.attach.as_ref().is_some_and(|a| a.restarted) {
-            tracked.restarts.push_back(now);
-        }
         let line = format!("{vm_name}: {report}");
         log::info!("watch: {line}");
         record(
@@ -539,23 +676,47 @@ pub fn watch(env: &mut WatchEnv, wakeups: &dyn Wakeups, opts: &WatchOptions) {
         opts.xapi_check.as_secs()
     );
     let mut usb = UsbView::default();
-    let mut last_seen = usb.list(env.usb);
+    let mut last_seen = usb.list(env.usb, env.clock.now(), opts.usb_poll);
     if let Some(corals) = &last_seen {
         watcher.check(env, corals, true, true);
     }
     let mut next_xapi_check = env.clock.now() + opts.xapi_check;
     loop {
         let now = env.clock.now();
-        let timeout = opts.usb_poll.min(next_xapi_check.saturating_sub(now));
+        // While listings fail, the next one waits for its backoff (a USB
+        // event still wakes the watcher at once): no spinning.
+        let timeout = match usb.retry_at {
+            Some(at) => at.saturating_sub(now),
+            None => opts.usb_poll.min(next_xapi_check.saturating_sub(now)),
+        };
         let wake = wakeups.wait(timeout);
-        if wake == Wake::Stop {
+        if wake == Wake::Stop || env.clock.stop_requested() {
             log::info!("watch: stopping");
+            watcher.finish(env);
             return;
         }
-        let Some(corals) = usb.list(env.usb) else {
+        let mut reloaded = false;
+        if wake == Wake::Reload {
+            match wakeups.reload() {
+                Ok(mappings) => {
+                    log::info!(
+                        "watch: config read again: keeping {} mapping(s) healthy",
+                        mappings.len()
+                    );
+                    watcher.set_mappings(mappings);
+                    reloaded = true;
+                }
+                Err(e) => log::error!(
+                    "watch: reading the config again failed ({e:#}); keeping the mappings in use"
+                ),
+            }
+        }
+        let Some(corals) = usb.list(env.usb, env.clock.now(), opts.usb_poll) else {
             continue;
         };
-        let usb_changed = wake == Wake::UsbChanged || last_seen.as_ref() != Some(&corals);
+        let usb_changed = wake == Wake::UsbChanged
+            || reloaded
+            || last_seen.as_ref() != Some(&corals);
         last_seen = Some(corals.clone());
         let now = env.clock.now();
         let xapi_due = now >= next_xapi_check;
@@ -571,26 +732,39 @@ pub fn watch(env: &mut WatchEnv, wakeups: &dyn Wakeups, opts: &WatchOptions) {
     }
 }
 
-/// USB listings for the watcher, saying once (not every poll) that they fail.
+/// USB listings for the watcher, saying once (not every poll) that they
+/// fail, and backing off while they do.
 #[derive(Default)]
 struct UsbView {
-    failing: bool,
+    /// Listings failed in a row.
+    failures: u32,
+    /// While listings fail: no listing before this (unless a USB event).
+    retry_at: Option<Duration>,
 }
 
 impl UsbView {
-    fn list(&mut self, usb: &dyn UsbBus) -> Option<Vec<CoralDevice>> {
+    fn list(&mut self, usb: &dyn UsbBus, now: Duration, poll: Duration) -> Option<Vec<CoralDevice>> {
         match usb.list_corals() {
             Ok(corals) => {
-                if std::mem::take(&mut self.failing) {
+                self.retry_at = None;
+                if std::mem::take(&mut self.failures) > 0 {
                     log::info!("watch: USB listings work again");
                 }
                 Some(corals)
             }
             Err(e) => {
-                if !self.failing {
-                    log::warn!("watch: listing USB devices failed ({e}); trying again every poll");
-                    self.failing = true;
+                if self.failures == 0 {
+                    log::warn!(
+                        "watch: listing USB devices failed ({e}); trying again, less often while it fails (up to every {} s)",
+                        MAX_LISTING_BACKOFF.as_secs()
+                    );
                 }
+                let pause = poll
+                    .max(Duration::from_millis(1))
+                    .saturating_mul(1 << self.failures.min(10))
+                    .min(MAX_LISTING_BACKOFF);
+                self.failures = self.failures.saturating_add(1);
+                self.retry_at = Some(now.saturating_add(pause));
                 None
             }
         }

@@ -153,6 +153,7 @@ pub fn wait_for_pusb(
     timeout: Duration,
 ) -> anyhow::Result<Option<PusbInfo>> {
     let started = clock.now();
+    let timeout = crate::clock::capped(clock, timeout);
     let deadline = started + timeout;
     let mut kicked = false;
     let mut misses = 0;
@@ -195,6 +196,8 @@ pub fn wait_for_pusb(
                 ),
             ));
         }
+        // A wait before a step: a stop ends it (nothing was changed yet).
+        crate::clock::may_begin(clock, || format!("XAPI listed the Coral at {path}"))?;
         clock.sleep(SCAN_POLL_INTERVAL.min(deadline - now));
     }
 }

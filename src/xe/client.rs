@@ -153,6 +153,8 @@ pub struct XeClient<'a> {
     planned: RefCell<Vec<String>>,
     wait: Option<(&'a dyn Clock, Duration)>,
     said_waiting: Cell<bool>,
+    bound: Option<&'a dyn Clock>,
+    shutdowns: Cell<u32>,
 }
 
 impl<'a> XeClient<'a> {
@@ -165,7 +167,22 @@ impl<'a> XeClient<'a> {
             planned: RefCell::new(Vec::new()),
             wait: None,
             said_waiting: Cell::new(false),
+            bound: None,
+            shutdowns: Cell::new(0),
         }
+    }
+
+    /// Cut every call's timeout so that it ends by `clock`'s deadline (the
+    /// boot budget); a call with no time left is not run (it times out).
+    pub fn bounded_by(mut self, clock: &'a dyn Clock) -> Self {
+        self.bound = Some(clock);
+        self
+    }
+
+    /// How many `vm-shutdown` calls this client has begun (whatever came of
+    /// them): the watcher's restart budget counts attempts.
+    pub fn shutdowns_begun(&self) -> u32 {
+        self.shutdowns.get()
     }
 
     /// While xapi is down or starting (and only then), retry each call with
@@ -406,6 +423,9 @@ impl<'a> XeClient<'a> {
         if force {
             args.push("force=true".into());
         }
+        if !self.dry_run {
+            self.shutdowns.set(self.shutdowns.get().saturating_add(1));
+        }
         self.write(&args, timeout).map(drop)
     }
 
@@ -436,6 +456,16 @@ impl<'a> XeClient<'a> {
     fn call(&self, args: &[String], timeout: Duration) -> Result<String, XeError> {
         if let Some(arg) = args.iter().find(|a| a.contains(['\n', '\r'])) {
             return Err(XeError::BadArgument { arg: arg.clone() });
+        }
+        let timeout = match self.bound {
+            Some(clock) => crate::clock::capped(clock, timeout),
+            None => timeout,
+        };
+        if timeout.is_zero() {
+            return Err(XeError::TimedOut {
+                args: args.to_vec(),
+                after: timeout,
+            });
         }
         let Some((clock, limit)) = self.wait else {
             return self.runner.run(args, timeout);
