@@ -134,3 +134,74 @@ fn the_budget_fits_the_unit_timeout() {
         "a few minutes, not 15"
     );
 }
+
+/// Four Corals after a power loss, two of whose downloads stall (the device
+/// keeps asking the host to wait), a slow xapi (4 s per call), and a VM
+/// that runs already with `restart = true`: everything ends within the one
+/// deadline, and no VM that ran is left halted.
+#[test]
+fn stalled_corals_and_a_slow_xapi_stay_within_the_one_deadline() {
+    use coral::ops::boot::boot_clock;
+    use coral_testkit::device::SimFaults;
+    let clock = Rc::new(VirtualClock::new());
+    let bus = Rc::new(SimBus::new(clock.clone()));
+    for port in 4..=7 {
+        let index = bus.add_coral(SimCoralConfig::xhci(port), CoralState::Uninitialized);
+        if port <= 5 {
+            bus.set_faults(
+                index,
+                SimFaults {
+                    busy_polls: 25,
+                    poll_timeout_ms: 1_000,
+                    ..SimFaults::default()
+                },
+            );
+        }
+    }
+    let mut world = World::new(WorldConfig {
+        call_ms: 4_000,
+        ..WorldConfig::default()
+    });
+    let host_uuid = world.add_host("xcp-1");
+    let mut vms: Vec<String> = (4..=6)
+        .map(|p| world.add_vm(&format!("cam-{p}"), PowerState::Halted, None))
+        .collect();
+    vms.push(world.add_vm("cam-7", PowerState::Running, Some(&host_uuid)));
+    let host = SimulatedHost::from_parts(clock, bus, world, host_uuid);
+    let mut entries: Vec<Entry> = vms
+        .iter()
+        .zip(4..=7)
+        .map(|(vm, port)| entry(vm, &format!("2-{port}")))
+        .collect();
+    entries[3].restart = true;
+    let config = Config { entries };
+
+    let started = host.clock().now();
+    let bounded = boot_clock(host.clock());
+    let xe = XeClient::new(host.xe(), host.host_uuid().to_string(), false).bounded_by(&bounded);
+    let report = up_all(
+        host.bus(),
+        &xe,
+        &bounded,
+        &mut || Ok(stand_in_single_ep_image()),
+        &config,
+        false,
+    )
+    .unwrap();
+    let elapsed = host.clock().now() - started;
+    // A logic bound on simulated time, not a wall-clock threshold.
+    assert!(
+        elapsed <= budget::AFTER_LOCK,
+        "virtual {elapsed:?} > {:?}",
+        budget::AFTER_LOCK
+    );
+    assert!(report.outcomes[0].result.is_err() && report.outcomes[1].result.is_err());
+    let world = host.world();
+    let world = world.borrow();
+    let running = world
+        .vms
+        .iter()
+        .find(|v| v.uuid == vms[3])
+        .map(|v| v.power_state);
+    assert_eq!(running, Some(PowerState::Running), "the running VM still runs");
+}
