@@ -4,7 +4,7 @@
 //! Corals of which one drops, and a lock held by another run. Each test
 //! asserts XAPI records, the VM power history and the USB traffic.
 
-use coral::clock::VirtualClock;
+use coral::clock::{Clock, VirtualClock};
 use coral::mapping_state::StateStore;
 use coral::ops::attach::AttachOptions;
 use coral::ops::up::UpOptions;
@@ -117,7 +117,13 @@ struct Script<'a> {
     steps: RefCell<VecDeque<Step>>,
     end: Duration,
     wakes: Cell<u32>,
+    /// SIGHUPs: when, and what the config then reads.
+    reloads: RefCell<VecDeque<(Duration, Result<Vec<Mapping>, String>)>>,
+    reloaded: RefCell<Option<Result<Vec<Mapping>, String>>>,
 }
+
+/// More wake-ups than any story here needs: the watcher spins.
+const SPINNING: u32 = 100_000;
 
 impl<'a> Script<'a> {
     fn new(host: &'a SimulatedHost, steps: Vec<Step>, end: Duration) -> Self {
@@ -126,15 +132,35 @@ impl<'a> Script<'a> {
             steps: RefCell::new(steps.into()),
             end,
             wakes: Cell::new(0),
+            reloads: RefCell::new(VecDeque::new()),
+            reloaded: RefCell::new(None),
         }
+    }
+
+    /// A SIGHUP at `at`, after which the config reads `config`.
+    fn reload_at(self, at: Duration, config: Result<Vec<Mapping>, String>) -> Self {
+        self.reloads.borrow_mut().push_back((at, config));
+        self
     }
 }
 
 impl Wakeups for Script<'_> {
     fn wait(&self, timeout: Duration) -> Wake {
         self.wakes.set(self.wakes.get() + 1);
+        assert!(self.wakes.get() < SPINNING, "the watcher spins");
         let clock = self.host.clock();
         let now = clock.now();
+        let reload_due = self
+            .reloads
+            .borrow()
+            .front()
+            .is_some_and(|(at, _)| *at <= now + timeout);
+        if reload_due {
+            let (at, config) = self.reloads.borrow_mut().pop_front().unwrap();
+            clock.sleep(at.saturating_sub(now));
+            *self.reloaded.borrow_mut() = Some(config);
+            return Wake::Reload;
+        }
         let due = self
             .steps
             .borrow()
@@ -153,6 +179,33 @@ impl Wakeups for Script<'_> {
         clock.sleep(timeout);
         Wake::Timeout
     }
+
+    fn reload(&self) -> anyhow::Result<Vec<Mapping>> {
+        match self.reloaded.borrow_mut().take() {
+            Some(Ok(mappings)) => Ok(mappings),
+            Some(Err(line)) => Err(anyhow::anyhow!("{line}")),
+            None => Err(anyhow::anyhow!("no reload was scripted")),
+        }
+    }
+}
+
+/// The host's virtual clock, on which a stop (SIGTERM) arrives at `stop_at`:
+/// the watcher's lifetime, as `watch_runtime` owns it on a real host.
+struct StopAt<'a> {
+    clock: &'a dyn Clock,
+    stop_at: Duration,
+}
+
+impl Clock for StopAt<'_> {
+    fn now(&self) -> Duration {
+        self.clock.now()
+    }
+    fn sleep(&self, duration: Duration) {
+        self.clock.sleep(duration)
+    }
+    fn stop_requested(&self) -> bool {
+        self.clock.now() >= self.stop_at
+    }
 }
 
 /// Coral `index` browns out: it comes back as its boot loader.
@@ -165,6 +218,18 @@ fn drop_coral(index: usize) -> Box<dyn Fn(&SimulatedHost)> {
 
 /// Run the watcher over `script` with the lock free unless `lock_busy_until`.
 fn run_watch(s: &Scenario, opts: &WatchOptions, script: &Script, lock_busy_until: Duration) -> u32 {
+    run_watch_until_stop(s, opts, script, lock_busy_until, Duration::MAX)
+}
+
+/// [`run_watch`], with a stop (SIGTERM) at `stop_at`: the script ends at it
+/// too (the signal also wakes the watcher).
+fn run_watch_until_stop(
+    s: &Scenario,
+    opts: &WatchOptions,
+    script: &Script,
+    lock_busy_until: Duration,
+    stop_at: Duration,
+) -> u32 {
     let xe = XeClient::new(s.host.xe(), s.host.host_uuid().to_string(), false);
     let loads = Cell::new(0);
     let mut load = || {
@@ -172,7 +237,11 @@ fn run_watch(s: &Scenario, opts: &WatchOptions, script: &Script, lock_busy_until
         Ok(stand_in_single_ep_image())
     };
     let state = StateStore::in_dir(s.state_dir.path());
-    let clock = s.host.clock();
+    let stoppable = StopAt {
+        clock: s.host.clock(),
+        stop_at,
+    };
+    let clock: &dyn Clock = &stoppable;
     let lock = || {
         Ok(if clock.now() < lock_busy_until {
             LockAttempt::Busy
@@ -475,5 +544,226 @@ fn a_scan_that_lands_after_the_usb_event_is_caught_by_the_settle_recheck() {
     assert!(
         created.at_ms < (MINUTE - MINUTE / 6).as_millis() as u64,
         "within the settle recheck, not at the next periodic check: {created:?}"
+    );
+}
+
+// -- the watcher's lifetime: stops, reloads, budgets, backoff ----------------
+
+/// The VM's power state now.
+fn power_of(s: &Scenario, vm: &str) -> PowerState {
+    let world = s.host.world();
+    let world = world.borrow();
+    world.vms.iter().find(|v| v.uuid == vm).unwrap().power_state
+}
+
+/// `xe` calls that change something, at or after `from`.
+fn writes_since(s: &Scenario, from: Duration) -> Vec<String> {
+    let world = s.host.world();
+    let world = world.borrow();
+    world
+        .calls
+        .iter()
+        .filter(|c| Duration::from_millis(c.at_ms) >= from)
+        .filter(|c| !(c.args[0].ends_with("-list") || c.args[0].ends_with("-get")))
+        .map(|c| c.args[0].clone())
+        .collect()
+}
+
+#[test]
+fn a_stop_during_a_restarts_clean_shutdown_follows_it_to_its_end_and_starts_the_vm() {
+    // The guest needs 200 s to shut down: `xe vm-shutdown` gives up at 180 s
+    // and xapi goes on. SIGTERM arrives 60 s into the shutdown.
+    let s = scenario(&[4], PowerState::Running);
+    s.host.world().borrow_mut().config.shutdown_ms = 200_000;
+    let opts = options(vec![mapping(4, &s.vms[0], true)], 2);
+    let stop_at = 2 * MINUTE;
+    let script = Script::new(&s.host, vec![(MINUTE, drop_coral(0))], stop_at);
+    run_watch_until_stop(&s, &opts, &script, Duration::ZERO, stop_at);
+
+    assert_eq!(power_of(&s, &s.vms[0]), PowerState::Running);
+    assert_eq!(
+        transitions(&s, &s.vms[0]),
+        coral_testkit::e2e::ONE_RESTART.to_vec(),
+        "the shutdown was followed and the VM started with its Coral"
+    );
+    assert_eq!(vusbs_of(&s, &s.vms[0], "2-4"), vec![(true, true)]);
+    let ended = s.host.clock().now();
+    assert!(
+        ended <= stop_at + coral::ops::watch::STOP_BUDGET,
+        "within TimeoutStopSec: {ended:?}"
+    );
+}
+
+#[test]
+fn a_stop_before_a_recovery_begins_ends_the_watch_at_once_and_touches_nothing() {
+    // The Coral drops to its boot loader and SIGTERM comes in the same instant.
+    let s = scenario(&[4], PowerState::Running);
+    let opts = options(vec![mapping(4, &s.vms[0], true)], 2);
+    let stop_at = MINUTE;
+    let script = Script::new(&s.host, vec![(MINUTE, drop_coral(0))], 10 * MINUTE);
+    let loads = run_watch_until_stop(&s, &opts, &script, Duration::ZERO, stop_at);
+
+    assert_eq!(loads, 0);
+    assert!(s.host.sim_bus().requests().is_empty(), "no USB request");
+    assert!(writes_since(&s, Duration::ZERO).is_empty(), "no xe write");
+    assert!(s.host.clock().now() - stop_at <= Duration::from_secs(1));
+    assert_eq!(power_of(&s, &s.vms[0]), PowerState::Running);
+}
+
+#[test]
+fn a_stop_after_the_vusb_begins_no_shutdown_and_a_rerun_converges() {
+    // SIGTERM lands while the recovery waits for XAPI's scan: the VUSB is
+    // not created, no shutdown begins, the VM runs on; a new watcher finishes.
+    let s = scenario(&[4], PowerState::Running);
+    let opts = options(vec![mapping(4, &s.vms[0], true)], 2);
+    let stop_at = MINUTE + Duration::from_millis(1_500);
+    let script = Script::new(&s.host, vec![(MINUTE, drop_coral(0))], 10 * MINUTE);
+    run_watch_until_stop(&s, &opts, &script, Duration::ZERO, stop_at);
+
+    assert_eq!(power_of(&s, &s.vms[0]), PowerState::Running);
+    assert!(transitions(&s, &s.vms[0]).is_empty(), "no shutdown began");
+    assert!(
+        !writes_since(&s, stop_at).iter().any(|w| w.starts_with("vm-")),
+        "{:?}",
+        writes_since(&s, stop_at)
+    );
+    let script = Script::new(&s.host, vec![], 20 * MINUTE);
+    run_watch(&s, &opts, &script, Duration::ZERO);
+    assert_eq!(vusbs_of(&s, &s.vms[0], "2-4"), vec![(true, true)]);
+    assert_eq!(power_of(&s, &s.vms[0]), PowerState::Running);
+}
+
+#[test]
+fn the_restart_budget_counts_every_shutdown_begun_even_when_the_start_with_the_coral_fails() {
+    // Every start with the Coral fails twice; the third start (without it) works.
+    let s = scenario(&[4], PowerState::Running);
+    {
+        let world = s.host.world();
+        let mut world = world.borrow_mut();
+        for cycle in 0..40u32 {
+            for n in [3 * cycle + 1, 3 * cycle + 2] {
+                world.faults.push(coral_testkit::xapi::Fault::nth(
+                    "vm-start",
+                    n,
+                    coral_testkit::xapi::FaultKind::fail("INTERNAL_ERROR", &["usb reset failed"]),
+                ));
+            }
+        }
+    }
+    let opts = options(vec![mapping(4, &s.vms[0], true)], 2);
+    let script = Script::new(&s.host, vec![(MINUTE, drop_coral(0))], 61 * MINUTE);
+    run_watch(&s, &opts, &script, Duration::ZERO);
+
+    let world = s.host.world();
+    let shutdowns = world
+        .borrow()
+        .calls
+        .iter()
+        .filter(|c| c.args[0] == "vm-shutdown")
+        .count();
+    assert!(shutdowns <= 2, "{shutdowns} shutdowns within the hour, budget 2");
+    assert_eq!(power_of(&s, &s.vms[0]), PowerState::Running, "never left down");
+}
+
+#[test]
+fn a_vm_whose_shutdown_outlived_its_follow_up_is_started_when_it_halts() {
+    // The guest takes 400 s to shut down: more than the 180 s deadline and
+    // the 120 s follow-up. It halts later; coral halted it, so coral starts it.
+    let s = scenario(&[4], PowerState::Running);
+    s.host.world().borrow_mut().config.shutdown_ms = 400_000;
+    let opts = options(vec![mapping(4, &s.vms[0], true)], 2);
+    let script = Script::new(&s.host, vec![(MINUTE, drop_coral(0))], 20 * MINUTE);
+    run_watch(&s, &opts, &script, Duration::ZERO);
+
+    assert_eq!(power_of(&s, &s.vms[0]), PowerState::Running);
+    assert_eq!(
+        transitions(&s, &s.vms[0]),
+        coral_testkit::e2e::ONE_RESTART.to_vec()
+    );
+    let states = StateStore::in_dir(s.state_dir.path()).load().unwrap();
+    let last = states.mappings[&s.vms[0]].last_action.clone().unwrap();
+    assert!(last.contains("started it again"), "{last}");
+}
+
+/// A USB bus whose listings always fail (libusb cannot start, a flaky hub).
+struct FailingBus {
+    listings: Cell<u32>,
+}
+
+impl coral::usb::UsbBus for FailingBus {
+    fn list_corals(&self) -> Result<Vec<coral::usb::CoralDevice>, coral::usb::UsbError> {
+        self.listings.set(self.listings.get() + 1);
+        Err(coral::usb::UsbError::Timeout)
+    }
+    fn open(
+        &self,
+        _device: &coral::usb::CoralDevice,
+    ) -> Result<Box<dyn coral::usb::UsbTransport>, coral::usb::UsbError> {
+        Err(coral::usb::UsbError::NoDevice)
+    }
+}
+
+#[test]
+fn failing_usb_listings_back_off_instead_of_spinning() {
+    let s = scenario(&[4], PowerState::Running);
+    let opts = options(vec![mapping(4, &s.vms[0], false)], 2);
+    let script = Script::new(&s.host, vec![], 30 * MINUTE);
+    let bus = FailingBus {
+        listings: Cell::new(0),
+    };
+    let xe = XeClient::new(s.host.xe(), s.host.host_uuid().to_string(), false);
+    let state = StateStore::in_dir(s.state_dir.path());
+    let lock = || Ok(LockAttempt::Held(None));
+    let mut load = || Ok(stand_in_single_ep_image());
+    let mut env = WatchEnv {
+        usb: &bus,
+        xe: &xe,
+        clock: s.host.clock(),
+        load_firmware: &mut load,
+        lock: &lock,
+        state: &state,
+    };
+    watch(&mut env, &script, &opts);
+
+    // 30 minutes: 2, 4, ... 60 s apart, then every 60 s: about 35 listings.
+    let listings = bus.listings.get();
+    assert!(listings <= 40, "{listings} listings in 30 virtual minutes");
+    assert!(script.wakes.get() <= 40, "{} wake-ups", script.wakes.get());
+}
+
+#[test]
+fn a_reload_takes_the_new_mappings_and_a_broken_config_keeps_the_old_ones() {
+    let s = scenario(&[4, 5], PowerState::Halted);
+    let first = vec![mapping(4, &s.vms[0], false)];
+    let both = vec![mapping(4, &s.vms[0], false), mapping(5, &s.vms[1], false)];
+    let opts = options(first, 2);
+    // Minute 2: a broken config (kept: cam-5 is not watched). Minute 3: the
+    // Coral of cam-5 drops, unwatched. Minute 4: a good config adds cam-5.
+    let script = Script::new(&s.host, vec![(3 * MINUTE, drop_coral(1))], 8 * MINUTE)
+        .reload_at(
+            2 * MINUTE,
+            Err("/etc/coral/coral.toml:7: bad value for `restart`".into()),
+        )
+        .reload_at(4 * MINUTE, Ok(both));
+    run_watch(&s, &opts, &script, Duration::ZERO);
+
+    assert_eq!(
+        coral_states(&s),
+        vec![
+            ("2-4".into(), CoralState::Ready),
+            ("2-5".into(), CoralState::Ready)
+        ]
+    );
+    assert_eq!(vusbs_of(&s, &s.vms[1], "2-5"), vec![(true, false)]);
+    let world = s.host.world();
+    let world = world.borrow();
+    let recreated = world
+        .calls
+        .iter()
+        .find(|c| c.args[0] == "vusb-create")
+        .expect("cam-5's VUSB was recreated");
+    assert!(
+        Duration::from_millis(recreated.at_ms) >= 4 * MINUTE,
+        "only after the good reload: {recreated:?}"
     );
 }
