@@ -323,6 +323,27 @@ impl SimBus {
         self.state.borrow_mut().corals[index].config.faults = faults;
     }
 
+    /// Unplug coral `index` (it is gone until [`SimBus::replug`]).
+    pub fn unplug(&self, index: usize) {
+        let mut bus = self.state.borrow_mut();
+        let coral = &mut bus.corals[index];
+        coral.present = false;
+        coral.reappear = None;
+    }
+
+    /// Coral `index` falls off the bus and is back at once with its firmware
+    /// still running (a link drop, an xHCI reset without power loss): the
+    /// same identity at the same port, a new device number (xapi-usb.md, "A
+    /// drop that XAPI does not see").
+    pub fn reenumerate_ready(&self, index: usize) {
+        let mut bus = self.state.borrow_mut();
+        let address = bus.new_address();
+        let coral = &mut bus.corals[index];
+        if coral.present && coral.identity == CoralState::Ready {
+            coral.address = address;
+        }
+    }
+
     /// Unplug and replug coral `index`: it comes back as a fresh boot loader.
     pub fn replug(&self, index: usize) {
         let mut bus = self.state.borrow_mut();
