@@ -540,10 +540,12 @@ fn run_up(cli: &Cli, env: &Environment, out: &Output, args: &UpArgs) -> anyhow::
     let (runner, host_uuid) = env.xapi()?;
     // SIGTERM and SIGINT stop it between steps (what has begun is finished).
     let clock = stoppable(env)?;
-    let xe = XeClient::new(runner, host_uuid, cli.dry_run).waiting_for_xapi(
-        clock.as_ref(),
-        seconds("--xapi-timeout", args.vm.xapi_timeout)?,
-    );
+    let xe = XeClient::new(runner, host_uuid, cli.dry_run)
+        .waiting_for_xapi(
+            clock.as_ref(),
+            seconds("--xapi-timeout", args.vm.xapi_timeout)?,
+        )
+        .bounded_by(clock.as_ref());
     let _lock = take_lock(cli, env)?;
     let report = up(env.usb(), &xe, clock.as_ref(), &mut load, &opts).map_err(stopped_then_up)?;
     print_planned(&xe, out);
@@ -674,10 +676,7 @@ fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<(
     let choice = firmware_choice(&args.firmware);
     let mut load = || load_firmware(&choice, env.is_simulated());
     let (runner, host_uuid) = env.xapi()?;
-    let xe = XeClient::new(runner, host_uuid, cli.dry_run).waiting_for_xapi(
-        env.clock(),
-        seconds("--xapi-timeout", args.vm.xapi_timeout)?,
-    );
+    let xapi_timeout = seconds("--xapi-timeout", args.vm.xapi_timeout)?;
     // A dry run checks every mapping once, writes nothing (not even the
     // watcher's record) and prints what a recovery would run.
     let state = if cli.dry_run {
@@ -708,6 +707,10 @@ fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<(
             (Box::new(wakeups), Box::new(clock))
         }
     };
+    // After a stop, every `xe` call ends by the stop's deadline.
+    let xe = XeClient::new(runner, host_uuid, cli.dry_run)
+        .waiting_for_xapi(clock.as_ref(), xapi_timeout)
+        .bounded_by(clock.as_ref());
     let mut watch_env = WatchEnv {
         usb: env.usb(),
         xe: &xe,

@@ -571,3 +571,159 @@ fn idle_minute() {
     let calls = xapi.world().calls.len();
     eprintln!("idle minute: {calls} xe calls in total (all reads)");
 }
+
+// -- signals at each step of a recovery (sent when the state is reached) ------
+
+/// The run's emulator events that start with `what`, as times.
+fn event_at(run: &Run, what: &str) -> Option<f64> {
+    events(run)
+        .iter()
+        .find(|(_, e)| e.starts_with(what))
+        .map(|(t, _)| *t)
+}
+
+/// The invariants after any stop: the VM runs as it did, no VUSB but the
+/// one on the Coral's current group, and a rerun converges.
+fn after_a_stop_the_vm_runs_and_a_rerun_converges(xapi: &FakeXapi, host: &str, vm: &str) {
+    let world = xapi.world();
+    let vm_state = world.vms.iter().find(|v| v.uuid == vm).unwrap().power_state;
+    assert_eq!(vm_state, PowerState::Running, "the VM runs");
+    assert!(world.vusbs.iter().filter(|v| v.vm_uuid == vm).count() <= 1);
+    // The rerun restarts the VM to give it the Coral: SIGTERM once it
+    // starts it (a late fixed SIGTERM only ends a rerun that hangs).
+    let rerun = watch(
+        xapi,
+        &[
+            "--signal-on",
+            "xe:vm-start=TERM",
+            "--sigterm-at-ms",
+            "30000",
+        ],
+        &["--vm", "frigate", "--restart"],
+    );
+    the_watch_stopped_cleanly(&rerun);
+    let world = xapi.world();
+    assert_eq!(
+        vusbs_on_ready_group(&world, host, vm, "2-4"),
+        vec![(true, true)],
+        "the rerun converged: the VM has its Coral"
+    );
+}
+
+#[test]
+fn sigterm_during_a_restarts_clean_shutdown_follows_it_and_starts_the_vm_before_exiting() {
+    if !umockdev_and_firmware_available() {
+        return;
+    }
+    // The guest takes 3 s to shut down, longer than --shutdown-timeout 1:
+    // `xe vm-shutdown` gives up and xapi goes on. SIGTERM arrives as soon
+    // as the shutdown is asked for.
+    let (mut world, host, vms) = healthy_pool(PowerState::Running, &["2-4"]);
+    world.config.shutdown_ms = 3_000;
+    let xapi = FakeXapi::new(world, &host);
+    let run = watch(
+        &xapi,
+        &["--drop-at-ms", "1500", "--signal-on", "xe:vm-shutdown=TERM"],
+        &["--vm", "frigate", "--restart", "--shutdown-timeout", "1"],
+    );
+    the_watch_stopped_cleanly(&run);
+    assert!(event_at(&run, "signal TERM").is_some(), "{:?}", events(&run));
+    let world = xapi.world();
+    assert_eq!(
+        vm_power_transitions(&world, &vms[0]),
+        ONE_RESTART.to_vec(),
+        "followed to its end, then started"
+    );
+    assert_eq!(
+        vusbs_on_ready_group(&world, &host, &vms[0], "2-4"),
+        vec![(true, true)]
+    );
+    after_a_stop_the_vm_runs_and_a_rerun_converges(&xapi, &host, &vms[0]);
+}
+
+#[test]
+fn sigint_during_the_start_after_a_restart_lets_the_start_finish() {
+    if !umockdev_and_firmware_available() {
+        return;
+    }
+    let (world, host, vms) = healthy_pool(PowerState::Running, &["2-4"]);
+    let xapi = FakeXapi::new(world, &host);
+    let run = watch(
+        &xapi,
+        &["--drop-at-ms", "1500", "--signal-on", "xe:vm-start=INT"],
+        &["--vm", "frigate", "--restart"],
+    );
+    the_watch_stopped_cleanly(&run);
+    let world = xapi.world();
+    assert_eq!(vm_power_transitions(&world, &vms[0]), ONE_RESTART.to_vec());
+    after_a_stop_the_vm_runs_and_a_rerun_converges(&xapi, &host, &vms[0]);
+}
+
+#[test]
+fn a_signal_before_the_shutdown_begins_none_and_leaves_the_vm_running() {
+    if !umockdev_and_firmware_available() {
+        return;
+    }
+    // At each earlier step: the Coral off the bus, its download, its
+    // re-enumeration, the wait for XAPI's scan, right after the VUSB.
+    for (when, signal) in [
+        ("remove 2-4", "TERM"),
+        ("reset 1-4", "INT"),
+        ("add 2-4", "TERM"),
+        ("xe:pusb-scan", "INT"),
+        ("xe:vusb-create", "TERM"),
+    ] {
+        let (world, host, vms) = healthy_pool(PowerState::Running, &["2-4"]);
+        let xapi = FakeXapi::new(world, &host);
+        let trigger = format!("{when}={signal}");
+        let run = watch(
+            &xapi,
+            &["--drop-at-ms", "1500", "--signal-on", &trigger],
+            &["--vm", "frigate", "--restart"],
+        );
+        assert_eq!(run.status, Some(0), "{when}: {}", run.stderr);
+        let world = xapi.world();
+        assert!(
+            vm_power_transitions(&world, &vms[0]).is_empty(),
+            "{when}: no shutdown began: {:?}",
+            events(&run)
+        );
+        after_a_stop_the_vm_runs_and_a_rerun_converges(&xapi, &host, &vms[0]);
+    }
+}
+
+#[test]
+fn sighup_reads_the_config_again_and_the_watcher_keeps_running() {
+    if !umockdev_and_firmware_available() {
+        return;
+    }
+    let (world, host, vms) = healthy_pool(PowerState::Halted, &["2-4"]);
+    let xapi = FakeXapi::new(world, &host);
+    std::fs::write(
+        xapi.dir().join("coral.toml"),
+        format!("[[coral]]\nvm = \"{}\"\nvm_name = \"frigate\"\n", vms[0]),
+    )
+    .unwrap();
+    // SIGHUP once the watcher has read XAPI; then a drop; SIGTERM once the
+    // Coral is passed through again.
+    let run = watch(
+        &xapi,
+        &[
+            "--signal-on",
+            "xe:vusb-list=HUP",
+            "--drop-at-ms",
+            "2500",
+            "--signal-on",
+            "xe:vusb-create=TERM",
+        ],
+        &[],
+    );
+    the_watch_stopped_cleanly(&run);
+    assert!(run.stderr.contains("config read again"), "{}", run.stderr);
+    let world = xapi.world();
+    assert_eq!(
+        vusbs_on_ready_group(&world, &host, &vms[0], "2-4"),
+        vec![(true, false)],
+        "the watcher outlived SIGHUP and recovered the drop"
+    );
+}

@@ -416,7 +416,8 @@ fn wait_for_identity(
         }
         let now = clock.now();
         for (wait, result) in waits.iter().zip(results.iter_mut()) {
-            if result.is_none() && now >= wait.deadline {
+            // A wait before a step: a stop (SIGTERM) ends it too.
+            if result.is_none() && (now >= wait.deadline || clock.stop_requested()) {
                 *result = Some(Err(not_back(wait, want)));
             }
         }

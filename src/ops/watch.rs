@@ -574,7 +574,7 @@ impl Watcher {
         }
         match outcome {
             Ok(report) => self.recovered(env, index, &report),
-            Err(e) if crate::clock::is_stopped(&e) => {
+            Err(e) if crate::clock::is_stopped(&e) || (begun == 0 && env.clock.stop_requested()) => {
                 log::info!("watch: {vm_name}: {e:#}; the recovery resumes when the watcher runs again");
             }
             Err(e) => {

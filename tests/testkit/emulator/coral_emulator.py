@@ -572,6 +572,11 @@ def main():
     parser.add_argument("--drop-gap-ms", type=int, default=200, help="how long a dropped Coral stays off the bus")
     parser.add_argument("--sigterm-at-ms", type=int, action="append", default=[], metavar="MS",
                         help="send SIGTERM to the command MS after the start")
+    parser.add_argument("--signal-on", action="append", default=[], metavar="WHEN=SIGNAL",
+                        help="send SIGNAL (TERM, INT, HUP) to the command once, when WHEN happens: "
+                             "xe:CMD (the fake xe received its first CMD since the start) or the "
+                             "first emulator event since the start with this prefix (e.g. 'reset 1-4'); "
+                             "polled every 20 ms")
     parser.add_argument("--bus-file", help="JSON list of present devices, for the fake xe")
     parser.add_argument("--result", help="write the JSON result here")
     parser.add_argument("command", nargs=argparse.REMAINDER)
@@ -642,6 +647,39 @@ def main():
         return False
     for at in opts.sigterm_at_ms:
         GLib.timeout_add(at, sigterm)
+
+    # Signals on a state, not on a schedule: polled every 20 ms.
+    def xe_calls(command):
+        try:
+            with open(os.environ["CORAL_XE_SIM_STATE"]) as f:
+                calls = json.load(f)["world"]["calls"]
+        except (KeyError, OSError, ValueError):
+            return None
+        return sum(1 for c in calls if c.get("args", [""])[0] == command)
+    triggers = []
+    for spec in opts.signal_on:
+        when, _, name = spec.rpartition("=")
+        number = getattr(signal, "SIG" + name)
+        if when.startswith("xe:"):
+            baseline = xe_calls(when[3:]) or 0
+        else:
+            baseline = sum(1 for e in emu.events if e["event"].startswith(when))
+        triggers.append({"when": when, "signal": number, "name": name, "baseline": baseline})
+
+    def check_triggers():
+        for t in list(triggers):
+            if t["when"].startswith("xe:"):
+                count = xe_calls(t["when"][3:])
+                hit = count is not None and count > t["baseline"]
+            else:
+                hit = sum(1 for e in emu.events if e["event"].startswith(t["when"])) > t["baseline"]
+            if hit and status["code"] is None:
+                emu.log("signal %s on %s" % (t["name"], t["when"]))
+                os.kill(pid, t["signal"])
+                triggers.remove(t)
+        return status["code"] is None and bool(triggers)
+    if triggers:
+        GLib.timeout_add(20, check_triggers)
     loop.run()
 
     if opts.result:
