@@ -264,6 +264,7 @@ fn run_service(
                 start: args.vm.start,
                 restart: args.vm.restart,
                 deadlines: entry_deadlines(&args.vm, &args.replug),
+                replace: args.replace,
             };
             out.result(&service::install(&xe, &place, &spec, &request)?);
             Ok(())
@@ -277,6 +278,7 @@ fn run_service(
                 start: args.start,
                 restart: args.restart,
                 deadlines: Default::default(),
+                replace: args.replace,
             });
             let xapi = request.as_ref().and_then(|_| env.xapi().ok());
             let xe = xapi

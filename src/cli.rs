@@ -307,6 +307,10 @@ pub struct ServiceShowArgs {
     #[arg(long, value_name = "PATH", requires = "vm")]
     pub device: Option<String>,
 
+    /// As for install.
+    #[arg(long, requires = "device")]
+    pub replace: bool,
+
     #[command(flatten)]
     pub root: ServiceRootArgs,
 }
@@ -342,6 +346,11 @@ pub struct ServiceInstallArgs {
 
     #[command(flatten)]
     pub device: DeviceArgs,
+
+    /// Move the VM to the Coral at --device: replaces the VM's entries for
+    /// other Corals (without it, a new --device adds a second Coral).
+    #[arg(long, requires = "device")]
+    pub replace: bool,
 
     #[command(flatten)]
     pub replug: ReplugArgs,
