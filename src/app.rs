@@ -13,7 +13,7 @@ use anyhow::Context;
 use coral::clock::{Clock, SystemClock};
 use coral::config::ConfigPath;
 use coral::error::{fail, FailureKind};
-use coral::firmware::{self, FirmwareChoice, FirmwareImage, FirmwareSource, DEFAULT_INSTALL_DIR};
+use coral::firmware::{self, FirmwareChoice, FirmwareImage, FirmwareSource};
 use coral::lock::{self, LockGuard, LockWait};
 use coral::mapping_state::StateStore;
 use coral::ops::attach::{attach, AttachOptions};
@@ -29,6 +29,7 @@ use coral::xe::client::XeClient;
 use coral::xe::command::XeCommand;
 use coral::xe::inventory::{this_host_uuid, DEFAULT_INVENTORY};
 use coral::xe::XeRunner;
+use coral::DATA_DIR;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -169,7 +170,7 @@ fn render_man_page(command: clap::Command, page: &mut Vec<u8>) -> anyhow::Result
     }
     extra.push_str(&format!(
         ".SH FILES\n.TP\n{}/\nInstalled firmware images.\n.TP\n{}\nThe lock that serializes runs.\n.TP\n/etc/systemd/system/coral\\-up.service\nThe boot unit written by \\fBcoral service install\\fR.\n",
-        roff(DEFAULT_INSTALL_DIR),
+        roff(DATA_DIR),
         roff(coral::lock::DEFAULT_LOCK_FILE)
     ));
     page.extend_from_slice(extra.as_bytes());
@@ -751,13 +752,10 @@ impl Clock for ClockRef<'_> {
 }
 
 /// Where each mapping's state lives: `$CORAL_STATE_DIR` (default
-/// /var/lib/coral), or under --simulate the simulated host's own root.
+/// [`DATA_DIR`]), or under --simulate the simulated host's own root.
 fn state_store(cli: &Cli) -> StateStore {
     if cli.simulate {
-        StateStore::in_dir(
-            &sim_root(&sim_state_path())
-                .join(coral::mapping_state::DEFAULT_STATE_DIR.trim_start_matches('/')),
-        )
+        StateStore::in_dir(&sim_root(&sim_state_path()).join(DATA_DIR.trim_start_matches('/')))
     } else {
         StateStore::from_env()
     }
@@ -811,7 +809,7 @@ fn firmware_choice(args: &FirmwareArgs) -> FirmwareChoice {
         allow_unknown: args.allow_unknown_firmware,
         install_dir: std::env::var_os("CORAL_FIRMWARE_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_INSTALL_DIR)),
+            .unwrap_or_else(|| PathBuf::from(DATA_DIR)),
     }
 }
 

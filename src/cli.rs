@@ -99,7 +99,7 @@ pub struct DeviceArgs {
 /// Where the firmware comes from and how it is checked.
 #[derive(Debug, Args, Clone, Default)]
 pub struct FirmwareArgs {
-    /// Firmware image to upload (default: $CORAL_FIRMWARE, /var/lib/coral/, or the embedded one).
+    /// Firmware image to upload (default: $CORAL_FIRMWARE, the installed copy, or the embedded one).
     #[arg(long, value_name = "FILE")]
     pub firmware: Option<PathBuf>,
 
@@ -248,30 +248,30 @@ pub struct LockArgs {
 pub enum FirmwareCommand {
     /// Which image would be used, from where, and its checksum.
     Show(FirmwareArgs),
-    /// Verify FILE against the manifest and install it as /var/lib/coral/<name>.
+    /// Verify FILE against the manifest and install it (as --dir/<name>).
     Install {
         /// The image to install.
         file: PathBuf,
         /// Install an image whose SHA-256 is not in the manifest.
         #[arg(long)]
         allow_unknown_firmware: bool,
-        /// Install under this directory instead of /var/lib/coral.
+        /// Install under this directory.
         #[arg(
             long,
             value_name = "DIR",
             env = "CORAL_FIRMWARE_DIR",
-            default_value = coral::firmware::DEFAULT_INSTALL_DIR
+            default_value = coral::DATA_DIR
         )]
         dir: PathBuf,
     },
     /// Download the pinned image with curl, verify it and install it.
     Fetch {
-        /// Install under this directory instead of /var/lib/coral.
+        /// Install under this directory.
         #[arg(
             long,
             value_name = "DIR",
             env = "CORAL_FIRMWARE_DIR",
-            default_value = coral::firmware::DEFAULT_INSTALL_DIR
+            default_value = coral::DATA_DIR
         )]
         dir: PathBuf,
     },
@@ -395,7 +395,11 @@ pub const ENVIRONMENT: &[(&str, &str)] = &[
     ),
     (
         "CORAL_FIRMWARE_DIR",
-        "where installed firmware images live (default /var/lib/coral)",
+        concat!(
+            "where installed firmware images live (default ",
+            coral::data_dir!(),
+            ")"
+        ),
     ),
     (
         "CORAL_FIRMWARE_URL_BASE",
@@ -419,7 +423,11 @@ pub const ENVIRONMENT: &[(&str, &str)] = &[
     ),
     (
         "CORAL_STATE_DIR",
-        "where `coral watch` keeps each mapping's state (default /var/lib/coral)",
+        concat!(
+            "where `coral watch` keeps each mapping's state (default ",
+            coral::data_dir!(),
+            ")"
+        ),
     ),
     (
         "CORAL_SIM_STATE",

@@ -1,7 +1,7 @@
 //! What coral remembers about each Coral → VM mapping between runs: whether
 //! an admin paused it (`coral detach`), and what `coral watch` last did and
 //! when. One small JSON file, `$CORAL_STATE_DIR/mappings.json` (default
-//! `/var/lib/coral/mappings.json`), written atomically (temporary file +
+//! [`crate::DATA_DIR`]`/mappings.json`), written atomically (temporary file +
 //! rename), so a reader never sees half a file.
 
 use serde::{Deserialize, Serialize};
@@ -10,8 +10,6 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Where the state lives unless `$CORAL_STATE_DIR` says otherwise.
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/coral";
 /// The file's name inside that directory.
 const FILE_NAME: &str = "mappings.json";
 
@@ -64,7 +62,7 @@ impl StateStore {
     pub fn from_env() -> Self {
         let dir = std::env::var_os("CORAL_STATE_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+            .unwrap_or_else(|| PathBuf::from(crate::DATA_DIR));
         Self::in_dir(&dir)
     }
 

@@ -388,3 +388,17 @@ fn status_shows_each_mapping_with_the_watchers_last_action_and_the_pause_of_deta
     let status: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(status["mappings"][0]["paused"], false, "{status:#}");
 }
+
+#[test]
+fn status_json_gives_the_vms_power_state_as_xapi_names_it() {
+    let sim = Sim::new();
+    let (ok, stdout, stderr) = sim.run(&["--simulate", "up", "--vm", "frigate", "--restart"]);
+    assert!(ok, "{stdout}{stderr}");
+    let (ok, stdout, stderr) = sim.run(&["--simulate", "status", "--json"]);
+    assert!(ok, "{stdout}{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let coral = &json["corals"][0];
+    assert_eq!(coral["vm_name"], "frigate", "{json:#}");
+    assert_eq!(coral["vm_power_state"], "running", "{json:#}");
+    assert_eq!(coral["attached"], true, "{json:#}");
+}
