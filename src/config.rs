@@ -597,5 +597,12 @@ mod tests {
         let before = config.clone();
         assert!(config.replace_vm(entry(UUID_A, Some("1-1.3"))).is_err());
         assert_eq!(config, before);
+        // The one entry without a device (the only Coral) gets one.
+        let mut single = Config {
+            entries: vec![entry(UUID_A, None)],
+        };
+        let (_, dropped) = single.replace_vm(entry(UUID_A, Some("2-4"))).unwrap();
+        assert_eq!(dropped, vec![entry(UUID_A, None)]);
+        assert_eq!(single.entries, vec![entry(UUID_A, Some("2-4"))]);
     }
 }

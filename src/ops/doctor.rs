@@ -7,6 +7,7 @@
 use super::attach::MAX_VUSBS_PER_VM;
 use super::service::{self, Systemd, UnitSpec, AUTOSTART_UNIT, UNIT_NAME, WATCH_UNIT_NAME};
 use crate::config::{self, Config, ConfigPath};
+use crate::error::NextStep;
 use crate::firmware::{FirmwareImage, FirmwareSource};
 use crate::usb::{CoralDevice, CoralState, PortPath, UsbBus};
 use crate::xe::client::{XeClient, CALL_TIMEOUT};
@@ -377,12 +378,18 @@ fn check_configured_ports(checks: &mut Checks, corals: &[CoralDevice], config: &
             .or_else(|| unclaimed.first().cloned());
         let fix = match moved_to {
             Some(to) => format!(
-                "if the Coral moved to {to}: `coral service install --vm {} --device {to} --replace` (drops this entry); else plug it back into {device}",
-                entry.vm_uuid
+                "if the Coral moved to {to}: {} (drops this entry); else plug it back into {device}",
+                NextStep::MoveEntry {
+                    vm: entry.vm_uuid.clone(),
+                    device: to.clone(),
+                }
             ),
             None => format!(
-                "plug it back into {device}, or `coral service install --vm {} --device PATH --replace` with the path `coral status` shows",
-                entry.vm_uuid
+                "plug it back into {device}, or {} with the path `coral status` shows",
+                NextStep::MoveEntry {
+                    vm: entry.vm_uuid.clone(),
+                    device: "PATH".into(),
+                }
             ),
         };
         checks.fail(

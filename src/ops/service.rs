@@ -328,7 +328,10 @@ fn apply(config: &mut Config, entry: Entry, replace: bool) -> anyhow::Result<Vec
     } else {
         (config.upsert(entry.clone())?, Vec::new())
     };
-    let dropped: Vec<String> = dropped.into_iter().filter_map(|e| e.device).collect();
+    let dropped: Vec<String> = dropped
+        .into_iter()
+        .map(|e| e.device.unwrap_or_else(|| "the only Coral".into()))
+        .collect();
     let mut lines = vec![match upserted {
         _ if !dropped.is_empty() => format!(
             "{label}: entry moved to the Coral at {device} (its entry for {} is removed)",
@@ -340,10 +343,13 @@ fn apply(config: &mut Config, entry: Entry, replace: bool) -> anyhow::Result<Vec
     }];
     if !replace && upserted == Upserted::Added && !kept.is_empty() {
         lines.push(format!(
-            "{label} keeps its entry for the Coral at {}: it now has {} Corals; to move it to {device} instead: `coral service install --vm {} --device {device} --replace`",
+            "{label} keeps its entry for the Coral at {}: it now has {} Corals; to move it to {device} instead: {}",
             kept.join(", "),
             kept.len() + 1,
-            entry.vm_uuid,
+            NextStep::MoveEntry {
+                vm: entry.vm_uuid.clone(),
+                device: device.clone(),
+            },
         ));
     }
     Ok(lines)
