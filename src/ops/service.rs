@@ -313,8 +313,9 @@ pub struct InstallRequest {
     pub replace: bool,
 }
 
-/// Put `entry` into `config` as `request` asks (replacing the VM's other
-/// entries, or beside them); the lines that say what changed.
+/// Put `entry` into `config`: with `replace`, in place of the VM's entries
+/// for other Corals (`--replace`), else beside them (a second Coral, which
+/// the lines returned say, with the command that moves it instead).
 fn apply(config: &mut Config, entry: Entry, replace: bool) -> anyhow::Result<Vec<String>> {
     let label = entry.label();
     let device = entry.device.clone().unwrap_or_default();
