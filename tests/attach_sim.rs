@@ -68,6 +68,7 @@ fn opts(vm: &str, restart: bool) -> AttachOptions {
         force_shutdown: false,
         shutdown_timeout: Duration::from_secs(180),
         scan_timeout: Duration::from_secs(30),
+        guest_lost: false,
     }
 }
 

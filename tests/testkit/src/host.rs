@@ -12,9 +12,10 @@ use crate::xapi::{
 };
 use coral::clock::{Clock, VirtualClock};
 use coral::firmware::{FirmwareImage, FirmwareSource};
-use coral::usb::{CoralDevice, CoralState, UsbBus, UsbError, UsbTransport};
+use coral::usb::{CoralDevice, CoralState, NodeCheck, UsbBus, UsbError, UsbTransport};
 use coral::xe::{XeError, XeRunner};
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -67,6 +68,7 @@ impl SimulatedHost {
             clock: clock.clone(),
             host_uuid: host_uuid.clone(),
             last_seen: RefCell::new(Some(bus.snapshot())),
+            qemu_marks: RefCell::new(BTreeMap::new()),
         }));
         let xe = BusSyncedXe {
             inner: InProcessXe::new(world, clock.clone()),
@@ -136,6 +138,9 @@ struct UdevState {
     clock: Rc<VirtualClock>,
     host_uuid: String,
     last_seen: RefCell<Option<Vec<CoralDevice>>>,
+    /// What `usb_reset.py attach` marked at each VM start: per domain, the
+    /// (port, device number) of each node handed to its QEMU.
+    qemu_marks: RefCell<BTreeMap<i64, Vec<(String, u8)>>>,
 }
 
 impl Udev {
@@ -154,6 +159,36 @@ impl Udev {
     }
 }
 
+impl Udev {
+    /// A VM started: as xapi's `usb_reset.py attach` does for each of its
+    /// VUSBs, mark the node of the device at the PUSB's path for its new
+    /// domain (xapi-usb.md, "A drop that XAPI does not see").
+    fn mark_started(&self, vm_uuid: &str) {
+        let s = &self.0;
+        let world = s.world.borrow();
+        let Some(vm) = world.vm(vm_uuid) else {
+            return;
+        };
+        if vm.dom_id < 0 {
+            return;
+        }
+        let bus = s.bus.snapshot();
+        let mut nodes = Vec::new();
+        for vusb in world.vusbs.iter().filter(|v| v.vm_uuid == vm_uuid) {
+            let pusb = world
+                .pusbs
+                .iter()
+                .find(|p| p.usb_group_uuid == vusb.usb_group_uuid && p.host_uuid == s.host_uuid);
+            if let Some(pusb) = pusb {
+                if let Some(dev) = bus.iter().find(|c| c.path.to_string() == pusb.device.path) {
+                    nodes.push((pusb.device.path.clone(), dev.address));
+                }
+            }
+        }
+        s.qemu_marks.borrow_mut().insert(vm.dom_id, nodes);
+    }
+}
+
 impl UsbBus for Udev {
     fn list_corals(&self) -> Result<Vec<CoralDevice>, UsbError> {
         self.sync();
@@ -162,6 +197,37 @@ impl UsbBus for Udev {
 
     fn open(&self, device: &CoralDevice) -> Result<Box<dyn UsbTransport>, UsbError> {
         self.0.bus.open(device)
+    }
+
+    fn qemu_node(&self, path: &str, domid: u32) -> NodeCheck {
+        let marks = self.0.qemu_marks.borrow();
+        let Some(nodes) = marks.get(&i64::from(domid)).filter(|n| !n.is_empty()) else {
+            return NodeCheck::Unknown(format!("no mark of domain {domid}"));
+        };
+        let Some(now) = self
+            .0
+            .bus
+            .snapshot()
+            .into_iter()
+            .find(|c| c.path.to_string() == path)
+        else {
+            return NodeCheck::Unknown(format!("no USB device at {path}"));
+        };
+        if nodes
+            .iter()
+            .any(|(p, dev)| p == path && *dev == now.address)
+        {
+            NodeCheck::Given
+        } else {
+            let bus = path
+                .split('-')
+                .next()
+                .and_then(|b| b.parse::<u32>().ok())
+                .unwrap_or(0);
+            NodeCheck::Lost {
+                node: format!("/dev/bus/usb/{bus:03}/{:03}", now.address),
+            }
+        }
     }
 }
 
@@ -174,7 +240,15 @@ struct BusSyncedXe {
 impl XeRunner for BusSyncedXe {
     fn run(&self, args: &[String], timeout: Duration) -> Result<String, XeError> {
         self.udev.sync();
-        self.inner.run(args, timeout)
+        let result = self.inner.run(args, timeout);
+        if result.is_ok() && args.first().map(String::as_str) == Some("vm-start") {
+            let now = self.inner.clock_now();
+            self.inner.world.borrow_mut().advance(now);
+            for vm in args.iter().filter_map(|a| a.strip_prefix("uuid=")) {
+                self.udev.mark_started(vm);
+            }
+        }
+        result
     }
 }
 

@@ -106,6 +106,14 @@ pub struct Vm {
     pub other_config: BTreeMap<String, String>,
     /// How the guest answers a clean shutdown.
     pub guest_shutdown: GuestShutdown,
+    /// dom-id: the running domain's id, `-1` without one (halted).
+    #[serde(default = "no_domain")]
+    pub dom_id: i64,
+}
+
+/// The dom-id XAPI shows for a VM without a domain.
+fn no_domain() -> i64 {
+    -1
 }
 
 /// A PUSB record.
@@ -402,6 +410,9 @@ pub struct World {
     pub calls: Vec<CallRecord>,
     /// Counter for deterministic uuids.
     pub next_id: u64,
+    /// The last domain id handed out (dom0 is 0).
+    #[serde(default)]
+    pub last_dom_id: i64,
     /// What the failing call being run prints on stdout (NO_HOSTS_AVAILABLE's report).
     #[serde(skip)]
     pub(crate) failure_stdout: String,
