@@ -59,7 +59,15 @@ impl SimulatedHost {
         mut world: World,
         host_uuid: String,
     ) -> Self {
-        world.set_usb_devices(&host_uuid, as_xapi_devices(&bus.snapshot()), clock.now());
+        let mut devices: Vec<SimUsbDevice> = world
+            .host(&host_uuid)
+            .map(|h| h.usb_devices.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|d| !is_coral(d))
+            .collect();
+        devices.extend(as_xapi_devices(&bus.snapshot()));
+        world.set_usb_devices(&host_uuid, devices, clock.now());
         world.scan_now(&host_uuid);
         let world = Rc::new(RefCell::new(world));
         let udev = Udev(Rc::new(UdevState {
@@ -149,11 +157,20 @@ impl Udev {
         let now_present = s.bus.snapshot();
         let changed = s.last_seen.borrow().as_ref() != Some(&now_present);
         if changed {
-            s.world.borrow_mut().set_usb_devices(
-                &s.host_uuid,
-                as_xapi_devices(&now_present),
-                s.clock.now(),
-            );
+            // Devices other than Corals (a test's keyboard, disk…) stay as they are.
+            let mut devices: Vec<SimUsbDevice> = s
+                .world
+                .borrow()
+                .host(&s.host_uuid)
+                .map(|h| h.usb_devices.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|d| !is_coral(d))
+                .collect();
+            devices.extend(as_xapi_devices(&now_present));
+            s.world
+                .borrow_mut()
+                .set_usb_devices(&s.host_uuid, devices, s.clock.now());
             *s.last_seen.borrow_mut() = Some(now_present);
         }
     }
@@ -250,6 +267,14 @@ impl XeRunner for BusSyncedXe {
         }
         result
     }
+}
+
+/// A Coral in either identity.
+fn is_coral(device: &SimUsbDevice) -> bool {
+    matches!(
+        (device.vendor_id.as_str(), device.product_id.as_str()),
+        ("1a6e", "089a") | ("18d1", "9302")
+    )
 }
 
 /// The devices as XAPI's scan would see them.
