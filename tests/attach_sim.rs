@@ -698,7 +698,11 @@ fn a_vm_with_five_other_vusbs_and_the_doomed_boot_loader_vusb_gets_its_coral_aft
     {
         let world = host.world();
         let mut world = world.borrow_mut();
-        let groups: Vec<String> = world.pusbs.iter().map(|p| p.usb_group_uuid.clone()).collect();
+        let groups: Vec<String> = world
+            .pusbs
+            .iter()
+            .map(|p| p.usb_group_uuid.clone())
+            .collect();
         assert_eq!(groups.len(), 6, "5 devices and the boot loader are PUSBs");
         for group in groups {
             let uuid = world.new_uuid();
@@ -729,13 +733,21 @@ fn a_vm_with_five_other_vusbs_and_the_doomed_boot_loader_vusb_gets_its_coral_aft
     assert!(report.attach.is_some());
 
     let (coral_vusbs, power, _) = outcome(&r);
-    assert_eq!(coral_vusbs, vec![false], "the VM has the ready Coral's VUSB");
+    assert_eq!(
+        coral_vusbs,
+        vec![false],
+        "the VM has the ready Coral's VUSB"
+    );
     assert_eq!(power, PowerState::Halted);
     let world = r.host.world();
     let world = world.borrow();
     let vm_vusbs: Vec<&coral_testkit::xapi::Vusb> =
         world.vusbs.iter().filter(|v| v.vm_uuid == vm).collect();
-    assert_eq!(vm_vusbs.len(), 6, "5 others + the Coral; XAPI deleted the boot loader's");
+    assert_eq!(
+        vm_vusbs.len(),
+        6,
+        "5 others + the Coral; XAPI deleted the boot loader's"
+    );
     assert!(!world.pusbs.iter().any(|p| p.device.product_id == "089a"));
 }
 
@@ -749,7 +761,12 @@ fn six_vusbs_that_all_survive_still_refuse_before_any_write() {
         world.set_usb_devices(&host, devices, Duration::ZERO);
         world.scan_now(&host);
         world.pending_scans.clear();
-        let groups: Vec<String> = world.pusbs.iter().filter(|p| p.host_uuid == host).map(|p| p.usb_group_uuid.clone()).collect();
+        let groups: Vec<String> = world
+            .pusbs
+            .iter()
+            .filter(|p| p.host_uuid == host)
+            .map(|p| p.usb_group_uuid.clone())
+            .collect();
         for group in groups {
             let uuid = world.new_uuid();
             world.vusbs.push(coral_testkit::xapi::Vusb {
@@ -762,8 +779,13 @@ fn six_vusbs_that_all_survive_still_refuse_before_any_write() {
         }
     });
     let err = run(&r, &opts("frigate", false)).unwrap_err();
-    assert!(format!("{err:#}").contains("already has 6 VUSBs"), "{err:#}");
-    assert!(!calls(&r).iter().any(|c| WRITES.contains(&c[0].as_str()) && c[0] != "pusb-scan"));
+    assert!(
+        format!("{err:#}").contains("already has 6 VUSBs"),
+        "{err:#}"
+    );
+    assert!(!calls(&r)
+        .iter()
+        .any(|c| WRITES.contains(&c[0].as_str()) && c[0] != "pusb-scan"));
 }
 
 // --- A start that fails in XAPI's USB reset (xcp-ng/xcp#516).
@@ -779,14 +801,21 @@ fn usb_reset_failure() -> FaultKind {
 #[test]
 fn a_start_that_fails_once_in_the_usb_reset_is_rescanned_and_retried() {
     let r = rig_with("frigate", PowerState::Running, |world, _| {
-        world.faults.push(Fault::nth("vm-start", 1, usb_reset_failure()));
+        world
+            .faults
+            .push(Fault::nth("vm-start", 1, usb_reset_failure()));
     });
     let report = run(&r, &opts("frigate", true)).expect("the second start succeeds");
     assert!(report.restarted);
     let (vusbs, power, _) = outcome(&r);
     assert_eq!((vusbs, power), (vec![true], PowerState::Running));
     let c = calls(&r);
-    let starts: Vec<usize> = c.iter().enumerate().filter(|(_, a)| a[0] == "vm-start").map(|(i, _)| i).collect();
+    let starts: Vec<usize> = c
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| a[0] == "vm-start")
+        .map(|(i, _)| i)
+        .collect();
     assert_eq!(starts.len(), 2);
     assert!(
         c[starts[0]..starts[1]].iter().any(|a| a[0] == "pusb-scan"),
@@ -795,16 +824,31 @@ fn a_start_that_fails_once_in_the_usb_reset_is_rescanned_and_retried() {
 }
 
 #[test]
-fn a_start_that_keeps_failing_in_the_usb_reset_brings_the_vm_up_without_the_coral_and_names_the_fix() {
+fn a_start_that_keeps_failing_in_the_usb_reset_brings_the_vm_up_without_the_coral_and_names_the_fix(
+) {
     let r = rig_with("frigate", PowerState::Running, |world, _| {
-        world.faults.push(Fault::nth("vm-start", 1, usb_reset_failure()));
-        world.faults.push(Fault::nth("vm-start", 2, usb_reset_failure()));
+        world
+            .faults
+            .push(Fault::nth("vm-start", 1, usb_reset_failure()));
+        world
+            .faults
+            .push(Fault::nth("vm-start", 2, usb_reset_failure()));
     });
     let err = run(&r, &opts("frigate", true)).unwrap_err();
     let text = format!("{err:#}");
-    assert!(text.contains("xcp-ng/xcp#516") && text.contains("replug"), "{text}");
-    assert!(matches!(next_step_of(&err), Some(NextStep::RestorePassthrough { .. })));
+    assert!(
+        text.contains("xcp-ng/xcp#516") && text.contains("replug"),
+        "{text}"
+    );
+    assert!(matches!(
+        next_step_of(&err),
+        Some(NextStep::RestorePassthrough { .. })
+    ));
     let (vusbs, power, _) = outcome(&r);
-    assert_eq!(power, PowerState::Running, "running again, without the Coral");
+    assert_eq!(
+        power,
+        PowerState::Running,
+        "running again, without the Coral"
+    );
     assert!(vusbs.is_empty(), "its VUSB removed, so it can start");
 }

@@ -268,3 +268,146 @@ fn status_while_xapi_is_starting_shows_the_usb_side_and_exits_0() {
     assert_eq!(json["corals"][0]["usb_state"], "ready");
     assert!(run.stderr.contains("XAPI not available"), "{}", run.stderr);
 }
+
+/// The emulated ready Coral, first device number `devnum` (a later run of
+/// the same host: the Coral re-enumerated in between when it differs).
+fn on_host_at(xapi: &FakeXapi, qemu: &[(String, String)], devnum: u32, args: &[&str]) -> Run {
+    let devnum = devnum.to_string();
+    xapi.run_with_env(&["--state", "ready", "--first-devnum", &devnum], args, qemu)
+}
+
+/// The ready Coral's device number at the end of a run.
+fn devnum(run: &Run) -> u64 {
+    run.result["devices"][0]["devnum"]
+        .as_u64()
+        .expect("a device")
+}
+
+/// status --json: the Coral's `guest_node`.
+fn guest_node(run: &Run) -> String {
+    let json: serde_json::Value = serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}{}", run.stdout, run.stderr));
+    assert_eq!(json["schema"], 1);
+    json["corals"][0]["guest_node"]
+        .as_str()
+        .unwrap_or("null")
+        .to_string()
+}
+
+/// A Coral that re-enumerated as itself under the running VM (8.3 marks:
+/// QEMU's chroot holds the old node): status and doctor say the VM lost it,
+/// attach without --restart says it needs one, attach --restart restarts it.
+fn lost_then_restarted(version: &str) {
+    let (xapi, host, vm) = ready_pool("frigate", PowerState::Running);
+    let qemu = xapi.qemu_env(version);
+    // The VM gets the Coral at a start, which marks the node for its domain.
+    let first = on_host_at(&xapi, &qemu, 5, &["attach", "--vm", "frigate", "--restart"]);
+    assert_eq!(first.status, Some(0), "{}", first.stderr);
+    assert_eq!(power_transitions(&xapi.world()), ONE_RESTART);
+    let given = devnum(&first);
+    let status = on_host_at(&xapi, &qemu, given as u32, &["status", "--json"]);
+    assert_eq!(guest_node(&status), "given", "{}", status.stderr);
+
+    // Later the Coral is back at the same port as itself with a new number:
+    // XAPI's records are unchanged and still attached.
+    let records = |w: &coral_testkit::xapi::World| (w.pusbs.clone(), w.vusbs.clone());
+    let before = records(&xapi.world());
+    let later = given as u32 + 1;
+    let status = on_host_at(&xapi, &qemu, later, &["status", "--json"]);
+    assert_eq!(guest_node(&status), "lost", "{}", status.stderr);
+    let text = on_host_at(&xapi, &qemu, later, &["status"]);
+    assert!(text.stdout.contains("lost its Coral"), "{}", text.stdout);
+    assert!(text.stdout.contains("coral attach --vm"), "{}", text.stdout);
+    let doctor = on_host_at(&xapi, &qemu, later, &["doctor", "--json"]);
+    let json: serde_json::Value =
+        serde_json::from_str(&doctor.stdout).unwrap_or_else(|e| panic!("{e}: {}", doctor.stderr));
+    let check = json["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "guest 2-4")
+        .unwrap_or_else(|| panic!("no guest check: {json:#}"));
+    assert_eq!(check["verdict"], "fail");
+    assert!(
+        check["detail"]
+            .as_str()
+            .unwrap()
+            .contains("lost its Coral; it needs a restart"),
+        "{check}"
+    );
+    assert_eq!(check["fix"], format!("coral attach --vm {vm} --restart"));
+
+    let told = on_host_at(&xapi, &qemu, later, &["attach", "--vm", "frigate"]);
+    assert_eq!(told.status, Some(0), "{}", told.stderr);
+    assert!(told.stdout.contains("lost its Coral"), "{}", told.stdout);
+    assert!(
+        told.stdout
+            .contains(&format!("coral attach --vm {vm} --restart")),
+        "{}",
+        told.stdout
+    );
+    assert_eq!(
+        power_transitions(&xapi.world()),
+        ONE_RESTART,
+        "no restart without --restart"
+    );
+
+    let restarted = on_host_at(
+        &xapi,
+        &qemu,
+        later,
+        &["attach", "--vm", "frigate", "--restart"],
+    );
+    assert_eq!(restarted.status, Some(0), "{}", restarted.stderr);
+    let world = xapi.world();
+    assert_eq!(
+        power_transitions(&world),
+        [ONE_RESTART, ONE_RESTART].concat()
+    );
+    assert_eq!(records(&world).0, before.0, "the same PUSB");
+    assert_eq!(
+        vusbs_on_ready_group(&world, &host, &vm, "2-4"),
+        vec![(true, true)],
+        "the same VUSB, attached"
+    );
+    let status = on_host_at(&xapi, &qemu, later, &["status", "--json"]);
+    assert_eq!(guest_node(&status), "given");
+}
+
+#[test]
+fn a_coral_that_reenumerated_under_its_vm_is_lost_and_attach_restart_restarts_it_on_8_3() {
+    if !umockdev_available() {
+        return;
+    }
+    lost_then_restarted("8.3");
+}
+
+#[test]
+fn a_coral_that_reenumerated_under_its_vm_is_lost_and_attach_restart_restarts_it_on_8_2() {
+    if !umockdev_available() {
+        return;
+    }
+    lost_then_restarted("8.2");
+}
+
+#[test]
+fn without_any_qemu_mark_the_guest_is_unknown_and_nothing_restarts() {
+    if !umockdev_available() {
+        return;
+    }
+    let (xapi, _, _) = ready_pool("frigate", PowerState::Running);
+    let first = attach(&xapi, &["attach", "--vm", "frigate", "--restart"]);
+    assert_eq!(first.status, Some(0), "{}", first.stderr);
+    let again = xapi.run(
+        &["--state", "ready", "--first-devnum", "9"],
+        &["attach", "--vm", "frigate", "--restart"],
+    );
+    assert_eq!(again.status, Some(0), "{}", again.stderr);
+    assert!(again.stdout.contains("nothing to do"), "{}", again.stdout);
+    assert_eq!(power_transitions(&xapi.world()), ONE_RESTART);
+    let status = xapi.run(
+        &["--state", "ready", "--first-devnum", "9"],
+        &["status", "--json"],
+    );
+    assert_eq!(guest_node(&status), "unknown");
+}
