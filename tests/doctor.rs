@@ -191,17 +191,14 @@ fn the_policy_is_checked_for_both_identities_and_the_denying_rule_is_named() {
 
     // The boot loader (class fe/01/02) denied by a subclass rule; the ready
     // Coral admitted.
-    std::fs::write(
-        &policy_file,
-        "DENY: class=fe subclass=01 prot=02\nALLOW:\n",
-    )
-    .unwrap();
+    std::fs::write(&policy_file, "DENY: class=fe subclass=01 prot=02\nALLOW:\n").unwrap();
     let (_, json) = s.doctor();
     let policy = check(&json, "usb-policy");
     assert_eq!(policy["verdict"], "warn", "{policy}");
     let detail = policy["detail"].as_str().unwrap();
     assert!(
-        detail.contains("fe/01/02") && detail.contains("line 1: `DENY: class=fe subclass=01 prot=02`"),
+        detail.contains("fe/01/02")
+            && detail.contains("line 1: `DENY: class=fe subclass=01 prot=02`"),
         "{detail}"
     );
 
@@ -211,7 +208,10 @@ fn the_policy_is_checked_for_both_identities_and_the_denying_rule_is_named() {
     let policy = check(&json, "usb-policy");
     assert_eq!(policy["verdict"], "fail", "{policy}");
     assert!(
-        policy["detail"].as_str().unwrap().contains("no rule matches it"),
+        policy["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no rule matches it"),
         "{policy}"
     );
 
@@ -220,7 +220,10 @@ fn the_policy_is_checked_for_both_identities_and_the_denying_rule_is_named() {
     let (_, json) = s.doctor();
     let policy = check(&json, "usb-policy");
     assert_eq!(policy["verdict"], "ok", "{policy}");
-    assert!(policy["detail"].as_str().unwrap().contains("both identities"));
+    assert!(policy["detail"]
+        .as_str()
+        .unwrap()
+        .contains("both identities"));
 }
 
 #[test]

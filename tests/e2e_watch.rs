@@ -588,7 +588,12 @@ fn pool_that_misses_a_link_drop() -> (World, String, String) {
         scan_read_ms: SCAN_READ_MS,
         ..fast_config()
     };
-    let (mut world, host, vm) = pool(config, "frigate", PowerState::Running, vec![coral_ready_device("2-4")]);
+    let (mut world, host, vm) = pool(
+        config,
+        "frigate",
+        PowerState::Running,
+        vec![coral_ready_device("2-4")],
+    );
     let pusb = world
         .pusbs
         .iter_mut()
@@ -647,9 +652,16 @@ fn a_link_drop_under_a_running_vm_costs_one_clean_restart_when_allowed() {
     let world = xapi.world();
     assert_eq!(xapi_records(&world), before, "XAPI never saw the drop");
     assert_eq!(vm_power_transitions(&world, &vm), ONE_RESTART);
-    assert_eq!(downloads_to(&run, "1-4"), 0, "no firmware upload: it kept its firmware");
+    assert_eq!(
+        downloads_to(&run, "1-4"),
+        0,
+        "no firmware upload: it kept its firmware"
+    );
     assert!(run.stderr.contains("lost its Coral"), "{}", run.stderr);
-    assert!(!world.calls.iter().any(|c| c.args.iter().any(|a| a == "force=true")));
+    assert!(!world
+        .calls
+        .iter()
+        .any(|c| c.args.iter().any(|a| a == "force=true")));
 }
 
 #[test]
@@ -684,7 +696,9 @@ fn a_link_drop_under_a_running_vm_is_one_line_naming_the_command_when_restarts_a
     ] {
         assert!(lines[0].contains(part), "{part:?} in {}", lines[0]);
     }
-    let state = StateStore::in_dir(&xapi.dir().join("state")).load().unwrap();
+    let state = StateStore::in_dir(&xapi.dir().join("state"))
+        .load()
+        .unwrap();
     let last = state.mappings[&vm].last_action.clone().unwrap();
     assert!(last.contains("lost its Coral"), "{last}");
 }
@@ -706,7 +720,13 @@ fn link_drops_restart_the_vm_within_the_hourly_budget_only() {
             "--sigterm-at-ms",
             "8000",
         ],
-        &["--vm", "frigate", "--restart", "--max-restarts-per-hour", "1"],
+        &[
+            "--vm",
+            "frigate",
+            "--restart",
+            "--max-restarts-per-hour",
+            "1",
+        ],
     );
     the_watch_stopped_cleanly(&run);
     assert_eq!(devnums(&run).len(), 3, "{:?}", events(&run));

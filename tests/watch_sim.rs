@@ -678,3 +678,25 @@ fn a_running_vm_whose_coral_never_reenumerated_is_left_alone() {
     run_watch(&s, &opts, &script, Duration::ZERO);
     assert!(transitions(&s, &s.vms[0]).is_empty());
 }
+
+#[test]
+fn up_restarts_a_vm_that_lost_its_coral_only_with_restart() {
+    let s = started_scenario();
+    link_drop(0)(&s.host);
+    s.host.clock().sleep(Duration::from_secs(2));
+    let xe = XeClient::new(s.host.xe(), s.host.host_uuid().to_string(), false);
+    let mut load = || Ok(stand_in_single_ep_image());
+    let mut up_opts = options(Vec::new(), 2).recovery;
+    up_opts.attach.vm = s.vms[0].clone();
+    let report = coral::ops::up::up(s.host.bus(), &xe, s.host.clock(), &mut load, &up_opts)
+        .expect("without --restart: exit 0");
+    let attach = report.attach.expect("an attach report");
+    assert!(attach.guest_lost && attach.pending_restart, "{attach}");
+    assert!(transitions(&s, &s.vms[0]).is_empty());
+
+    up_opts.attach.restart = true;
+    let report = coral::ops::up::up(s.host.bus(), &xe, s.host.clock(), &mut load, &up_opts)
+        .expect("up --restart");
+    assert!(report.attach.is_some_and(|a| a.restarted));
+    assert_eq!(transitions(&s, &s.vms[0]), ONE_RESTART.to_vec());
+}

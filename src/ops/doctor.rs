@@ -821,13 +821,17 @@ mod tests {
             subclass: 0xff,
             prot: 0xff,
         };
-        assert!(policy_allows(&parse_policy(default).unwrap(), &ready));
+        assert!(policy_allows(&parse_policy(default).unwrap(), &ready).is_ok());
         let deny_ff = "DENY: class=ff\nALLOW:\n";
-        assert!(!policy_allows(&parse_policy(deny_ff).unwrap(), &ready));
+        assert_eq!(
+            policy_allows(&parse_policy(deny_ff).unwrap(), &ready),
+            Err(Some("line 1: `DENY: class=ff`".into()))
+        );
         let allowed_first = "ALLOW: vid=18d1 pid=9302\nDENY: class=ff\nALLOW:\n";
-        assert!(policy_allows(&parse_policy(allowed_first).unwrap(), &ready));
-        assert!(
-            !policy_allows(&parse_policy("").unwrap(), &ready),
+        assert!(policy_allows(&parse_policy(allowed_first).unwrap(), &ready).is_ok());
+        assert_eq!(
+            policy_allows(&parse_policy("").unwrap(), &ready),
+            Err(None),
             "no rule: denied"
         );
         assert!(parse_policy("PERMIT: class=ff").is_err());
