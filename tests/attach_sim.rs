@@ -790,20 +790,10 @@ fn six_vusbs_that_all_survive_still_refuse_before_any_write() {
 
 // --- A start that fails in XAPI's USB reset (xcp-ng/xcp#516).
 
-/// What xe prints for the field failure: INTERNAL_ERROR with its message.
-fn usb_reset_failure() -> FaultKind {
-    FaultKind::fail(
-        "INTERNAL_ERROR",
-        &["Call to usb reset failed: Forkhelpers.Spawn_internal_error(\"\", \"\", Unix.WEXITED(1))"],
-    )
-}
-
 #[test]
 fn a_start_that_fails_once_in_the_usb_reset_is_rescanned_and_retried() {
     let r = rig_with("frigate", PowerState::Running, |world, _| {
-        world
-            .faults
-            .push(Fault::nth("vm-start", 1, usb_reset_failure()));
+        world.usb_reset_failures = 1;
     });
     let report = run(&r, &opts("frigate", true)).expect("the second start succeeds");
     assert!(report.restarted);
@@ -827,12 +817,8 @@ fn a_start_that_fails_once_in_the_usb_reset_is_rescanned_and_retried() {
 fn a_start_that_keeps_failing_in_the_usb_reset_brings_the_vm_up_without_the_coral_and_names_the_fix(
 ) {
     let r = rig_with("frigate", PowerState::Running, |world, _| {
-        world
-            .faults
-            .push(Fault::nth("vm-start", 1, usb_reset_failure()));
-        world
-            .faults
-            .push(Fault::nth("vm-start", 2, usb_reset_failure()));
+        // Every start with the VUSB fails, as in the field report.
+        world.usb_reset_failures = u32::MAX;
     });
     let err = run(&r, &opts("frigate", true)).unwrap_err();
     let text = format!("{err:#}");

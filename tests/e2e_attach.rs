@@ -411,3 +411,49 @@ fn without_any_qemu_mark_the_guest_is_unknown_and_nothing_restarts() {
     );
     assert_eq!(guest_node(&status), "unknown");
 }
+
+#[test]
+fn a_start_that_fails_in_xapis_usb_reset_is_retried_then_the_vm_runs_without_the_coral() {
+    if !umockdev_available() {
+        return;
+    }
+    // Once: the rescan and second start bring the VM up with the Coral.
+    let (xapi, host, vm) = ready_pool("frigate", PowerState::Running);
+    let mut state = coral_testkit::xapi::SimState::load(&xapi.state).unwrap();
+    state.world.usb_reset_failures = 1;
+    state.save(&xapi.state).unwrap();
+    let run = attach(&xapi, &["attach", "--vm", "frigate", "--restart"]);
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    let world = xapi.world();
+    assert_eq!(
+        vusbs_on_ready_group(&world, &host, &vm, "2-4"),
+        vec![(true, true)]
+    );
+    assert_eq!(power_transitions(&world), ONE_RESTART);
+    let starts = world
+        .calls
+        .iter()
+        .filter(|c| c.args[0] == "vm-start")
+        .count();
+    assert_eq!(starts, 2);
+
+    // For good: the VM runs again without the Coral, and the fix is named.
+    let (xapi, host, vm) = ready_pool("frigate", PowerState::Running);
+    let mut state = coral_testkit::xapi::SimState::load(&xapi.state).unwrap();
+    state.world.usb_reset_failures = u32::MAX;
+    state.save(&xapi.state).unwrap();
+    let run = attach(&xapi, &["attach", "--vm", "frigate", "--restart"]);
+    assert_eq!(run.status, Some(7), "{}", run.stderr);
+    let lines = run.error_lines();
+    assert_eq!(lines.len(), 1, "{}", run.stderr);
+    assert!(
+        lines[0].contains("xcp-ng/xcp#516")
+            && lines[0].contains("replug")
+            && lines[0].contains(&format!("coral attach --vm {vm} --restart")),
+        "{}",
+        lines[0]
+    );
+    let world = xapi.world();
+    assert_eq!(world.vm(&vm).unwrap().power_state, PowerState::Running);
+    assert!(vusbs_on_ready_group(&world, &host, &vm, "2-4").is_empty());
+}

@@ -348,9 +348,6 @@ fn lost_why(
     vm_uuid: &str,
     path: &str,
 ) -> Option<String> {
-    if xe.dry_run() && !opts.guest_lost {
-        return None;
-    }
     match guest_node(usb, xe, vm_uuid, path) {
         NodeCheck::Lost { node } => Some(format!(
             "the Coral at {path} re-enumerated as {node} after the VM started, and QEMU still holds the old node"

@@ -364,6 +364,11 @@ impl World {
                     .collect();
                 return Err(api("NO_HOSTS_AVAILABLE", &[]));
             }
+            if !hosts.is_empty() && self.usb_reset_failures > 0 {
+                self.usb_reset_failures -= 1;
+                self.failure_ms = self.config.start_ms / 2;
+                return Err(api("INTERNAL_ERROR", &[super::USB_RESET_FAILURE.into()]));
+            }
             took = took.max(self.config.start_ms);
             // The start builds a new domain (usb_reset.py marks the
             // device's node for it before the guest runs).

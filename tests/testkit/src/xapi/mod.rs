@@ -410,6 +410,12 @@ pub struct World {
     pub calls: Vec<CallRecord>,
     /// Counter for deterministic uuids.
     pub next_id: u64,
+    /// How many more starts of a VM with VUSBs fail in XAPI's USB reset
+    /// (xcp-ng/xcp#516, seen after host restarts): each such `vm-start`
+    /// fails with [`USB_RESET_FAILURE`] as an INTERNAL_ERROR and the VM
+    /// stays halted; a start without VUSBs is not affected.
+    #[serde(default)]
+    pub usb_reset_failures: u32,
     /// The last domain id handed out (dom0 is 0).
     #[serde(default)]
     pub last_dom_id: i64,
@@ -420,6 +426,10 @@ pub struct World {
     #[serde(skip)]
     pub(crate) failure_ms: u64,
 }
+
+/// The field report's message of a `vm-start` that failed in XAPI's USB
+/// reset (xcp-ng/xcp#516); xe prints it as INTERNAL_ERROR's `message`.
+pub const USB_RESET_FAILURE: &str = "Call to usb reset failed: Forkhelpers.Spawn_internal_error";
 
 /// The Coral as the DFU boot loader, as a scan sees it (USB 2, bcdUSB 2.10).
 pub fn coral_bootloader_device(path: &str) -> SimUsbDevice {
