@@ -700,3 +700,39 @@ fn up_restarts_a_vm_that_lost_its_coral_only_with_restart() {
     assert!(report.attach.is_some_and(|a| a.restarted));
     assert_eq!(transitions(&s, &s.vms[0]), ONE_RESTART.to_vec());
 }
+
+#[test]
+fn a_vm_restarted_by_hand_after_a_drop_is_not_restarted_again_when_the_budget_returns() {
+    let s = started_scenario();
+    let vm = s.vms[0].clone();
+    let by_hand: Box<dyn Fn(&SimulatedHost)> = Box::new(move |host: &SimulatedHost| {
+        let xe = XeClient::new(host.xe(), host.host_uuid().to_string(), false);
+        xe.vm_shutdown(&vm, false, Duration::from_secs(180))
+            .unwrap();
+        xe.vm_start(&vm).unwrap();
+    });
+    let opts = options(vec![mapping(4, &s.vms[0], true)], 1);
+    let script = Script::new(
+        &s.host,
+        vec![
+            (MINUTE, link_drop(0)),
+            (5 * MINUTE, link_drop(0)),
+            (6 * MINUTE, by_hand),
+        ],
+        70 * MINUTE,
+    );
+    run_watch(&s, &opts, &script, Duration::ZERO);
+    let world = s.host.world();
+    let shutdowns: Vec<u64> = world
+        .borrow()
+        .power_history
+        .iter()
+        .filter(|e| e.vm_uuid == s.vms[0] && e.from == PowerState::Running)
+        .map(|e| e.at_ms / 60_000)
+        .collect();
+    assert_eq!(
+        shutdowns,
+        vec![1, 6],
+        "the watcher's restart at minute 1 and the admin's at minute 6; none when the budget returns at 61"
+    );
+}

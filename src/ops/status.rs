@@ -219,7 +219,7 @@ impl StatusReport {
                 let name = c.vm_name.as_deref().unwrap_or("?");
                 let power = c.vm_power_state.as_deref().unwrap_or("?");
                 let state = if c.guest_node.as_deref() == Some("lost") {
-                    "attached in XAPI, but the VM lost its Coral (it re-enumerated); it needs a restart"
+                    "the VM lost its Coral; it needs a restart (the Coral re-enumerated after the VM started; XAPI still shows it attached)"
                 } else if c.attached {
                     "attached"
                 } else if c.pending_restart {
