@@ -316,7 +316,12 @@ fn lost_then_restarted(version: &str) {
     let status = on_host_at(&xapi, &qemu, later, &["status", "--json"]);
     assert_eq!(guest_node(&status), "lost", "{}", status.stderr);
     let text = on_host_at(&xapi, &qemu, later, &["status"]);
-    assert!(text.stdout.contains("lost its Coral"), "{}", text.stdout);
+    assert!(
+        text.stdout
+            .contains("the VM lost its Coral; it needs a restart"),
+        "{}",
+        text.stdout
+    );
     assert!(text.stdout.contains("coral attach --vm"), "{}", text.stdout);
     let doctor = on_host_at(&xapi, &qemu, later, &["doctor", "--json"]);
     let json: serde_json::Value =
@@ -456,4 +461,69 @@ fn a_start_that_fails_in_xapis_usb_reset_is_retried_then_the_vm_runs_without_the
     let world = xapi.world();
     assert_eq!(world.vm(&vm).unwrap().power_state, PowerState::Running);
     assert!(vusbs_on_ready_group(&world, &host, &vm, "2-4").is_empty());
+}
+
+#[test]
+fn after_a_power_loss_the_doomed_boot_loader_vusb_does_not_keep_a_vm_with_five_others_from_its_coral(
+) {
+    if !umockdev_and_firmware_available() {
+        return;
+    }
+    let other = |path: &str, pid: &str| coral_testkit::xapi::SimUsbDevice {
+        path: path.into(),
+        vendor_id: "0781".into(),
+        product_id: pid.into(),
+        vendor_desc: "SanDisk Corp.".into(),
+        product_desc: String::new(),
+        serial: format!("SN-{path}"),
+        version: "2.00".into(),
+        speed: "480.000".into(),
+        interface_classes: vec![0x08],
+    };
+    let mut present = vec![coral_testkit::xapi::coral_bootloader_device("1-4")];
+    present.extend(
+        ["1-1", "1-2", "1-3", "3-1", "3-2"]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| other(p, &format!("55{i:02}"))),
+    );
+    let (mut world, host, vm) = pool(fast_config(), "frigate", PowerState::Halted, present);
+    let groups: Vec<String> = world
+        .pusbs
+        .iter()
+        .filter(|p| p.host_uuid == host)
+        .map(|p| p.usb_group_uuid.clone())
+        .collect();
+    assert_eq!(groups.len(), 6);
+    for group in groups {
+        let uuid = world.new_uuid();
+        world.vusbs.push(coral_testkit::xapi::Vusb {
+            uuid,
+            vm_uuid: vm.clone(),
+            usb_group_uuid: group,
+            currently_attached: false,
+            other_config: Default::default(),
+        });
+    }
+    let xapi = FakeXapi::new(world, &host);
+    let fw = shared_firmware("apex_latest_single_ep.bin").expect("checked above");
+    let fw = fw.display().to_string();
+    let run = xapi.run(&[], &["up", "--vm", "frigate", "--firmware", &fw]);
+    assert_eq!(run.status, Some(0), "{}", run.stderr);
+    let world = xapi.world();
+    assert_eq!(
+        vusbs_on_ready_group(&world, &host, &vm, "2-4")
+            .iter()
+            .filter(|(ready, _)| *ready)
+            .count(),
+        1,
+        "the VM has the ready Coral's VUSB"
+    );
+    let vm_vusbs = world.vusbs.iter().filter(|v| v.vm_uuid == vm).count();
+    assert_eq!(
+        vm_vusbs, 6,
+        "5 others and the Coral; XAPI deleted the boot loader's"
+    );
+    assert!(!world.pusbs.iter().any(|p| p.device.product_id == "089a"));
+    assert!(world.power_history.is_empty());
 }

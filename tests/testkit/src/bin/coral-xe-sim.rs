@@ -216,13 +216,24 @@ fn sync_bus(state: &mut SimState, bus: &Path, now: Duration) -> anyhow::Result<(
             let seen = state.bus_seen_unix_ms;
             for event in events.into_iter().filter(|e| e.unix_ms > seen) {
                 state.bus_seen_unix_ms = event.unix_ms;
+                // The emulator's bus holds the Corals only: the host's other
+                // devices (a test's disk, dongle…) stay as they are.
+                let mut devices: Vec<SimUsbDevice> = state
+                    .world
+                    .host(&host_uuid)
+                    .map(|h| h.usb_devices.clone())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|d| !is_coral(d))
+                    .collect();
+                devices.extend(event.devices);
                 let at = event
                     .unix_ms
                     .saturating_sub(state.origin_unix_ms)
                     .min(now_ms);
                 state
                     .world
-                    .set_usb_devices(&host_uuid, event.devices, Duration::from_millis(at));
+                    .set_usb_devices(&host_uuid, devices, Duration::from_millis(at));
             }
             return Ok(());
         }
@@ -254,6 +265,14 @@ fn sync_bus(state: &mut SimState, bus: &Path, now: Duration) -> anyhow::Result<(
         .world
         .set_usb_devices(&host_uuid, devices, Duration::from_millis(changed_ms));
     Ok(())
+}
+
+/// A Coral in either identity (what the emulator's bus file describes).
+fn is_coral(device: &SimUsbDevice) -> bool {
+    matches!(
+        (device.vendor_id.as_str(), device.product_id.as_str()),
+        ("1a6e", "089a") | ("18d1", "9302")
+    )
 }
 
 /// What xapi's `usb_reset.py attach <path> -d <domid>` leaves at a VM start
