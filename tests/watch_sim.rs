@@ -736,3 +736,31 @@ fn a_vm_restarted_by_hand_after_a_drop_is_not_restarted_again_when_the_budget_re
         "the watcher's restart at minute 1 and the admin's at minute 6; none when the budget returns at 61"
     );
 }
+
+#[test]
+fn a_link_drop_while_the_vm_is_halted_costs_nothing_and_its_next_start_gets_the_new_node() {
+    let s = started_scenario();
+    let vm = s.vms[0].clone();
+    let xe = XeClient::new(s.host.xe(), s.host.host_uuid().to_string(), false);
+    xe.vm_shutdown(&vm, false, Duration::from_secs(180))
+        .unwrap();
+    s.host.world().borrow_mut().power_history.clear();
+    let opts = options(vec![mapping(4, &vm, true)], 2);
+    let script = Script::new(&s.host, vec![(MINUTE, link_drop(0))], 5 * MINUTE);
+    run_watch(&s, &opts, &script, Duration::ZERO);
+    assert!(
+        transitions(&s, &vm).is_empty(),
+        "a halted VM is not started"
+    );
+
+    xe.vm_start(&vm).unwrap();
+    let status = coral::ops::status::status(s.host.bus(), Some(&xe)).unwrap();
+    assert_eq!(status.corals[0].guest_node.as_deref(), Some("given"));
+    // The watcher, started again now, has nothing to do.
+    let script = Script::new(&s.host, Vec::new(), 10 * MINUTE);
+    run_watch(&s, &opts, &script, Duration::ZERO);
+    assert_eq!(
+        transitions(&s, &vm),
+        vec![(PowerState::Halted, PowerState::Running)]
+    );
+}
