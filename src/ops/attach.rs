@@ -340,7 +340,9 @@ pub fn attach_planned(
 }
 
 /// Why the running VM lost the Coral XAPI shows attached to it, or None
-/// when it has not (or nothing tells: an unknown answer never restarts).
+/// when it has not. QEMU's marks decide when the host has them; without
+/// them only the caller's own sighting of the re-enumeration
+/// (`opts.guest_lost`) counts: an unknown answer alone never restarts.
 fn lost_why(
     usb: &dyn UsbBus,
     xe: &XeClient,
@@ -352,10 +354,10 @@ fn lost_why(
         NodeCheck::Lost { node } => Some(format!(
             "the Coral at {path} re-enumerated as {node} after the VM started, and QEMU still holds the old node"
         )),
-        _ if opts.guest_lost => Some(format!(
+        NodeCheck::Given => None,
+        NodeCheck::Unknown(_) if opts.guest_lost => Some(format!(
             "the Coral at {path} re-enumerated as itself (a USB remove and add) while attached"
         )),
-        NodeCheck::Given => None,
         NodeCheck::Unknown(why) => {
             log::debug!("whether the guest holds the Coral at {path}: {why}");
             None
