@@ -407,8 +407,9 @@ impl Watcher {
     }
 
     /// Read the Coral's PUSB and VUSB: 2 `xe` calls, 3 when the VUSB is not
-    /// attached; with `look` (first look, or the bus changed) and no
-    /// `memory` of a re-enumeration, one more for the stateless check.
+    /// attached; when attached and `look` (first look, or the bus changed)
+    /// or a `memory` of a re-enumeration, one more (`dom-id`) for the
+    /// stateless check.
     fn health(
         &self,
         env: &WatchEnv,
@@ -442,17 +443,18 @@ impl Watcher {
             )));
         };
         if vusb.attached {
-            if let Some(why) = memory {
-                return Ok(Health::Lost(why));
+            if memory.is_none() && !look {
+                return Ok(Health::Healthy);
             }
-            if look {
-                if let NodeCheck::Lost { node } = guest_node(env.usb, env.xe, vm_uuid, &path) {
-                    return Ok(Health::Lost(format!(
-                        "the Coral at {path} re-enumerated as {node} after the VM started, and QEMU still holds the old node"
-                    )));
-                }
-            }
-            return Ok(Health::Healthy);
+            // QEMU's marks decide where the host has them; the watcher's
+            // own sighting counts where they tell nothing.
+            return Ok(match guest_node(env.usb, env.xe, vm_uuid, &path) {
+                NodeCheck::Lost { node } => Health::Lost(format!(
+                    "the Coral at {path} re-enumerated as {node} after the VM started, and QEMU still holds the old node"
+                )),
+                NodeCheck::Given => Health::Healthy,
+                NodeCheck::Unknown(_) => memory.map_or(Health::Healthy, Health::Lost),
+            });
         }
         let vm = env
             .xe
