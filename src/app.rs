@@ -800,6 +800,7 @@ fn attach_options(vm: &VmArgs, device: Option<String>) -> anyhow::Result<AttachO
         force_shutdown: vm.force_shutdown,
         shutdown_timeout: seconds("--shutdown-timeout", vm.shutdown_timeout)?,
         scan_timeout: seconds("--scan-timeout", vm.scan_timeout)?,
+        guest_lost: false,
     })
 }
 

@@ -438,6 +438,18 @@ pub const ENVIRONMENT: &[(&str, &str)] = &[
         "the usb-policy file `coral doctor` reads (default /etc/xensource/usb-policy.conf)",
     ),
     (
+        "CORAL_QEMU_ROOT",
+        "QEMU's chroots, for the lost-Coral check (default /var/xen/qemu)",
+    ),
+    (
+        "CORAL_CGROUP_DEVICES",
+        "the devices cgroup hierarchy, same check (default /sys/fs/cgroup/devices)",
+    ),
+    (
+        "CORAL_PASSWD",
+        "where the qemu_base account is read, same check (default /etc/passwd)",
+    ),
+    (
         "XDG_RUNTIME_DIR",
         "where the --simulate state file goes when CORAL_SIM_STATE is not set",
     ),

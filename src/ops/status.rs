@@ -3,7 +3,7 @@
 use crate::config::Config;
 use crate::error::NextStep;
 use crate::mapping_state::{MappingState, MappingStates};
-use crate::usb::{CoralState, UsbBus};
+use crate::usb::{CoralState, NodeCheck, UsbBus};
 use crate::xe::client::{PowerState, XeClient};
 use crate::xe::{short, XeError};
 use serde::Serialize;
@@ -150,6 +150,10 @@ pub struct CoralStatus {
     pub attached: bool,
     /// The VUSB exists and the VM runs without it: it arrives at the next start.
     pub pending_restart: bool,
+    /// While attached to a running VM: whether its QEMU holds the Coral at
+    /// this port now (`given`), lost it when it re-enumerated (`lost`: the
+    /// VM needs a restart), or nothing tells (`unknown`); null otherwise.
+    pub guest_node: Option<String>,
 }
 
 impl CoralStatus {
@@ -169,6 +173,7 @@ impl CoralStatus {
             vm_power_state: None,
             attached: false,
             pending_restart: false,
+            guest_node: None,
         }
     }
 }
@@ -213,7 +218,9 @@ impl StatusReport {
             if let (Some(vusb), Some(vm)) = (&c.vusb_uuid, &c.vm_uuid) {
                 let name = c.vm_name.as_deref().unwrap_or("?");
                 let power = c.vm_power_state.map_or("?", PowerState::as_str);
-                let state = if c.attached {
+                let state = if c.guest_node.as_deref() == Some("lost") {
+                    "the VM lost its Coral; it needs a restart (the Coral re-enumerated after the VM started; XAPI still shows it attached)"
+                } else if c.attached {
                     "attached"
                 } else if c.pending_restart {
                     "pending restart"
@@ -226,6 +233,9 @@ impl StatusReport {
                     short(vusb),
                     short(vm)
                 );
+                if c.guest_node.as_deref() == Some("lost") {
+                    let _ = writeln!(out, "  {}", NextStep::RestartNow { vm: vm.clone() });
+                }
             } else if c.pusb_uuid.is_some() {
                 let _ = writeln!(out, "  VUSB: none ({})", NextStep::AttachToVm);
             }
@@ -270,7 +280,7 @@ pub fn status(usb: &dyn UsbBus, xe: Option<&XeClient>) -> anyhow::Result<StatusR
     if !corals.iter().any(|c| c.state == CoralState::Ready) {
         return Ok(report);
     }
-    match xapi_side(xe, &mut report.corals) {
+    match xapi_side(usb, xe, &mut report.corals) {
         Ok(()) => Ok(report),
         Err(err) if matches!(err, XeError::Unavailable { .. } | XeError::Missing { .. }) => {
             log::warn!("XAPI not available ({err}); showing USB only");
@@ -292,7 +302,7 @@ pub fn status(usb: &dyn UsbBus, xe: Option<&XeClient>) -> anyhow::Result<StatusR
     }
 }
 
-fn xapi_side(xe: &XeClient, corals: &mut [CoralStatus]) -> Result<(), XeError> {
+fn xapi_side(usb: &dyn UsbBus, xe: &XeClient, corals: &mut [CoralStatus]) -> Result<(), XeError> {
     let pusbs = xe.ready_pusbs()?;
     for status in corals.iter_mut() {
         let Some(pusb) = pusbs.iter().find(|p| p.path == status.path) else {
@@ -305,6 +315,17 @@ fn xapi_side(xe: &XeClient, corals: &mut [CoralStatus]) -> Result<(), XeError> {
             let power = xe.vm(&vusb.vm_uuid)?.map(|v| v.power_state);
             status.pending_restart = !vusb.attached && power == Some(PowerState::Running);
             status.attached = vusb.attached;
+            if vusb.attached && power == Some(PowerState::Running) {
+                let check = super::xapi_common::guest_node(usb, xe, &vusb.vm_uuid, &status.path);
+                status.guest_node = Some(
+                    match check {
+                        NodeCheck::Given => "given",
+                        NodeCheck::Lost { .. } => "lost",
+                        NodeCheck::Unknown(_) => "unknown",
+                    }
+                    .to_string(),
+                );
+            }
             status.vm_name = xe.param("vm", &vusb.vm_uuid, "name-label").ok();
             status.vusb_uuid = Some(vusb.uuid);
             status.vm_uuid = Some(vusb.vm_uuid);

@@ -5,7 +5,7 @@
 use super::init::select_coral;
 use crate::clock::Clock;
 use crate::error::{fail, fail_then, FailureKind, Flag, NextStep};
-use crate::usb::{CoralDevice, CoralState, UsbBus};
+use crate::usb::{CoralDevice, CoralState, NodeCheck, UsbBus};
 use crate::xe::client::{PusbInfo, VmInfo, XeClient};
 use crate::xe::{looks_like_uuid, XeError};
 use std::time::Duration;
@@ -196,5 +196,16 @@ pub fn wait_for_pusb(
             ));
         }
         clock.sleep(SCAN_POLL_INTERVAL.min(deadline - now));
+    }
+}
+
+/// Whether the running VM's QEMU holds the Coral now at `path` (the
+/// stateless check of [`crate::usb::qemu_node`], given the VM's `dom-id`).
+/// Anything that cannot be read is unknown, never lost.
+pub fn guest_node(usb: &dyn UsbBus, xe: &XeClient, vm_uuid: &str, path: &str) -> NodeCheck {
+    match xe.dom_id(vm_uuid) {
+        Ok(Some(domid)) => usb.qemu_node(path, domid),
+        Ok(None) => NodeCheck::Unknown("the VM has no domain".into()),
+        Err(e) => NodeCheck::Unknown(format!("reading its dom-id: {e}")),
     }
 }

@@ -121,6 +121,15 @@ impl UsbBus for RusbBus {
         let handle = found.open().map_err(map_error)?;
         Ok(Box::new(RusbTransport { handle }))
     }
+
+    fn qemu_node(&self, path: &str, domid: u32) -> super::NodeCheck {
+        use super::qemu_node::{HostFiles, HostRoots, QemuNodes};
+        let roots = HostRoots {
+            sysfs: self.sysfs.clone(),
+            ..HostRoots::from_env()
+        };
+        HostFiles::new(roots).check(path, domid)
+    }
 }
 
 /// An open Coral.

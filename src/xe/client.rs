@@ -249,6 +249,12 @@ impl<'a> XeClient<'a> {
         Ok(out.strip_suffix('\n').unwrap_or(&out).to_string())
     }
 
+    /// The domain id of a running VM (None when it has none: halted, `-1`).
+    pub fn dom_id(&self, vm_uuid: &str) -> Result<Option<u32>, XeError> {
+        let text = self.param("vm", vm_uuid, "dom-id")?;
+        Ok(text.trim().parse::<u32>().ok())
+    }
+
     /// Every PUSB of the pool.
     pub fn pusbs(&self) -> Result<Vec<PusbInfo>, XeError> {
         self.pusb_list(&[])
