@@ -61,7 +61,7 @@ pub fn detach(
     xe.vusb_destroy(&vusb.uuid)
         .map_err(|e| xe_fail("destroying the VUSB", e))?;
     let line = format!(
-        "removed VUSB {} : the Coral at {path} is no longer passed through to {label}",
+        "removed VUSB {}: the Coral at {path} is no longer passed through to {label}",
         short(&vusb.uuid),
     );
     log::info!("{line}");

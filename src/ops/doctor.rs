@@ -102,6 +102,9 @@ pub struct DoctorInputs<'a> {
     pub systemd: Box<dyn Systemd>,
     /// `/etc/xensource/usb-policy.conf` (or its stand-in).
     pub usb_policy: PathBuf,
+    /// What that file holds while it does not exist yet (a simulated host
+    /// that nothing has written to has xapi's defaults); None: a real host.
+    pub usb_policy_when_absent: Option<&'static str>,
     /// The lock file.
     pub lock_file: PathBuf,
 }
@@ -158,7 +161,7 @@ pub fn doctor(inputs: DoctorInputs<'_>) -> DoctorReport {
         .and_then(|(runner, client)| pusb_speeds(*runner, client.host_uuid()).ok())
         .unwrap_or_default();
     check_corals(&mut checks, inputs.usb, config.as_ref(), &speeds);
-    check_usb_policy(&mut checks, &inputs.usb_policy);
+    check_usb_policy(&mut checks, &inputs.usb_policy, inputs.usb_policy_when_absent);
 
     match (&inputs.xapi, &xe) {
         (Ok((runner, host)), Some((_, client))) => {
@@ -413,9 +416,12 @@ fn policy_allows(rules: &[PolicyRule], device: &PolicyDevice) -> bool {
         .is_some_and(|rule| rule.allow)
 }
 
-fn check_usb_policy(checks: &mut Checks, path: &Path) {
+fn check_usb_policy(checks: &mut Checks, path: &Path, when_absent: Option<&str>) {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && when_absent.is_some() => {
+            when_absent.unwrap_or_default().to_string()
+        }
         Err(e) => {
             checks.warn(
                 "usb-policy",

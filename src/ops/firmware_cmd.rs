@@ -1,7 +1,7 @@
 //! `coral firmware show|install|fetch`. Each returns the text to print.
 
-use crate::error::{fail, fail_then, FailureKind, NextStep};
-use crate::firmware::{self, FirmwareChoice, FirmwareSource};
+use crate::error::{fail_then, FailureKind, NextStep};
+use crate::firmware::{self, FirmwareChoice, FirmwareImage, FirmwareSource};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -12,8 +12,12 @@ pub const URL_BASE_ENV: &str = "CORAL_FIRMWARE_URL_BASE";
 
 /// Which image would be used, from where, and its checksum.
 pub fn show(choice: &FirmwareChoice) -> anyhow::Result<String> {
-    let image = firmware::load(choice)?;
-    Ok(format!(
+    Ok(describe(&firmware::load(choice)?))
+}
+
+/// An image as `show` prints it: name, source, size, checksum.
+pub fn describe(image: &FirmwareImage) -> String {
+    format!(
         "image:  {}\nfrom:   {}\nsize:   {} bytes\nsha256: {}",
         image
             .known_name
@@ -22,7 +26,7 @@ pub fn show(choice: &FirmwareChoice) -> anyhow::Result<String> {
         image.source,
         image.bytes.len(),
         image.sha256
-    ))
+    )
 }
 
 /// Verify `file` and install it atomically under `dir`; with `dry_run`
@@ -68,7 +72,13 @@ pub fn install(
 pub fn fetch(dir: &Path, dry_run: bool) -> anyhow::Result<String> {
     let entry = firmware::manifest()
         .first()
-        .ok_or_else(|| fail(FailureKind::Firmware, "the firmware manifest is empty"))?;
+        .ok_or_else(|| {
+            fail_then(
+                FailureKind::Firmware,
+                "the firmware manifest built into coral is empty",
+                NextStep::RebuildWithManifest,
+            )
+        })?;
     let url = match std::env::var(URL_BASE_ENV) {
         Ok(base) => format!("{}/{}", base.trim_end_matches('/'), entry.name),
         Err(_) => entry.url.clone(),
@@ -115,7 +125,7 @@ pub fn fetch(dir: &Path, dry_run: bool) -> anyhow::Result<String> {
     let bytes = downloaded.unwrap_or_default();
     let sha256 = firmware::sha256_hex(&bytes);
     if bytes.len() != entry.size || sha256 != entry.sha256 {
-        return Err(fail(
+        return Err(fail_then(
             FailureKind::Firmware,
             format!(
                 "the download from {url} is not the pinned image ({} bytes, sha256 {sha256}; expected {} bytes, {}); nothing was installed",
@@ -123,6 +133,7 @@ pub fn fetch(dir: &Path, dry_run: bool) -> anyhow::Result<String> {
                 entry.size,
                 entry.sha256
             ),
+            NextStep::RetryFetchOrElsewhere { url: url.clone() },
         ));
     }
     let target = dir.join(&entry.name);
@@ -136,9 +147,10 @@ pub fn fetch(dir: &Path, dry_run: bool) -> anyhow::Result<String> {
 
 fn create_dir(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| {
-        fail(
+        fail_then(
             FailureKind::Firmware,
             format!("cannot create {}: {e}", dir.display()),
+            NextStep::RootOrOtherDir,
         )
     })
 }
@@ -152,9 +164,10 @@ fn write_atomically(dir: &Path, target: &Path, bytes: &[u8]) -> anyhow::Result<(
         .and_then(|_| std::fs::rename(&tmp, target));
     written.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-        fail(
+        fail_then(
             FailureKind::Firmware,
             format!("cannot install {}: {e}", target.display()),
+            NextStep::RootOrOtherDir,
         )
     })
 }
