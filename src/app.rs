@@ -458,9 +458,11 @@ fn run_init(cli: &Cli, env: &Environment, out: &Output, args: &InitArgs) -> anyh
     if cli.dry_run {
         let image = load()?;
         let corals = env.usb().list_corals()?;
-        let chosen = corals
-            .iter()
-            .filter(|c| opts.device.as_ref().is_none_or(|d| c.path.to_string() == *d));
+        let chosen = corals.iter().filter(|c| {
+            opts.device
+                .as_ref()
+                .is_none_or(|d| c.path.to_string() == *d)
+        });
         for coral in chosen {
             out.data(&match coral.state {
                 CoralState::Ready if !opts.force => format!(

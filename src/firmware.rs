@@ -117,11 +117,7 @@ fn embedded() -> Option<&'static [u8]> {
 /// What to say when no image is found anywhere: where it was looked for,
 /// then how to get one.
 pub fn how_to_get_one(install_dir: &Path) -> String {
-    format!(
-        "{}; {}",
-        not_found(install_dir),
-        get_firmware(install_dir)
-    )
+    format!("{}; {}", not_found(install_dir), get_firmware(install_dir))
 }
 
 /// The next step when no image is found: fetch one, or install a copy into `install_dir`.

@@ -161,7 +161,11 @@ pub fn doctor(inputs: DoctorInputs<'_>) -> DoctorReport {
         .and_then(|(runner, client)| pusb_speeds(*runner, client.host_uuid()).ok())
         .unwrap_or_default();
     check_corals(&mut checks, inputs.usb, config.as_ref(), &speeds);
-    check_usb_policy(&mut checks, &inputs.usb_policy, inputs.usb_policy_when_absent);
+    check_usb_policy(
+        &mut checks,
+        &inputs.usb_policy,
+        inputs.usb_policy_when_absent,
+    );
 
     match (&inputs.xapi, &xe) {
         (Ok((runner, host)), Some((_, client))) => {

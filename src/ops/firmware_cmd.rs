@@ -70,15 +70,13 @@ pub fn install(
 /// Download the pinned default image with `curl`, verify, install under
 /// `dir`; with `dry_run` only say what would be downloaded and written.
 pub fn fetch(dir: &Path, dry_run: bool) -> anyhow::Result<String> {
-    let entry = firmware::manifest()
-        .first()
-        .ok_or_else(|| {
-            fail_then(
-                FailureKind::Firmware,
-                "the firmware manifest built into coral is empty",
-                NextStep::RebuildWithManifest,
-            )
-        })?;
+    let entry = firmware::manifest().first().ok_or_else(|| {
+        fail_then(
+            FailureKind::Firmware,
+            "the firmware manifest built into coral is empty",
+            NextStep::RebuildWithManifest,
+        )
+    })?;
     let url = match std::env::var(URL_BASE_ENV) {
         Ok(base) => format!("{}/{}", base.trim_end_matches('/'), entry.name),
         Err(_) => entry.url.clone(),

@@ -110,7 +110,10 @@ pub fn resolve_vm(xe: &XeClient, spec: &str) -> anyhow::Result<Vm> {
             FailureKind::Vm,
             format!(
                 "{n} VMs are named '{spec}' ({})",
-                vms.iter().map(|v| v.uuid.as_str()).collect::<Vec<_>>().join(", ")
+                vms.iter()
+                    .map(|v| v.uuid.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             NextStep::PassVmUuid,
         )),

@@ -30,7 +30,8 @@ pub const SIMULATED_VMS: &[&str] = &["frigate"];
 
 /// The simulated host's /etc/xensource/usb-policy.conf: xapi's default
 /// rules (see xapi-usb.md).
-pub const SIMULATED_USB_POLICY: &str = "# Simulated XCP-ng host: xapi's default rules (see xapi-usb.md).
+pub const SIMULATED_USB_POLICY: &str =
+    "# Simulated XCP-ng host: xapi's default rules (see xapi-usb.md).
 DENY: class=02 # communications
 DENY: class=0a # CDC data
 DENY: class=0b # smart card
@@ -100,7 +101,11 @@ impl SimulatedHost {
     pub fn new(coral: CoralState) -> Self {
         let clock = Rc::new(VirtualClock::new());
         let bus = SimBus::new(clock.clone(), &[coral]);
-        let pool = Pool::new("xcp-ng-sim", SIMULATED_VMS, as_xapi_devices(&bus.snapshot()));
+        let pool = Pool::new(
+            "xcp-ng-sim",
+            SIMULATED_VMS,
+            as_xapi_devices(&bus.snapshot()),
+        );
         Self::from_parts(clock, bus, pool)
     }
 
