@@ -11,6 +11,7 @@ use std::fs::File;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+mod support;
 
 const VARS_FROM_HOST: [&str; 6] = [
     "CORAL_FIRMWARE",
@@ -55,6 +56,7 @@ fn coral() -> Command {
     for var in VARS_FROM_HOST {
         cmd.env_remove(var);
     }
+    cmd.envs(support::isolated_env());
     cmd.env("CORAL_FIRMWARE_DIR", "/nonexistent-coral-test-dir");
     cmd.env("CORAL_SIM_STATE", fresh_sim_state());
     cmd
@@ -66,6 +68,7 @@ fn coral_std() -> std::process::Command {
     for var in VARS_FROM_HOST {
         cmd.env_remove(var);
     }
+    cmd.envs(support::isolated_env());
     cmd.env("CORAL_FIRMWARE_DIR", "/nonexistent-coral-test-dir");
     cmd.env("CORAL_SIM_STATE", fresh_sim_state());
     cmd

@@ -43,7 +43,8 @@ impl Sim {
         ] {
             cmd.env_remove(var);
         }
-        cmd.env("CORAL_FIRMWARE_DIR", "/nonexistent-coral-test-dir")
+        cmd.envs(support::isolated_env())
+            .env("CORAL_FIRMWARE_DIR", "/nonexistent-coral-test-dir")
             .env("CORAL_SIM_STATE", self.state());
         cmd
     }
