@@ -399,7 +399,7 @@ fn status_shows_each_mapping_with_the_watchers_last_action_and_the_pause_of_deta
     let (_, table, _) = sim.run(&["--simulate", "status"]);
     assert!(
         table.contains("Mapping the only Coral -> VM 'frigate' (")
-            && table.contains("[paused by a deliberate detach]"),
+            && table.contains("[paused by coral detach]"),
         "{table}"
     );
     // The watcher leaves a paused mapping alone (the simulated brownout

@@ -88,7 +88,7 @@ impl MappingStatus {
         };
         let device = self.device.as_deref().unwrap_or("the only Coral");
         let paused = if self.paused {
-            " [paused by a deliberate detach]"
+            " [paused by coral detach]"
         } else {
             ""
         };
