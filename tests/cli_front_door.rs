@@ -585,27 +585,35 @@ fn readme_try_it_commands() -> Vec<String> {
     commands
 }
 
-#[test]
-fn readme_try_it_works_on_a_fresh_clone_without_shared() {
-    let commands = readme_try_it_commands();
-    assert!(commands.len() >= 2, "two steps: {commands:?}");
-    assert!(!commands[0].contains("--firmware"), "{}", commands[0]);
-    assert!(commands[1].contains("--firmware"), "{}", commands[1]);
-    let args: Vec<&str> = commands[0]
+/// `cargo run --release -- ARGS` as ARGS.
+fn cargo_run_args(command: &str) -> Vec<&str> {
+    command
         .split_once(" -- ")
         .expect("cargo run --release -- ARGS")
         .1
         .split_whitespace()
-        .collect();
+        .collect()
+}
+
+#[test]
+fn readme_try_it_works_on_a_fresh_clone_without_shared() {
+    let commands = readme_try_it_commands();
+    assert!(commands.len() >= 3, "three steps: {commands:?}");
+    assert!(!commands[0].contains("--firmware"), "{}", commands[0]);
     // A fresh clone: no ../shared beside the working directory.
     let fresh = tempfile::tempdir().unwrap();
     let out = coral()
         .current_dir(fresh.path())
-        .args(&args)
+        .args(cargo_run_args(&commands[0]))
         .output()
         .unwrap();
     let stdout = text(&out.stdout);
-    assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        commands[0],
+        text(&out.stderr)
+    );
     assert!(
         stdout
             .lines()
@@ -613,6 +621,69 @@ fn readme_try_it_works_on_a_fresh_clone_without_shared() {
             .unwrap_or_default()
             .starts_with("up: firmware uploaded, Coral ready at 2-4"),
         "{stdout}"
+    );
+
+    // Step 2: the fetch supplies the image the run then names.
+    let fetch = commands
+        .iter()
+        .find(|c| c.contains(" firmware fetch"))
+        .expect("step 2 fetches the image");
+    let with_image = commands
+        .iter()
+        .find(|c| c.contains("--firmware"))
+        .expect("step 2 runs with the image");
+    let fetch_args = cargo_run_args(fetch);
+    let dir = fetch_args[fetch_args.iter().position(|a| *a == "--dir").unwrap() + 1];
+    let run_args = cargo_run_args(with_image);
+    let image = run_args[run_args.iter().position(|a| *a == "--firmware").unwrap() + 1];
+    assert_eq!(
+        Path::new(image).parent().unwrap(),
+        Path::new(dir),
+        "the run names the file the fetch writes"
+    );
+    // Before the fetch, the run says what to do (exit 4, the next step).
+    let out = coral()
+        .current_dir(fresh.path())
+        .args(&run_args)
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(
+        error_line(&stderr).contains("`coral firmware fetch`"),
+        "{stderr}"
+    );
+    // The fetch itself, from a local copy of the pinned image when there is one.
+    let Some(real) = support::shared_firmware("apex_latest_single_ep.bin") else {
+        return;
+    };
+    let base = format!("file://{}", real.parent().unwrap().display());
+    let out = coral()
+        .current_dir(fresh.path())
+        .env("CORAL_FIRMWARE_URL_BASE", base)
+        .args(&fetch_args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{fetch}: {}", text(&out.stderr));
+    let out = coral()
+        .current_dir(fresh.path())
+        .args(&run_args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{with_image}: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .starts_with("up: firmware uploaded, Coral ready at 2-4"),
+        "{stdout}"
+    );
+    assert!(
+        !text(&out.stderr).contains("stand-in"),
+        "the real image, not the stand-in: {}",
+        text(&out.stderr)
     );
 }
 
@@ -624,6 +695,9 @@ fn error_line(stderr: &str) -> String {
         .unwrap_or_default()
         .to_string()
 }
+
+/// (case, args, extra environment, words of the next step)
+type FirmwareCase<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, String)>, &'a [&'a str]);
 
 #[test]
 fn every_firmware_error_names_its_next_step() {
@@ -644,8 +718,7 @@ fn every_firmware_error_names_its_next_step() {
     let missing = s(&d.join("missing.bin"));
     let server = format!("file://{}", s(&d.join("server")));
     let nowhere = format!("file://{}", s(&d.join("nowhere")));
-    // (case, args, extra environment, words of the next step)
-    let cases: Vec<(&str, Vec<&str>, Vec<(&str, String)>, &[&str])> = vec![
+    let cases: Vec<FirmwareCase> = vec![
         (
             "nothing configured",
             vec!["firmware", "show"],
