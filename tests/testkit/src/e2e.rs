@@ -167,10 +167,13 @@ pub fn assert_succeeded(out: &Output) {
     );
 }
 
-/// Where the tests look for the real firmware images: `../shared/firmware`
-/// beside the repository (a plain clone has none; the images are never
-/// committed).
+/// Where the tests look for the real firmware images:
+/// `$CORAL_TEST_FIRMWARE_DIR`, else `../shared/firmware` beside the
+/// repository (a plain clone has none; the images are never committed).
 pub fn shared_firmware_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CORAL_TEST_FIRMWARE_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
     let root = repo_root();
     let root = root.canonicalize().unwrap_or(root);
     root.parent().unwrap_or(&root).join("shared/firmware")
