@@ -502,6 +502,22 @@ fn a_dry_run_says_what_it_would_do_and_never_that_it_did() {
             );
         }
         if story == "ready, detached" {
+            // And a dry detach of what a real up left attached.
+            let attached = Sim::new();
+            assert!(
+                attached
+                    .run(&["--simulate", "up", "--vm", "frigate", "--restart"])
+                    .0
+            );
+            let (ok, stdout, stderr) =
+                attached.run(&["--simulate", "--dry-run", "detach", "--vm", "frigate"]);
+            assert!(ok, "{stderr}");
+            for line in messages(&stdout, &stderr) {
+                assert!(
+                    line.starts_with("would ") || line.starts_with("simulated host"),
+                    "detach: {line:?}\n{stdout}{stderr}"
+                );
+            }
             assert!(summary.contains("would restart the VM once"), "{summary}");
         }
     }
