@@ -227,12 +227,13 @@ pub enum NextStep {
     ListVms,
     /// An image the manifest does not know: use the known one or allow it.
     KnownFirmwareOrAllow,
-    /// The download failed: fetch the image elsewhere and install the file.
-    FetchElsewhere,
-    /// No downloader: download `url` elsewhere and install the file.
+    /// The download failed, or there is no downloader: download `url` on a
+    /// machine that can, and install the file into `dir`.
     DownloadElsewhere {
         /// Where the image is.
         url: String,
+        /// Where it is to be installed.
+        dir: String,
     },
     /// The lock file cannot be opened: run as root or use another lock file.
     RootOrLockFile,

@@ -102,10 +102,9 @@ impl Wording for CliWording {
             ),
             NextStep::ListVms => "`xe vm-list params=uuid,name-label` shows the names (exact match, templates and snapshots excluded)".into(),
             NextStep::KnownFirmwareOrAllow => "use libedgetpu's apex_latest_single_ep.bin (`coral firmware fetch`) or pass --allow-unknown-firmware".into(),
-            NextStep::FetchElsewhere => "on a host without internet, fetch it elsewhere and run `coral firmware install FILE`".into(),
-            NextStep::DownloadElsewhere { url } => {
-                format!("download {url} elsewhere and run `coral firmware install FILE`")
-            }
+            NextStep::DownloadElsewhere { url, dir } => format!(
+                "download {url} on a machine that can, then `coral firmware install FILE --dir {dir}` (or copy it into {dir})"
+            ),
             NextStep::RootOrLockFile => "run as root or set --lock-file".into(),
             NextStep::RerunLater { waited: false } => "rerun later or without --no-wait".into(),
             NextStep::RerunLater { waited: true } => "rerun later or raise --lock-timeout".into(),

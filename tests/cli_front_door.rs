@@ -780,7 +780,16 @@ fn every_firmware_error_names_its_next_step() {
             "fetch: download fails",
             vec!["firmware", "fetch"],
             vec![("CORAL_FIRMWARE_URL_BASE", nowhere)],
-            &["coral firmware install FILE"],
+            &["on a machine that can", "coral firmware install FILE --dir"],
+        ),
+        (
+            "fetch: the host does not resolve (curl retries: one line still)",
+            vec!["firmware", "fetch"],
+            vec![(
+                "CORAL_FIRMWARE_URL_BASE",
+                "https://coral-test.invalid".to_string(),
+            )],
+            &["on a machine that can", "coral firmware install FILE --dir"],
         ),
         (
             "fetch: not the pinned image",
@@ -795,7 +804,7 @@ fn every_firmware_error_names_its_next_step() {
             "fetch: no curl",
             vec!["firmware", "fetch"],
             vec![("PATH", s(&d.join("empty-path")))],
-            &["elsewhere", "coral firmware install FILE"],
+            &["on a machine that can", "coral firmware install FILE --dir"],
         ),
     ];
     for (case, args, env, words) in cases {
@@ -809,6 +818,11 @@ fn every_firmware_error_names_its_next_step() {
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(4), "{case}: {stderr}");
         let line = error_line(&stderr);
+        assert_eq!(
+            stderr.trim_end().lines().last(),
+            Some(line.as_str()),
+            "{case}: the failure is one line, the last: {stderr}"
+        );
         let (_, next) = line
             .split_once("; ")
             .unwrap_or_else(|| panic!("{case}: no next step: {line}"));

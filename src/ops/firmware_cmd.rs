@@ -105,9 +105,17 @@ pub fn fetch(dir: &Path, dry_run: bool) -> anyhow::Result<String> {
                 FailureKind::Firmware,
                 format!(
                     "downloading {url} failed ({})",
-                    String::from_utf8_lossy(&out.stderr).trim()
+                    // curl says it once per try: the last is the line.
+                    String::from_utf8_lossy(&out.stderr)
+                        .lines()
+                        .rfind(|l| !l.trim().is_empty())
+                        .unwrap_or("no reason given")
+                        .trim()
                 ),
-                NextStep::FetchElsewhere,
+                NextStep::DownloadElsewhere {
+                    url: url.clone(),
+                    dir: dir.display().to_string(),
+                },
             ));
         }
         Err(e) => {
@@ -115,7 +123,10 @@ pub fn fetch(dir: &Path, dry_run: bool) -> anyhow::Result<String> {
             return Err(fail_then(
                 FailureKind::Firmware,
                 format!("cannot run curl ({e})"),
-                NextStep::DownloadElsewhere { url: url.clone() },
+                NextStep::DownloadElsewhere {
+                    url: url.clone(),
+                    dir: dir.display().to_string(),
+                },
             ));
         }
     };
