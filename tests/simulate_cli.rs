@@ -659,3 +659,15 @@ fn detach_and_status_name_the_vm_one_way() {
         assert!(!line.contains("VM frigate"), "unquoted: {line}");
     }
 }
+
+#[test]
+fn a_dry_run_watch_says_what_a_recovery_would_do() {
+    let (ok, _, stderr) = Sim::new().run(&["--simulate", "--dry-run", "watch", "--vm", "frigate"]);
+    assert!(ok, "{stderr}");
+    assert!(!stderr.contains("recovering"), "{stderr}");
+    assert!(stderr.contains("; would recover VM 'frigate'"), "{stderr}");
+    assert!(
+        stderr.contains("watch: VM 'frigate': up: would upload the firmware"),
+        "{stderr}"
+    );
+}
