@@ -46,7 +46,7 @@ summary() {
     # each such run as passed; the summary counts each test once and says
     # each reason once, with how many tests it kept from running.
     local skipped_runs
-    skipped_runs=$(( $(grep -c . "$CORAL_SKIP_LOG" || true) ))
+    skipped_runs=$(( $(grep -c '^[^ ]*::' "$CORAL_SKIP_LOG" || true) ))  # cargo tests only
     skipped=$(cut -d' ' -f1 "$CORAL_SKIP_LOG" | sort -u | grep -c . || true)
     if (( skipped > 0 )); then
         echo
