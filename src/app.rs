@@ -853,14 +853,12 @@ fn entry_deadlines(vm: &VmArgs, replug: &crate::cli::ReplugArgs) -> coral::confi
     }
 }
 
-/// A `--…` seconds flag as a duration; negative, NaN or absurd values are usage errors.
+/// A `--…` seconds flag as a duration. clap already checked it with the
+/// same rule ([`coral::clock::checked_seconds`]); a value that slips past is
+/// still a usage error (exit 2), never a panic.
 fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
-    Duration::try_from_secs_f64(value).map_err(|_| {
-        fail(
-            FailureKind::Other,
-            format!("{flag} {value}: give a number of seconds, 0 or more"),
-        )
-    })
+    coral::clock::checked_seconds(value, true)
+        .map_err(|why| fail(FailureKind::Usage, format!("{flag} {value}: {why}")))
 }
 
 /// A dry run's plan is what the user asked to see: printed even with `-q`.

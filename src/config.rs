@@ -63,7 +63,7 @@ impl Deadlines {
     /// One of these deadlines as a duration, else `default`.
     pub fn or(value: Option<f64>, default: Duration) -> Duration {
         value
-            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            .and_then(|s| crate::clock::checked_seconds(s, false).ok())
             .unwrap_or(default)
     }
 
@@ -211,11 +211,13 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
             }
         }
         let seconds = |value: Option<toml::Spanned<f64>>, key: &str| match value {
-            Some(v) if !(v.get_ref().is_finite() && *v.get_ref() > 0.0) => Err(error(
-                Some(v.span()),
-                &format!("{key} = {}: give a number of seconds above 0", v.get_ref()),
-            )),
-            Some(v) => Ok(Some(v.into_inner())),
+            Some(v) => match crate::clock::checked_seconds(*v.get_ref(), false) {
+                Ok(_) => Ok(Some(v.into_inner())),
+                Err(why) => Err(error(
+                    Some(v.span()),
+                    &format!("{key} = {}: {why}", v.get_ref()),
+                )),
+            },
             None => Ok(None),
         };
         let deadlines = Deadlines {

@@ -17,6 +17,8 @@ use std::sync::OnceLock;
 pub enum FailureKind {
     /// Anything not classified below.
     Other,
+    /// A bad command-line value that slipped past clap (exit 2, as clap's own).
+    Usage,
     /// No Coral found, or the requested port has none / several match.
     NoCoral,
     /// No firmware image, or an image that fails verification.
@@ -38,6 +40,7 @@ impl FailureKind {
     pub fn exit_code(self) -> u8 {
         match self {
             FailureKind::Other => 1,
+            FailureKind::Usage => 2,
             FailureKind::NoCoral => 3,
             FailureKind::Firmware => 4,
             FailureKind::Usb => 5,

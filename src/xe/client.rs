@@ -440,7 +440,7 @@ impl<'a> XeClient<'a> {
         let Some((clock, limit)) = self.wait else {
             return self.runner.run(args, timeout);
         };
-        let deadline = clock.now() + limit;
+        let deadline = crate::clock::deadline_after(clock, limit);
         let mut pause = XAPI_RETRY_FIRST;
         loop {
             match self.runner.run(args, timeout) {
@@ -451,7 +451,7 @@ impl<'a> XeClient<'a> {
                             limit.as_secs()
                         );
                     }
-                    clock.sleep(pause.min(deadline - clock.now()));
+                    clock.sleep(pause.min(crate::clock::time_left(clock, deadline)));
                     pause = (pause * 2).min(XAPI_RETRY_MAX);
                 }
                 other => return other,
