@@ -225,6 +225,18 @@ pub enum NextStep {
         /// True when this run waited for the lock; false when it did not wait.
         waited: bool,
     },
+    /// A file or directory coral must own alone is unsafe (a symlink, another
+    /// user's, writable by others): remove it; coral creates it again, private.
+    RemoveUnsafe {
+        /// The offending path.
+        path: String,
+    },
+    /// The mapping state was unreadable and kept aside: the pauses it held
+    /// are lost; detach again what should stay detached, then delete it.
+    RedoPausesThenDelete {
+        /// The file kept aside.
+        aside: String,
+    },
 }
 
 /// How the binary spells flags and next steps.
