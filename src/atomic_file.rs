@@ -44,6 +44,16 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// This process's effective uid: the owner of its `/proc/self` entry (std
+/// has no `geteuid`; this needs no `unsafe`). Files and directories coral
+/// must own alone are checked against it.
+pub fn effective_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(0)
+}
+
 /// The directory holding `path` (`.` for a bare file name).
 pub fn directory_of(path: &Path) -> &Path {
     match path.parent() {

@@ -7,6 +7,7 @@ use crate::usb::{CoralState, UsbBus};
 use crate::xe::client::{PowerState, XeClient};
 use crate::xe::{short, XeError};
 use serde::Serialize;
+use std::collections::BTreeSet;
 use std::fmt::Write;
 
 /// The whole status. JSON schema (version 1) documented in README.md.
@@ -22,6 +23,9 @@ pub struct StatusReport {
     pub corals: Vec<CoralStatus>,
     /// Each Coral -> VM mapping (config entries and what `coral watch` recorded).
     pub mappings: Vec<MappingStatus>,
+    /// What is wrong with the mapping state, one line each with its next
+    /// step (an unreadable file, or one kept aside: its pauses are lost).
+    pub state_problems: Vec<String>,
 }
 
 /// One Coral -> VM mapping, as `coral watch` keeps it.
@@ -44,8 +48,14 @@ pub struct MappingStatus {
 }
 
 /// The mappings: every config entry, then any VM the state file knows of
-/// (e.g. `coral watch --vm X` without a config), each with its recorded state.
-pub fn mapping_statuses(config: Option<&Config>, states: &MappingStates) -> Vec<MappingStatus> {
+/// (e.g. `coral watch --vm X` without a config) that still exists (`vms`:
+/// every VM uuid XAPI has; None without XAPI: all are shown), each with its
+/// recorded state.
+pub fn mapping_statuses(
+    config: Option<&Config>,
+    states: &MappingStates,
+    vms: Option<&BTreeSet<String>>,
+) -> Vec<MappingStatus> {
     let mut mappings: Vec<MappingStatus> = config
         .map(|c| c.entries.as_slice())
         .unwrap_or_default()
@@ -58,7 +68,8 @@ pub fn mapping_statuses(config: Option<&Config>, states: &MappingStates) -> Vec<
         })
         .collect();
     for (uuid, state) in &states.mappings {
-        if !mappings.iter().any(|m| &m.vm_uuid == uuid) {
+        let exists = vms.is_none_or(|vms| vms.contains(uuid));
+        if exists && !mappings.iter().any(|m| &m.vm_uuid == uuid) {
             mappings.push(MappingStatus::from_state(uuid, Some(state)));
         }
     }
@@ -234,6 +245,9 @@ impl StatusReport {
         for mapping in &self.mappings {
             mapping.render(now, &mut out);
         }
+        for problem in &self.state_problems {
+            let _ = writeln!(out, "State: {problem}");
+        }
         out.trim_end().to_string()
     }
 }
@@ -252,6 +266,7 @@ pub fn status(usb: &dyn UsbBus, xe: Option<&XeClient>) -> anyhow::Result<StatusR
         host_uuid: xe.map(|x| x.host_uuid().to_string()),
         xapi_available: xe.is_some(),
         mappings: Vec::new(),
+        state_problems: Vec::new(),
         corals: corals
             .iter()
             .map(|coral| {

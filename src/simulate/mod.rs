@@ -70,7 +70,8 @@ pub fn sim_paths() -> anyhow::Result<SimPaths> {
         None => {
             let dir = match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
                 Some(runtime) => PathBuf::from(runtime).join("coral-sim"),
-                None => std::env::temp_dir().join(format!("coral-sim-{}", own_uid())),
+                None => std::env::temp_dir()
+                    .join(format!("coral-sim-{}", crate::atomic_file::effective_uid())),
             };
             SimPaths {
                 state: dir.join("state.json"),
@@ -106,14 +107,6 @@ impl SimPaths {
     }
 }
 
-/// This process's effective uid (the owner of its /proc entry).
-fn own_uid() -> u32 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid())
-        .unwrap_or(0)
-}
-
 /// `dir` is a real directory of this user's that no one else may write.
 fn check_private(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt;
@@ -134,7 +127,7 @@ fn check_private(dir: &Path) -> anyhow::Result<()> {
     if !meta.is_dir() {
         return Err(unsafe_dir("is not a directory".into()));
     }
-    let uid = own_uid();
+    let uid = crate::atomic_file::effective_uid();
     if meta.uid() != uid {
         return Err(unsafe_dir(format!(
             "belongs to uid {}, not to this user (uid {uid})",

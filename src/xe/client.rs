@@ -205,6 +205,11 @@ impl<'a> XeClient<'a> {
         self.vm_list(&[format!("name-label={spec}")])
     }
 
+    /// Every VM's uuid (never templates, snapshots or control domains): one call.
+    pub fn vm_uuids(&self) -> Result<Vec<String>, XeError> {
+        Ok(self.vm_list(&[])?.into_iter().map(|vm| vm.uuid).collect())
+    }
+
     /// The VM with this uuid now (None if it no longer exists).
     pub fn vm(&self, uuid: &str) -> Result<Option<VmInfo>, XeError> {
         Ok(self.vm_list(&[format!("uuid={uuid}")])?.into_iter().next())
