@@ -95,13 +95,18 @@ fn open(path: &Path) -> anyhow::Result<File> {
         .mode(LOCK_MODE)
         .custom_flags(NO_FOLLOW)
         .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => unsafe_lock(path, "is a symlink".into()),
-            _ => fail_then(
+        .map_err(|e| {
+            // O_NOFOLLOW refuses a symlink with ELOOP, or EACCES when it
+            // sits in a sticky directory such as /tmp: say which it is.
+            let symlink = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_symlink());
+            if symlink || e.raw_os_error() == Some(libc::ELOOP) {
+                return unsafe_lock(path, "is a symlink".into());
+            }
+            fail_then(
                 FailureKind::Busy,
                 format!("cannot open the lock file {}: {e}", path.display()),
                 NextStep::RootOrLockFile,
-            ),
+            )
         })?;
     check_owned(&file, path)?;
     Ok(file)
