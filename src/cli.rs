@@ -410,11 +410,11 @@ pub const ENVIRONMENT: &[(&str, &str)] = &[
     ),
     (
         "CORAL_STATE_DIR",
-        "where `coral watch` keeps each mapping's state (default /var/lib/coral)",
+        "where each mapping's state is kept, mappings.json (default /var/lib/coral)",
     ),
     (
         "CORAL_SIM_STATE",
-        "the --simulate state file (default $XDG_RUNTIME_DIR/coral-sim.json)",
+        "the --simulate state file (its root: the private directory FILE.root/)",
     ),
     (
         "CORAL_USB_POLICY",
@@ -422,7 +422,11 @@ pub const ENVIRONMENT: &[(&str, &str)] = &[
     ),
     (
         "XDG_RUNTIME_DIR",
-        "where the --simulate state file goes when CORAL_SIM_STATE is not set",
+        "holds --simulate's private directory coral-sim/ when CORAL_SIM_STATE is not set",
+    ),
+    (
+        "TMPDIR",
+        "without XDG_RUNTIME_DIR: holds coral-sim-<uid>/ (default /tmp)",
     ),
     (
         "PATH",
