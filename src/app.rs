@@ -136,7 +136,7 @@ fn man(args: &ManArgs, out: &Output) -> anyhow::Result<()> {
             let mut page = Vec::new();
             render_man_page(command, &mut page)?;
             let path = dir.join("coral.1");
-            std::fs::write(&path, page)
+            coral::atomic_file::write(&path, &page, MAN_PAGE_MODE)
                 .with_context(|| format!("cannot write {}", path.display()))?;
             out.result(&format!("wrote the man pages into {}", dir.display()));
         }
@@ -148,6 +148,9 @@ fn man(args: &ManArgs, out: &Output) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The mode of the man pages `coral man --dir` writes.
+const MAN_PAGE_MODE: u32 = 0o644;
 
 /// coral(1): clap_mangen's sections, then ENVIRONMENT and EXIT STATUS.
 fn render_man_page(command: clap::Command, page: &mut Vec<u8>) -> anyhow::Result<()> {

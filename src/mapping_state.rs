@@ -373,6 +373,31 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_changes_are_never_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let writers: Vec<_> = (0..6)
+            .map(|i| {
+                let store = StateStore::in_dir(dir.path());
+                std::thread::spawn(move || {
+                    for n in 0..15 {
+                        store
+                            .record_action(&format!("vm-{i}"), "vm", &format!("step {n}"), true)
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().unwrap();
+        }
+        let states = StateStore::in_dir(dir.path()).load().unwrap();
+        assert_eq!(states.mappings.len(), 6, "{states:?}");
+        for state in states.mappings.values() {
+            assert_eq!(state.last_action.as_deref(), Some("step 14"));
+        }
+    }
+
+    #[test]
     fn stamps_are_utc() {
         assert_eq!(utc_stamp(0), "19700101T000000Z");
         assert_eq!(utc_stamp(951_782_400), "20000229T000000Z");
