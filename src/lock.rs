@@ -181,6 +181,31 @@ fn held(mut file: File) -> LockGuard {
     LockGuard { _file: file }
 }
 
+/// Why an existing lock file at `path` would be refused or changed (a
+/// symlink, not a regular file, another user's, a looser mode than 0600),
+/// without opening it (for `coral doctor`); None when it is fine or absent.
+pub fn unsafe_reason(path: &Path) -> Option<String> {
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    let uid = crate::atomic_file::effective_uid();
+    if meta.file_type().is_symlink() {
+        Some("is a symlink".into())
+    } else if !meta.is_file() {
+        Some("is not a regular file".into())
+    } else if meta.uid() != uid {
+        Some(format!(
+            "belongs to uid {}, not to this user (uid {uid})",
+            meta.uid()
+        ))
+    } else if meta.mode() & 0o777 != LOCK_MODE {
+        Some(format!(
+            "has mode {:o}: anyone who can read it can hold the lock (the next run sets {LOCK_MODE:o})",
+            meta.mode() & 0o777
+        ))
+    } else {
+        None
+    }
+}
+
 /// Whether the lock at `path` is free, without taking it or creating the
 /// file (for `coral doctor`): a shared lock attempt fails while a run holds it.
 pub fn is_free(path: &Path) -> std::io::Result<bool> {

@@ -181,6 +181,18 @@ pub fn doctor(inputs: DoctorInputs<'_>) -> DoctorReport {
 
     check_watch_service(&mut checks, &inputs);
     match crate::lock::is_free(&inputs.lock_file) {
+        _ if crate::lock::unsafe_reason(&inputs.lock_file).is_some() => checks.fail(
+            "lock",
+            format!(
+                "{} {}",
+                inputs.lock_file.display(),
+                crate::lock::unsafe_reason(&inputs.lock_file).unwrap_or_default()
+            ),
+            crate::error::NextStep::RemoveUnsafe {
+                path: inputs.lock_file.display().to_string(),
+            }
+            .to_string(),
+        ),
         Ok(true) => checks.ok("lock", format!("{} is free", inputs.lock_file.display())),
         Ok(false) => checks.fail(
             "lock",
