@@ -530,40 +530,12 @@ fn run_status(cli: &Cli, env: &Environment, out: &Output, args: &StatusArgs) -> 
             log::warn!("{e:#}");
             None
         });
-    let store = state_store(env);
-    let states = store.load().unwrap_or_default();
-    for (what, next) in store.problems() {
-        log::error!("{what}");
-        report.state_problems.push(format!("{what}; {next}"));
-    }
-    // No ghosts: records of VMs XAPI no longer has are neither shown nor kept.
-    let vms = client.as_ref().and_then(|xe| match xe.vm_uuids() {
-        Ok(uuids) => Some(uuids.into_iter().collect::<std::collections::BTreeSet<_>>()),
-        Err(err) => {
-            log::warn!("cannot list the VMs ({err}); showing every recorded mapping");
-            None
-        }
-    });
-    report.mappings = coral::ops::status::mapping_statuses(config.as_ref(), &states, vms.as_ref());
-    let configured = |uuid: &str| {
-        config
-            .as_ref()
-            .is_some_and(|c| c.entries.iter().any(|e| e.vm_uuid == uuid))
+    let store = if cli.dry_run {
+        state_store(env).read_only()
+    } else {
+        state_store(env)
     };
-    let keep = |uuid: &str| vms.as_ref().is_none_or(|vms| vms.contains(uuid)) || configured(uuid);
-    let ghosts = states.mappings.keys().any(|uuid| !keep(uuid));
-    if ghosts && !cli.dry_run && report.state_problems.is_empty() {
-        match store.prune(keep) {
-            Ok(gone) if !gone.is_empty() => {
-                log::info!(
-                    "forgot the recorded state of VMs XAPI no longer has: {}",
-                    gone.join(", ")
-                )
-            }
-            Ok(_) => {}
-            Err(e) => log::debug!("cannot prune {}: {e}", store.path().display()),
-        }
-    }
+    coral::ops::status::add_mappings(&mut report, client.as_ref(), config.as_ref(), &store);
     if args.json {
         out.data(&serde_json::to_string_pretty(&report)?);
     } else {

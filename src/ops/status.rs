@@ -2,7 +2,7 @@
 
 use crate::config::Config;
 use crate::error::NextStep;
-use crate::mapping_state::{MappingState, MappingStates};
+use crate::mapping_state::{MappingState, MappingStates, StateStore};
 use crate::usb::{CoralState, UsbBus};
 use crate::xe::client::{PowerState, XeClient};
 use crate::xe::{short, XeError};
@@ -327,4 +327,45 @@ fn xapi_side(xe: &XeClient, corals: &mut [CoralStatus]) -> Result<(), XeError> {
         }
     }
     Ok(())
+}
+
+/// Fill in the report's mappings ([`mapping_statuses`]) and what is wrong
+/// with the mapping state (each problem also logged at error priority). No
+/// ghosts: with XAPI, records of VMs it no longer has (and no config entry
+/// names) are neither shown nor kept; they are pruned from the state file
+/// unless it is read-only (a dry run) or unreadable.
+pub fn add_mappings(
+    report: &mut StatusReport,
+    xe: Option<&XeClient>,
+    config: Option<&Config>,
+    store: &StateStore,
+) {
+    let states = store.load().unwrap_or_default();
+    for (what, next) in store.problems() {
+        log::error!("{what}");
+        report.state_problems.push(format!("{what}; {next}"));
+    }
+    let vms = xe.and_then(|xe| match xe.vm_uuids() {
+        Ok(uuids) => Some(uuids.into_iter().collect::<BTreeSet<_>>()),
+        Err(err) => {
+            log::warn!("cannot list the VMs ({err}); showing every recorded mapping");
+            None
+        }
+    });
+    report.mappings = mapping_statuses(config, &states, vms.as_ref());
+    let configured =
+        |uuid: &str| config.is_some_and(|c| c.entries.iter().any(|e| e.vm_uuid == uuid));
+    let keep = |uuid: &str| vms.as_ref().is_none_or(|vms| vms.contains(uuid)) || configured(uuid);
+    let ghosts = states.mappings.keys().any(|uuid| !keep(uuid));
+    if !ghosts || !report.state_problems.is_empty() {
+        return;
+    }
+    match store.prune(keep) {
+        Ok(gone) if !gone.is_empty() => log::info!(
+            "forgot the recorded state of VMs XAPI no longer has: {}",
+            gone.join(", ")
+        ),
+        Ok(_) => {}
+        Err(e) => log::debug!("cannot prune {}: {e}", store.path().display()),
+    }
 }
