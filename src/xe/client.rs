@@ -475,3 +475,44 @@ fn malformed(args: &[String], reason: String) -> XeError {
 fn get(record: &Record, field: &str) -> String {
     record.get(field).cloned().unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    /// A clock on which time passes between any two readings (a loaded
+    /// machine): each `now` is a second later than the one before.
+    struct SlowMachine(Cell<Duration>);
+
+    impl Clock for SlowMachine {
+        fn now(&self) -> Duration {
+            let now = self.0.get();
+            self.0.set(now + Duration::from_secs(1));
+            now
+        }
+        fn sleep(&self, duration: Duration) {
+            self.0.set(self.0.get() + duration);
+        }
+    }
+
+    /// xapi that is always starting.
+    struct Starting;
+
+    impl XeRunner for Starting {
+        fn run(&self, args: &[String], _timeout: Duration) -> Result<String, XeError> {
+            Err(XeError::Unavailable {
+                args: args.to_vec(),
+                message: "Connection refused".into(),
+            })
+        }
+    }
+
+    #[test]
+    fn a_deadline_passing_between_check_and_sleep_is_no_panic() {
+        let clock = SlowMachine(Cell::new(Duration::ZERO));
+        let xe = XeClient::new(&Starting, "host".into(), false)
+            .waiting_for_xapi(&clock, Duration::from_millis(1500));
+        assert!(xe.vm("3c6ef362-1f42-4a5d-9b1e-f6a9dbd967af").is_err());
+    }
+}
