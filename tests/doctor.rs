@@ -4,6 +4,7 @@
 use assert_cmd::Command;
 use coral_testkit::e2e::assert_succeeded;
 mod support;
+use std::os::unix::fs::OpenOptionsExt;
 
 use coral_testkit::xapi::{coral_ready_device, PowerState, World};
 use serde_json::Value;
@@ -233,10 +234,12 @@ fn an_ha_protected_vm_and_a_held_lock_fail() {
     let mut state = coral_testkit::xapi::SimState::load(&s.xapi.state).unwrap();
     state.world.vm_mut(&s.vm).unwrap().ha_restart_priority = "restart".into();
     state.save(&s.xapi.state).unwrap();
+    // Held by another run (a lock file as coral makes it: 0600).
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(s.xapi.dir().join("coral.lock"))
         .unwrap();
     lock.lock().unwrap();
@@ -248,6 +251,23 @@ fn an_ha_protected_vm_and_a_held_lock_fail() {
         .unwrap()
         .contains("HA"));
     assert_eq!(check(&json, "lock")["verdict"], "fail");
+    assert!(check(&json, "lock")["detail"]
+        .as_str()
+        .unwrap()
+        .contains("another coral run holds"));
+    // Left 0644 (by an older coral): anyone could hold it.
+    std::fs::set_permissions(
+        s.xapi.dir().join("coral.lock"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    drop(lock);
+    let (_, json) = s.doctor();
+    assert_eq!(check(&json, "lock")["verdict"], "fail");
+    assert!(check(&json, "lock")["detail"]
+        .as_str()
+        .unwrap()
+        .contains("has mode 644"));
 }
 
 #[test]

@@ -104,6 +104,8 @@ pub struct DoctorInputs<'a> {
     pub usb_policy: PathBuf,
     /// The lock file.
     pub lock_file: PathBuf,
+    /// What coral remembers per mapping (pauses, the watcher's last action).
+    pub state: crate::mapping_state::StateStore,
 }
 
 /// Run every check.
@@ -182,6 +184,18 @@ pub fn doctor(inputs: DoctorInputs<'_>) -> DoctorReport {
 
     check_watch_service(&mut checks, &inputs);
     match crate::lock::is_free(&inputs.lock_file) {
+        _ if crate::lock::unsafe_reason(&inputs.lock_file).is_some() => checks.fail(
+            "lock",
+            format!(
+                "{} {}",
+                inputs.lock_file.display(),
+                crate::lock::unsafe_reason(&inputs.lock_file).unwrap_or_default()
+            ),
+            crate::error::NextStep::RemoveUnsafe {
+                path: inputs.lock_file.display().to_string(),
+            }
+            .to_string(),
+        ),
         Ok(true) => checks.ok("lock", format!("{} is free", inputs.lock_file.display())),
         Ok(false) => checks.fail(
             "lock",
@@ -195,12 +209,35 @@ pub fn doctor(inputs: DoctorInputs<'_>) -> DoctorReport {
             "run as root, or set --lock-file",
         ),
     }
+    check_state(&mut checks, &inputs.state);
     let passed = checks.0.iter().all(|c| c.verdict != Verdict::Fail);
     DoctorReport {
         schema: 1,
         passed,
         checks: checks.0,
     }
+}
+
+/// The mapping state: readable, and no unreadable file kept aside (its
+/// pauses are lost until the admin has redone them).
+fn check_state(checks: &mut Checks, state: &crate::mapping_state::StateStore) {
+    let problems = state.problems();
+    if problems.is_empty() {
+        let states = state.load().unwrap_or_default();
+        let paused = states.mappings.values().filter(|s| s.paused).count();
+        checks.ok(
+            "state",
+            format!(
+                "{}: {} mapping(s) recorded, {paused} paused",
+                state.path().display(),
+                states.mappings.len()
+            ),
+        );
+        return;
+    }
+    let what: Vec<&str> = problems.iter().map(|(what, _)| what.as_str()).collect();
+    let next: Vec<String> = problems.iter().map(|(_, next)| next.to_string()).collect();
+    checks.fail("state", what.join("; "), next.join("; "));
 }
 
 #[derive(Default)]

@@ -153,7 +153,7 @@ pub fn wait_for_pusb(
     timeout: Duration,
 ) -> anyhow::Result<Option<PusbInfo>> {
     let started = clock.now();
-    let deadline = started + timeout;
+    let deadline = crate::clock::deadline_after(clock, timeout);
     let mut kicked = false;
     let mut misses = 0;
     let kick_after = if after_reset { 2 } else { 1 };
@@ -168,7 +168,7 @@ pub fn wait_for_pusb(
         if let Some(found) = pusb_at(&pusbs, xe.host_uuid(), path, distrust) {
             log::debug!(
                 "XAPI listed the Coral at {path} after {:.1} ms of scan wait",
-                (clock.now() - started).as_secs_f64() * 1000.0
+                clock.now().saturating_sub(started).as_secs_f64() * 1000.0
             );
             return Ok(Some(found.clone()));
         }
@@ -195,7 +195,7 @@ pub fn wait_for_pusb(
                 ),
             ));
         }
-        clock.sleep(SCAN_POLL_INTERVAL.min(deadline - now));
+        clock.sleep(SCAN_POLL_INTERVAL.min(deadline.saturating_sub(now)));
     }
 }
 
