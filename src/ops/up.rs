@@ -136,7 +136,7 @@ pub fn up(
         CoralState::Ready => {
             log::info!("Coral at {} is ready (18d1:9302)", coral.path);
             let path = coral.path.to_string();
-            let report = attach_planned(xe, clock, &opts.attach, &plan, &path, None)?;
+            let report = attach_planned(usb, xe, clock, &opts.attach, &plan, &path, None)?;
             return Ok(UpReport {
                 init: None,
                 attach: Some(report),
@@ -212,7 +212,7 @@ pub fn up(
                 .filter(|p| p.host == xe.host_uuid() && p.is_ready_coral())
                 .map(|p| p.uuid.clone())
                 .collect();
-            let report = attach_planned(xe, clock, &opts.attach, &plan, &path, Some(before))?;
+            let report = attach_planned(usb, xe, clock, &opts.attach, &plan, &path, Some(before))?;
             (Some(outcome), report)
         }
     };

@@ -5,7 +5,7 @@
 use super::init::select_coral;
 use crate::clock::Clock;
 use crate::error::{fail, fail_then, FailureKind, Flag, NextStep};
-use crate::usb::{CoralDevice, CoralState, UsbBus};
+use crate::usb::{CoralDevice, CoralState, NodeCheck, UsbBus};
 use crate::xe::client::{PusbInfo, VmInfo, XeClient};
 use crate::xe::{looks_like_uuid, XeError};
 use std::time::Duration;
@@ -157,7 +157,7 @@ pub fn wait_for_pusb(
     timeout: Duration,
 ) -> anyhow::Result<Option<PusbInfo>> {
     let started = clock.now();
-    let deadline = started + timeout;
+    let deadline = crate::clock::deadline_after(clock, timeout);
     let mut kicked = false;
     let mut misses = 0;
     let kick_after = if after_reset { 2 } else { 1 };
@@ -172,7 +172,7 @@ pub fn wait_for_pusb(
         if let Some(found) = pusb_at(&pusbs, xe.host_uuid(), path, distrust) {
             log::debug!(
                 "XAPI listed the Coral at {path} after {:.1} ms of scan wait",
-                (clock.now() - started).as_secs_f64() * 1000.0
+                clock.now().saturating_sub(started).as_secs_f64() * 1000.0
             );
             return Ok(Some(found.clone()));
         }
@@ -199,6 +199,17 @@ pub fn wait_for_pusb(
                 ),
             ));
         }
-        clock.sleep(SCAN_POLL_INTERVAL.min(deadline - now));
+        clock.sleep(SCAN_POLL_INTERVAL.min(deadline.saturating_sub(now)));
+    }
+}
+
+/// Whether the running VM's QEMU holds the Coral now at `path` (the
+/// stateless check of [`crate::usb::qemu_node`], given the VM's `dom-id`).
+/// Anything that cannot be read is unknown, never lost.
+pub fn guest_node(usb: &dyn UsbBus, xe: &XeClient, vm_uuid: &str, path: &str) -> NodeCheck {
+    match xe.dom_id(vm_uuid) {
+        Ok(Some(domid)) => usb.qemu_node(path, domid),
+        Ok(None) => NodeCheck::Unknown("the VM has no domain".into()),
+        Err(e) => NodeCheck::Unknown(format!("reading its dom-id: {e}")),
     }
 }
