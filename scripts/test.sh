@@ -105,8 +105,11 @@ run_tests() {
 # The suite leaves the machine's own coral files as it found them: every run
 # of coral in the tests has its own CORAL_STATE_DIR and CORAL_CONFIG
 # (coral_testkit::e2e::isolated_env). Checked after each cargo test run.
+# What counts is what they hold (type, mode, contents), not when they were
+# last written.
 host_files() {
-    find /var/lib/coral /etc/coral -printf '%p %y %s %m %T@\n' 2>/dev/null | sort || true
+    find /var/lib/coral /etc/coral -printf '%p %y %m\n' 2>/dev/null | sort || true
+    find /var/lib/coral /etc/coral -type f -exec sha256sum {} + 2>/dev/null | sort || true
 }
 host_files_before=$(host_files)
 check_host_files() {
@@ -115,6 +118,7 @@ check_host_files() {
     if [[ "$now" != "$host_files_before" ]]; then
         echo "the tests changed /var/lib/coral or /etc/coral on this machine:" >&2
         diff <(echo "$host_files_before") <(echo "$now") >&2 || true
+        echo "(another coral or test run on this machine at the same time writes there too: rerun alone to tell)" >&2
         return 1
     fi
 }
