@@ -88,9 +88,10 @@ pub fn resolve_vm(xe: &XeClient, spec: &str) -> anyhow::Result<Vm> {
         .find_vms(spec)
         .map_err(|e| xe_fail("looking up the VM", e))?;
     match vms.len() {
-        0 => Err(fail(
+        0 => Err(fail_then(
             FailureKind::Vm,
-            format!("VM '{spec}' not found on this pool; `xe vm-list params=uuid,name-label` shows the names (exact match, templates and snapshots excluded)"),
+            format!("VM '{spec}' not found on this pool"),
+            NextStep::ListVms,
         )),
         1 => {
             let info = vms.remove(0);
@@ -109,7 +110,10 @@ pub fn resolve_vm(xe: &XeClient, spec: &str) -> anyhow::Result<Vm> {
             FailureKind::Vm,
             format!(
                 "{n} VMs are named '{spec}' ({})",
-                vms.iter().map(|v| v.uuid.as_str()).collect::<Vec<_>>().join(", ")
+                vms.iter()
+                    .map(|v| v.uuid.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             NextStep::PassVmUuid,
         )),
