@@ -4,6 +4,7 @@
 use assert_cmd::Command;
 use coral_testkit::e2e::assert_succeeded;
 mod support;
+use std::os::unix::fs::OpenOptionsExt;
 
 use coral_testkit::xapi::{coral_ready_device, PowerState, World};
 use serde_json::Value;
@@ -45,7 +46,8 @@ fn setup(edit: impl FnOnce(&mut World, &str)) -> Setup {
 impl Setup {
     fn coral(&self) -> Command {
         let mut cmd = Command::cargo_bin("coral").unwrap();
-        cmd.env_remove("CORAL_CONFIG")
+        cmd.envs(support::isolated_env())
+            .env_remove("CORAL_CONFIG")
             .env_remove("CORAL_FIRMWARE")
             .env("CORAL_FIRMWARE_DIR", "/nonexistent-coral-test-dir")
             .env("CORAL_USB_POLICY", self.xapi.dir().join("usb-policy.conf"))
@@ -233,10 +235,12 @@ fn an_ha_protected_vm_and_a_held_lock_fail() {
     let mut state = coral_testkit::xapi::SimState::load(&s.xapi.state).unwrap();
     state.world.vm_mut(&s.vm).unwrap().ha_restart_priority = "restart".into();
     state.save(&s.xapi.state).unwrap();
+    // Held by another run (a lock file as coral makes it: 0600).
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(s.xapi.dir().join("coral.lock"))
         .unwrap();
     lock.lock().unwrap();
@@ -248,6 +252,23 @@ fn an_ha_protected_vm_and_a_held_lock_fail() {
         .unwrap()
         .contains("HA"));
     assert_eq!(check(&json, "lock")["verdict"], "fail");
+    assert!(check(&json, "lock")["detail"]
+        .as_str()
+        .unwrap()
+        .contains("another coral run holds"));
+    // Left 0644 (by an older coral): anyone could hold it.
+    std::fs::set_permissions(
+        s.xapi.dir().join("coral.lock"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    drop(lock);
+    let (_, json) = s.doctor();
+    assert_eq!(check(&json, "lock")["verdict"], "fail");
+    assert!(check(&json, "lock")["detail"]
+        .as_str()
+        .unwrap()
+        .contains("has mode 644"));
 }
 
 #[test]

@@ -103,8 +103,13 @@ pub struct DoctorInputs<'a> {
     pub systemd: Box<dyn Systemd>,
     /// `/etc/xensource/usb-policy.conf` (or its stand-in).
     pub usb_policy: PathBuf,
+    /// What that file holds while it does not exist yet (a simulated host
+    /// that nothing has written to has xapi's defaults); None: a real host.
+    pub usb_policy_when_absent: Option<&'static str>,
     /// The lock file.
     pub lock_file: PathBuf,
+    /// What coral remembers per mapping (pauses, the watcher's last action).
+    pub state: crate::mapping_state::StateStore,
 }
 
 /// Run every check.
@@ -159,7 +164,11 @@ pub fn doctor(inputs: DoctorInputs<'_>) -> DoctorReport {
         .and_then(|(runner, client)| pusb_speeds(*runner, client.host_uuid()).ok())
         .unwrap_or_default();
     check_corals(&mut checks, inputs.usb, config.as_ref(), &speeds);
-    check_usb_policy(&mut checks, &inputs.usb_policy);
+    check_usb_policy(
+        &mut checks,
+        &inputs.usb_policy,
+        inputs.usb_policy_when_absent,
+    );
 
     match (&inputs.xapi, &xe) {
         (Ok((runner, host)), Some((_, client))) => {
@@ -183,6 +192,18 @@ pub fn doctor(inputs: DoctorInputs<'_>) -> DoctorReport {
 
     check_watch_service(&mut checks, &inputs);
     match crate::lock::is_free(&inputs.lock_file) {
+        _ if crate::lock::unsafe_reason(&inputs.lock_file).is_some() => checks.fail(
+            "lock",
+            format!(
+                "{} {}",
+                inputs.lock_file.display(),
+                crate::lock::unsafe_reason(&inputs.lock_file).unwrap_or_default()
+            ),
+            crate::error::NextStep::RemoveUnsafe {
+                path: inputs.lock_file.display().to_string(),
+            }
+            .to_string(),
+        ),
         Ok(true) => checks.ok("lock", format!("{} is free", inputs.lock_file.display())),
         Ok(false) => checks.fail(
             "lock",
@@ -196,12 +217,35 @@ pub fn doctor(inputs: DoctorInputs<'_>) -> DoctorReport {
             "run as root, or set --lock-file",
         ),
     }
+    check_state(&mut checks, &inputs.state);
     let passed = checks.0.iter().all(|c| c.verdict != Verdict::Fail);
     DoctorReport {
         schema: 1,
         passed,
         checks: checks.0,
     }
+}
+
+/// The mapping state: readable, and no unreadable file kept aside (its
+/// pauses are lost until the admin has redone them).
+fn check_state(checks: &mut Checks, state: &crate::mapping_state::StateStore) {
+    let problems = state.problems();
+    if problems.is_empty() {
+        let states = state.load().unwrap_or_default();
+        let paused = states.mappings.values().filter(|s| s.paused).count();
+        checks.ok(
+            "state",
+            format!(
+                "{}: {} mapping(s) recorded, {paused} paused",
+                state.path().display(),
+                states.mappings.len()
+            ),
+        );
+        return;
+    }
+    let what: Vec<&str> = problems.iter().map(|(what, _)| what.as_str()).collect();
+    let next: Vec<String> = problems.iter().map(|(_, next)| next.to_string()).collect();
+    checks.fail("state", what.join("; "), next.join("; "));
 }
 
 #[derive(Default)]
@@ -500,9 +544,12 @@ fn denied_by(rule: Option<String>) -> String {
     }
 }
 
-fn check_usb_policy(checks: &mut Checks, path: &Path) {
+fn check_usb_policy(checks: &mut Checks, path: &Path, when_absent: Option<&str>) {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && when_absent.is_some() => {
+            when_absent.unwrap_or_default().to_string()
+        }
         Err(e) => {
             checks.warn(
                 "usb-policy",

@@ -406,7 +406,7 @@ pub fn install(
     let entry = resolve_entry(xe, request)?;
     let start = entry.start;
     let changes = apply(&mut config, entry, request.replace)?;
-    let mut out = Output::new(place.dry_run);
+    let mut out = Output::new(place);
     for line in changes {
         out.line(line);
     }
@@ -494,7 +494,7 @@ pub fn show(
 /// entry, the config and the units. Removing the last entry removes the
 /// units too: a boot unit without entries would only fail.
 pub fn uninstall(place: &Place, vm: Option<&str>) -> anyhow::Result<String> {
-    let mut out = Output::new(place.dry_run);
+    let mut out = Output::new(place);
     let mut config = load_config(place)?;
     if let Some(vm) = vm {
         let gone = config.remove_vm(vm);
@@ -568,13 +568,17 @@ fn check_exe(spec: &UnitSpec) -> anyhow::Result<()> {
 /// Lines for the user; in a dry run every change is described, not made.
 struct Output {
     dry_run: bool,
+    /// Under another root (--root, --simulate) systemctl is not run: each
+    /// command is still named, as the real host would run it.
+    rooted: bool,
     lines: Vec<String>,
 }
 
 impl Output {
-    fn new(dry_run: bool) -> Self {
+    fn new(place: &Place) -> Self {
         Output {
-            dry_run,
+            dry_run: place.dry_run,
+            rooted: place.root.is_some(),
             lines: Vec::new(),
         }
     }
@@ -619,7 +623,11 @@ impl Output {
             self.line(format!("would run: {what}"));
             return Ok(());
         }
-        f()
+        f()?;
+        if self.rooted {
+            self.line(format!("would run on a real host: {what}"));
+        }
+        Ok(())
     }
 
     fn text(&self) -> String {

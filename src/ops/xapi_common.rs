@@ -88,9 +88,10 @@ pub fn resolve_vm(xe: &XeClient, spec: &str) -> anyhow::Result<Vm> {
         .find_vms(spec)
         .map_err(|e| xe_fail("looking up the VM", e))?;
     match vms.len() {
-        0 => Err(fail(
+        0 => Err(fail_then(
             FailureKind::Vm,
-            format!("VM '{spec}' not found on this pool; `xe vm-list params=uuid,name-label` shows the names (exact match, templates and snapshots excluded)"),
+            format!("VM '{spec}' not found on this pool"),
+            NextStep::ListVms,
         )),
         1 => {
             let info = vms.remove(0);
@@ -109,7 +110,10 @@ pub fn resolve_vm(xe: &XeClient, spec: &str) -> anyhow::Result<Vm> {
             FailureKind::Vm,
             format!(
                 "{n} VMs are named '{spec}' ({})",
-                vms.iter().map(|v| v.uuid.as_str()).collect::<Vec<_>>().join(", ")
+                vms.iter()
+                    .map(|v| v.uuid.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             NextStep::PassVmUuid,
         )),
@@ -153,7 +157,7 @@ pub fn wait_for_pusb(
     timeout: Duration,
 ) -> anyhow::Result<Option<PusbInfo>> {
     let started = clock.now();
-    let deadline = started + timeout;
+    let deadline = crate::clock::deadline_after(clock, timeout);
     let mut kicked = false;
     let mut misses = 0;
     let kick_after = if after_reset { 2 } else { 1 };
@@ -168,7 +172,7 @@ pub fn wait_for_pusb(
         if let Some(found) = pusb_at(&pusbs, xe.host_uuid(), path, distrust) {
             log::debug!(
                 "XAPI listed the Coral at {path} after {:.1} ms of scan wait",
-                (clock.now() - started).as_secs_f64() * 1000.0
+                clock.now().saturating_sub(started).as_secs_f64() * 1000.0
             );
             return Ok(Some(found.clone()));
         }
@@ -195,7 +199,7 @@ pub fn wait_for_pusb(
                 ),
             ));
         }
-        clock.sleep(SCAN_POLL_INTERVAL.min(deadline - now));
+        clock.sleep(SCAN_POLL_INTERVAL.min(deadline.saturating_sub(now)));
     }
 }
 
