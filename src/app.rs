@@ -13,7 +13,7 @@ use anyhow::Context;
 use coral::clock::{Clock, SystemClock};
 use coral::config::ConfigPath;
 use coral::error::{fail, FailureKind};
-use coral::firmware::{self, FirmwareChoice, FirmwareImage, FirmwareSource, DEFAULT_INSTALL_DIR};
+use coral::firmware::{self, FirmwareChoice, FirmwareImage, FirmwareSource};
 use coral::lock::{self, LockGuard, LockWait};
 use coral::mapping_state::StateStore;
 use coral::ops::attach::{attach, AttachOptions};
@@ -22,13 +22,16 @@ use coral::ops::init::{init, InitOptions, InitOutcome};
 use coral::ops::status::status;
 use coral::ops::up::{up, UpOptions};
 use coral::ops::{boot, doctor, firmware_cmd, service};
-use coral::simulate::{sim_root, sim_state_path, stand_in_firmware, SimulatedHost};
+use coral::simulate::{
+    sim_paths, stand_in_firmware, SimPaths, SimulatedHost, SIMULATED_USB_POLICY,
+};
 use coral::usb::rusb_backend::RusbBus;
 use coral::usb::{CoralState, UsbBus};
 use coral::xe::client::XeClient;
 use coral::xe::command::XeCommand;
 use coral::xe::inventory::{this_host_uuid, DEFAULT_INVENTORY};
 use coral::xe::XeRunner;
+use coral::DATA_DIR;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -41,17 +44,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Man(args) => return man(args, &out),
         _ => {}
     }
-    // The simulation starts from a power loss where the Coral needs firmware,
-    // and from a ready Coral where the command expects one.
-    let simulated_coral = match &cli.command {
-        Command::Attach(_) | Command::Detach(_) | Command::Status(_) => CoralState::Ready,
-        _ => CoralState::Uninitialized,
-    };
-    let env = Environment::new(cli.simulate.then_some(simulated_coral))?;
+    // One story: whatever the first command, a new simulated world starts
+    // from a power loss (the Coral a boot loader at 1-4, needing firmware).
+    let env = Environment::new(cli.simulate, writes_simulated_world(&cli))?;
     let result = run_command(&cli, &env, &out);
     // The simulated world lives on in its state file (not after a dry run,
-    // nor after a command that only reads).
-    if let Environment::Simulated { host, .. } = &env {
+    // nor after a command that only reads: those write nothing at all).
+    if let Environment::Simulated { host, paths, .. } = &env {
         let changes = matches!(
             cli.command,
             Command::Init(_)
@@ -61,10 +60,25 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 | Command::Watch(_)
         );
         if changes && !cli.dry_run {
-            host.save(&sim_state_path())?;
+            host.save(&paths.state)?;
         }
     }
     result
+}
+
+/// Whether this run may write into the simulated world: a command that
+/// changes it, not under --dry-run.
+fn writes_simulated_world(cli: &Cli) -> bool {
+    let changes = matches!(
+        cli.command,
+        Command::Init(_)
+            | Command::Attach(_)
+            | Command::Detach(_)
+            | Command::Up(_)
+            | Command::Watch(_)
+            | Command::Service(ServiceCommand::Install(_) | ServiceCommand::Uninstall(_))
+    );
+    changes && !cli.dry_run
 }
 
 fn run_command(cli: &Cli, env: &Environment, out: &Output) -> anyhow::Result<()> {
@@ -76,7 +90,14 @@ fn run_command(cli: &Cli, env: &Environment, out: &Output) -> anyhow::Result<()>
         Command::Up(args) => run_up(cli, env, out, args),
         Command::Watch(args) => run_watch(cli, env, args),
         Command::Firmware(FirmwareCommand::Show(args)) => {
-            out.data(&firmware_cmd::show(&firmware_choice(args))?);
+            let choice = firmware_choice(args);
+            // The simulation shows the image its up and doctor would use.
+            let shown = if env.is_simulated() && firmware::nothing_configured(&choice) {
+                firmware_cmd::describe(&load_firmware(&choice, true)?)
+            } else {
+                firmware_cmd::show(&choice)?
+            };
+            out.data(&shown);
             Ok(())
         }
         Command::Firmware(FirmwareCommand::Install {
@@ -135,7 +156,7 @@ fn man(args: &ManArgs, out: &Output) -> anyhow::Result<()> {
             let mut page = Vec::new();
             render_man_page(command, &mut page)?;
             let path = dir.join("coral.1");
-            std::fs::write(&path, page)
+            coral::atomic_file::write(&path, &page, MAN_PAGE_MODE)
                 .with_context(|| format!("cannot write {}", path.display()))?;
             out.result(&format!("wrote the man pages into {}", dir.display()));
         }
@@ -147,6 +168,9 @@ fn man(args: &ManArgs, out: &Output) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The mode of the man pages `coral man --dir` writes.
+const MAN_PAGE_MODE: u32 = 0o644;
 
 /// coral(1): clap_mangen's sections, then ENVIRONMENT and EXIT STATUS.
 fn render_man_page(command: clap::Command, page: &mut Vec<u8>) -> anyhow::Result<()> {
@@ -169,12 +193,28 @@ fn render_man_page(command: clap::Command, page: &mut Vec<u8>) -> anyhow::Result
     }
     extra.push_str(&format!(
         ".SH FILES\n.TP\n{}/\nInstalled firmware images.\n.TP\n{}\nThe lock that serializes runs.\n.TP\n/etc/systemd/system/coral\\-up.service\nThe boot unit written by \\fBcoral service install\\fR.\n",
-        roff(DEFAULT_INSTALL_DIR),
+        roff(DATA_DIR),
         roff(coral::lock::DEFAULT_LOCK_FILE)
     ));
     page.extend_from_slice(extra.as_bytes());
     man.render_version_section(page)?;
+    one_preamble(page);
     Ok(())
+}
+
+/// clap_mangen starts every section it renders with the same two-line
+/// quote-string preamble (`.ie \n(.g .ds Aq …`); a page needs it once.
+fn one_preamble(page: &mut Vec<u8>) {
+    let text = String::from_utf8_lossy(page).into_owned();
+    let mut seen = std::collections::HashSet::new();
+    let kept: Vec<&str> = text
+        .split_inclusive('\n')
+        .filter(|line| {
+            let preamble = line.starts_with(".ie \\n(.g .ds Aq") || line.starts_with(".el .ds Aq");
+            !preamble || seen.insert(line.to_string())
+        })
+        .collect();
+    *page = kept.concat().into_bytes();
 }
 
 /// Exit codes as README.md documents them.
@@ -212,9 +252,9 @@ fn roff(text: &str) -> String {
 
 /// Where `service` and `doctor` look: under --simulate the simulated host's
 /// own root (never the real /etc), else --root or `/`.
-fn service_place(cli: &Cli, root: Option<&std::path::Path>) -> service::Place {
-    let root = if cli.simulate {
-        Some(sim_root(&sim_state_path()))
+fn service_place(cli: &Cli, env: &Environment, root: Option<&std::path::Path>) -> service::Place {
+    let root = if let Some(sim) = env.sim_paths() {
+        Some(sim.root.clone())
     } else {
         root.map(PathBuf::from)
     };
@@ -248,7 +288,7 @@ fn run_service(
 ) -> anyhow::Result<()> {
     match command {
         ServiceCommand::Install(args) => {
-            let place = service_place(cli, args.root.root.as_deref());
+            let place = service_place(cli, env, args.root.root.as_deref());
             let spec = unit_spec(&place)?;
             let (runner, host_uuid) = env.xapi()?;
             let xe = XeClient::new(runner, host_uuid, true);
@@ -264,12 +304,13 @@ fn run_service(
                 start: args.vm.start,
                 restart: args.vm.restart,
                 deadlines: entry_deadlines(&args.vm, &args.replug),
+                replace: args.replace,
             };
             out.result(&service::install(&xe, &place, &spec, &request)?);
             Ok(())
         }
         ServiceCommand::Show(args) => {
-            let place = service_place(cli, args.root.root.as_deref());
+            let place = service_place(cli, env, args.root.root.as_deref());
             let spec = unit_spec(&place)?;
             let request = args.vm.as_ref().map(|vm| service::InstallRequest {
                 vm: vm.clone(),
@@ -277,6 +318,7 @@ fn run_service(
                 start: args.start,
                 restart: args.restart,
                 deadlines: Default::default(),
+                replace: args.replace,
             });
             let xapi = request.as_ref().and_then(|_| env.xapi().ok());
             let xe = xapi
@@ -291,7 +333,7 @@ fn run_service(
             Ok(())
         }
         ServiceCommand::Uninstall(args) => {
-            let place = service_place(cli, args.root.root.as_deref());
+            let place = service_place(cli, env, args.root.root.as_deref());
             out.result(&service::uninstall(&place, args.vm.as_deref())?);
             Ok(())
         }
@@ -299,7 +341,7 @@ fn run_service(
 }
 
 fn run_doctor(cli: &Cli, env: &Environment, out: &Output, args: &DoctorArgs) -> anyhow::Result<()> {
-    let place = service_place(cli, args.root.root.as_deref());
+    let place = service_place(cli, env, args.root.root.as_deref());
     let spec = unit_spec(&place)?;
     let choice = firmware_choice(&FirmwareArgs::default());
     let mut load = || {
@@ -329,7 +371,9 @@ fn run_doctor(cli: &Cli, env: &Environment, out: &Output, args: &DoctorArgs) -> 
         root: place.root.clone(),
         systemd: place.systemd(),
         usb_policy,
+        usb_policy_when_absent: cli.simulate.then_some(SIMULATED_USB_POLICY),
         lock_file: cli.lock.lock_file.clone(),
+        state: state_store(env),
     });
     if args.json {
         out.data(&serde_json::to_string_pretty(&report)?);
@@ -364,21 +408,30 @@ enum Environment {
     /// are traced at `-vv` exactly as the real backends trace themselves.
     Simulated {
         host: &'static SimulatedHost,
+        /// Where it is kept between runs.
+        paths: SimPaths,
         usb: TracedBus<'static>,
         xe: TracedXe<'static>,
     },
 }
 
 impl Environment {
-    fn new(simulate: Option<CoralState>) -> anyhow::Result<Self> {
-        if let Some(coral) = simulate {
-            let state = sim_state_path();
-            let host = SimulatedHost::load_or_new(&state, coral)?;
-            seed_sim_root(&sim_root(&state))?;
-            log::info!("{} (state: {})", host.describe(), state.display());
+    /// The host; a simulated one is prepared on disk (its private
+    /// directory, its root's usb-policy.conf) only when the command `writes`:
+    /// a read or a dry run leaves no trace.
+    fn new(simulate: bool, writes: bool) -> anyhow::Result<Self> {
+        if simulate {
+            let paths = sim_paths()?;
+            let host = SimulatedHost::load_or_new(&paths.state, CoralState::Uninitialized)?;
+            if writes {
+                paths.prepare()?;
+                seed_sim_root(&paths.root)?;
+            }
+            log::info!("{} (state: {})", host.describe(), paths.state.display());
             let host: &'static SimulatedHost = Box::leak(Box::new(host));
             Ok(Environment::Simulated {
                 host,
+                paths,
                 usb: TracedBus(host.bus()),
                 xe: TracedXe(host.xe()),
             })
@@ -418,6 +471,14 @@ impl Environment {
         }
     }
 
+    /// Where the simulated host is kept (None on the real host).
+    fn sim_paths(&self) -> Option<&SimPaths> {
+        match self {
+            Environment::Simulated { paths, .. } => Some(paths),
+            Environment::Real { .. } => None,
+        }
+    }
+
     fn is_simulated(&self) -> bool {
         matches!(self, Environment::Simulated { .. })
     }
@@ -434,12 +495,25 @@ fn run_init(cli: &Cli, env: &Environment, out: &Output, args: &InitArgs) -> anyh
     let mut load = || load_firmware(&choice, env.is_simulated());
     if cli.dry_run {
         let image = load()?;
-        log::info!(
-            "dry run: firmware {} verified; no USB writes",
-            image_name(&image)
-        );
-        for coral in env.usb().list_corals()? {
-            out.data(&coral.to_string());
+        let corals = env.usb().list_corals()?;
+        let chosen = corals.iter().filter(|c| {
+            opts.device
+                .as_ref()
+                .is_none_or(|d| c.path.to_string() == *d)
+        });
+        for coral in chosen {
+            out.data(&match coral.state {
+                CoralState::Ready if !opts.force => format!(
+                    "the Coral at {} is already ready (18d1:9302); would do nothing",
+                    coral.path
+                ),
+                _ => format!(
+                    "would upload {} bytes of firmware ({}, verified) to the Coral at {} and wait until it is ready",
+                    image.bytes.len(),
+                    image_name(&image),
+                    coral.path
+                ),
+            });
         }
         return Ok(());
     }
@@ -472,7 +546,7 @@ fn run_attach(cli: &Cli, env: &Environment, out: &Output, args: &AttachArgs) -> 
     let report = attach(env.usb(), &xe, env.clock(), &opts)?;
     print_planned(&xe, out);
     out.result(&report.to_string());
-    set_paused(cli, &report.vm_uuid, &opts.vm, false);
+    set_paused(cli, env, &report.vm_uuid, &opts.vm, false);
     Ok(())
 }
 
@@ -489,7 +563,7 @@ fn run_detach(cli: &Cli, env: &Environment, out: &Output, args: &DetachArgs) -> 
     out.result(&report.line);
     // The admin's decision stands: `coral watch` leaves this mapping alone
     // until `coral attach` or `coral up` for the VM resumes it.
-    set_paused(cli, &report.vm_uuid, &opts.vm, true);
+    set_paused(cli, env, &report.vm_uuid, &opts.vm, true);
     Ok(())
 }
 
@@ -508,15 +582,17 @@ fn run_status(cli: &Cli, env: &Environment, out: &Output, args: &StatusArgs) -> 
     let mut report = status(env.usb(), client.as_ref())?;
     // The mappings and what `coral watch` last did (a broken config or
     // state file does not hide the rest of the status).
-    let config = coral::config::load(&service_place(cli, None).config.file).unwrap_or_else(|e| {
-        log::warn!("{e:#}");
-        None
-    });
-    let states = state_store(cli).load().unwrap_or_else(|e| {
-        log::warn!("cannot read the watcher's state: {e}");
-        Default::default()
-    });
-    report.mappings = coral::ops::status::mapping_statuses(config.as_ref(), &states);
+    let config =
+        coral::config::load(&service_place(cli, env, None).config.file).unwrap_or_else(|e| {
+            log::warn!("{e:#}");
+            None
+        });
+    let store = if cli.dry_run {
+        state_store(env).read_only()
+    } else {
+        state_store(env)
+    };
+    coral::ops::status::add_mappings(&mut report, client.as_ref(), config.as_ref(), &store);
     if args.json {
         out.data(&serde_json::to_string_pretty(&report)?);
     } else {
@@ -551,7 +627,7 @@ fn run_up(cli: &Cli, env: &Environment, out: &Output, args: &UpArgs) -> anyhow::
     print_planned(&xe, out);
     if let Some(attach) = &report.attach {
         out.result(&attach.to_string());
-        set_paused(cli, &attach.vm_uuid, &opts.attach.vm, false);
+        set_paused(cli, env, &attach.vm_uuid, &opts.attach.vm, false);
     }
     out.result(&report.to_string());
     Ok(())
@@ -560,7 +636,7 @@ fn run_up(cli: &Cli, env: &Environment, out: &Output, args: &UpArgs) -> anyhow::
 /// `coral up` without --vm: every config entry, within the boot budget. The
 /// config is read and checked before any USB or `xe` call.
 fn run_up_all(cli: &Cli, env: &Environment, out: &Output, args: &UpArgs) -> anyhow::Result<()> {
-    let place = service_place(cli, None);
+    let place = service_place(cli, env, None);
     let config = coral::config::load(&place.config.file)?.ok_or_else(|| {
         fail(
             FailureKind::Other,
@@ -571,7 +647,12 @@ fn run_up_all(cli: &Cli, env: &Environment, out: &Output, args: &UpArgs) -> anyh
         )
     })?;
     // A mapping paused by `coral detach` stays as the admin left it.
-    let states = state_store(cli).load().unwrap_or_default();
+    let store = if cli.dry_run {
+        state_store(env).read_only()
+    } else {
+        state_store(env)
+    };
+    let states = store.load_or_recover();
     let mut config = config;
     config.entries.retain(|entry| {
         let paused = states
@@ -609,22 +690,14 @@ fn run_up_all(cli: &Cli, env: &Environment, out: &Output, args: &UpArgs) -> anyh
     report.into_result()
 }
 
-/// Give a new simulated host its /etc/xensource/usb-policy.conf (XCP-ng's
-/// defaults as the fact sheet gives them), for `coral --simulate doctor`.
+/// Give a simulated host its /etc/xensource/usb-policy.conf (XCP-ng's
+/// defaults as the fact sheet gives them) when its world is first written.
 fn seed_sim_root(root: &std::path::Path) -> anyhow::Result<()> {
     let policy = root.join(doctor::USB_POLICY.trim_start_matches('/'));
     if policy.exists() {
         return Ok(());
     }
-    coral::config::write_file(
-        &policy,
-        b"# Simulated XCP-ng host: xapi's default rules (see xapi-usb.md).\n\
-          DENY: class=02 # communications\n\
-          DENY: class=0a # CDC data\n\
-          DENY: class=0b # smart card\n\
-          DENY: class=e0 # wireless controller\n\
-          ALLOW: # everything else\n",
-    )
+    coral::config::write_file(&policy, SIMULATED_USB_POLICY.as_bytes())
 }
 
 fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<()> {
@@ -648,7 +721,7 @@ fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<(
             restart: args.vm.restart,
             deadlines: Default::default(),
         }],
-        None => config_mappings(&service_place(cli, None).config.file)?,
+        None => config_mappings(&service_place(cli, env, None).config.file)?,
     };
     // SIGHUP: the config again (a --vm watcher keeps its one mapping).
     let reload: crate::watch_runtime::Reload = match &args.vm.vm {
@@ -657,7 +730,7 @@ fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<(
             Box::new(move || Ok(same.clone()))
         }
         None => {
-            let file = service_place(cli, None).config.file;
+            let file = service_place(cli, env, None).config.file;
             Box::new(move || config_mappings(&file))
         }
     };
@@ -680,9 +753,9 @@ fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<(
     // A dry run checks every mapping once, writes nothing (not even the
     // watcher's record) and prints what a recovery would run.
     let state = if cli.dry_run {
-        state_store(cli).read_only()
+        state_store(env).read_only()
     } else {
-        state_store(cli)
+        state_store(env)
     };
     let lock_file = cli.lock.lock_file.clone();
     let simulated_or_dry = env.is_simulated() || cli.dry_run;
@@ -735,7 +808,11 @@ fn stoppable(env: &Environment) -> anyhow::Result<Box<dyn Clock + '_>> {
 /// A stop before a step, as the one error line with its next step.
 fn stopped_then_up(err: anyhow::Error) -> anyhow::Error {
     if coral::clock::is_stopped(&err) {
-        coral::error::fail_then(FailureKind::Other, format!("{err:#}"), coral::error::NextStep::Up)
+        coral::error::fail_then(
+            FailureKind::Other,
+            format!("{err:#}"),
+            coral::error::NextStep::Up,
+        )
     } else {
         err
     }
@@ -788,13 +865,10 @@ impl Clock for ClockRef<'_> {
 }
 
 /// Where each mapping's state lives: `$CORAL_STATE_DIR` (default
-/// /var/lib/coral), or under --simulate the simulated host's own root.
-fn state_store(cli: &Cli) -> StateStore {
-    if cli.simulate {
-        StateStore::in_dir(
-            &sim_root(&sim_state_path())
-                .join(coral::mapping_state::DEFAULT_STATE_DIR.trim_start_matches('/')),
-        )
+/// [`DATA_DIR`]), or under --simulate the simulated host's own root.
+fn state_store(env: &Environment) -> StateStore {
+    if let Some(sim) = env.sim_paths() {
+        StateStore::in_dir(&sim.root.join(DATA_DIR.trim_start_matches('/')))
     } else {
         StateStore::from_env()
     }
@@ -802,14 +876,14 @@ fn state_store(cli: &Cli) -> StateStore {
 
 /// Pause (`detach`) or resume (`attach`, `up`) a VM's mapping for `coral
 /// watch`. A dry run changes nothing; a failure to record is only logged.
-fn set_paused(cli: &Cli, vm_uuid: &str, vm_name: &str, paused: bool) {
+fn set_paused(cli: &Cli, env: &Environment, vm_uuid: &str, vm_name: &str, paused: bool) {
     if cli.dry_run || vm_uuid.is_empty() {
         return;
     }
-    let store = state_store(cli);
+    let store = state_store(env);
     match store.set_paused(vm_uuid, vm_name, paused) {
         Ok(()) if paused => log::info!(
-            "coral watch leaves VM {vm_name} alone until `coral attach` or `coral up` for it"
+            "coral watch leaves VM '{vm_name}' alone until `coral attach` or `coral up` for it"
         ),
         Ok(()) => {}
         Err(e) => log::warn!("cannot record the pause in {}: {e}", store.path().display()),
@@ -839,6 +913,7 @@ fn attach_options(vm: &VmArgs, device: Option<String>) -> anyhow::Result<AttachO
         force_shutdown: vm.force_shutdown,
         shutdown_timeout: seconds("--shutdown-timeout", vm.shutdown_timeout)?,
         scan_timeout: seconds("--scan-timeout", vm.scan_timeout)?,
+        guest_lost: false,
     })
 }
 
@@ -848,16 +923,22 @@ fn firmware_choice(args: &FirmwareArgs) -> FirmwareChoice {
         allow_unknown: args.allow_unknown_firmware,
         install_dir: std::env::var_os("CORAL_FIRMWARE_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_INSTALL_DIR)),
+            .unwrap_or_else(|| PathBuf::from(DATA_DIR)),
     }
 }
 
 fn load_firmware(choice: &FirmwareChoice, simulated: bool) -> anyhow::Result<FirmwareImage> {
     if simulated && firmware::nothing_configured(choice) {
-        log::warn!(
-            "simulation: no firmware configured, using a stand-in; a real run needs the image: {}",
-            firmware::how_to_get_one(&choice.install_dir)
-        );
+        // Said once per process: the watcher loads the image on every recovery.
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            log::warn!(
+                "simulation: no firmware configured, using a stand-in; a real run needs the image: {}",
+                firmware::how_to_get_one(&choice.install_dir)
+            );
+        } else {
+            log::debug!("simulation: the stand-in firmware again");
+        }
         return Ok(stand_in_firmware());
     }
     let image = firmware::load(choice)?;
@@ -892,14 +973,12 @@ fn entry_deadlines(vm: &VmArgs, replug: &crate::cli::ReplugArgs) -> coral::confi
     }
 }
 
-/// A `--…` seconds flag as a duration; negative, NaN or absurd values are usage errors.
+/// A `--…` seconds flag as a duration. clap already checked it with the
+/// same rule ([`coral::clock::checked_seconds`]); a value that slips past is
+/// still a usage error (exit 2), never a panic.
 fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
-    Duration::try_from_secs_f64(value).map_err(|_| {
-        fail(
-            FailureKind::Other,
-            format!("{flag} {value}: give a number of seconds, 0 or more"),
-        )
-    })
+    coral::clock::checked_seconds(value, true)
+        .map_err(|why| fail(FailureKind::Usage, format!("{flag} {value}: {why}")))
 }
 
 /// A dry run's plan is what the user asked to see: printed even with `-q`.

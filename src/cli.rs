@@ -9,19 +9,20 @@ use std::path::PathBuf;
 #[command(name = "coral", version, about, long_about = None, after_help = environment_help())]
 pub struct Cli {
     /// Run against the built-in simulated Coral and XCP-ng host (no hardware needed).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = GLOBAL)]
     pub simulate: bool,
 
-    /// Read everything, change nothing: print each mutating `xe` command as it would run.
-    #[arg(long, global = true)]
+    /// Change nothing and write no file: do the reads, print each step as `would …` and each
+    /// mutating `xe` or `systemctl` command the reads already determine as `would run: …`.
+    #[arg(long, global = true, help_heading = GLOBAL)]
     pub dry_run: bool,
 
     /// More detail (-v: debug, -vv: every USB request and xe call).
-    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet", help_heading = GLOBAL)]
     pub verbose: u8,
 
     /// Print nothing on success; only errors.
-    #[arg(short, long, global = true)]
+    #[arg(short, long, global = true, help_heading = GLOBAL)]
     pub quiet: bool,
 
     #[command(flatten)]
@@ -50,7 +51,7 @@ pub enum Command {
     Firmware(FirmwareCommand),
     /// Keep the Coral with its VM: recover it whenever it drops (a long-running service).
     Watch(WatchArgs),
-    /// The boot-time systemd service that runs `coral up`.
+    /// The systemd services: coral-up.service (`coral up` at boot, before VMs auto-start) and coral-watch.service (`coral watch`, while the host runs).
     #[command(subcommand)]
     Service(ServiceCommand),
     /// Check, read-only, everything the boot path depends on; exit 0 only when all pass.
@@ -99,7 +100,7 @@ pub struct DeviceArgs {
 /// Where the firmware comes from and how it is checked.
 #[derive(Debug, Args, Clone, Default)]
 pub struct FirmwareArgs {
-    /// Firmware image to upload (default: $CORAL_FIRMWARE, /var/lib/coral/, or the embedded one).
+    /// Firmware image to upload (default: $CORAL_FIRMWARE, the installed copy, or the embedded one).
     #[arg(long, value_name = "FILE")]
     pub firmware: Option<PathBuf>,
 
@@ -125,7 +126,7 @@ pub struct InitArgs {
     pub replug: ReplugArgs,
 
     /// Seconds to wait for a Coral to appear on the USB bus (0: fail at once if none).
-    #[arg(long, value_name = "SECS", default_value_t = coral::ops::init::DEFAULT_INIT_WAIT_DEVICE.as_secs_f64())]
+    #[arg(long, value_name = "SECS", default_value_t = coral::ops::init::DEFAULT_INIT_WAIT_DEVICE.as_secs_f64(), value_parser = seconds_or_zero)]
     pub wait_device: f64,
 }
 
@@ -167,7 +168,7 @@ pub struct VmArgs {
 
     /// Seconds to wait for xapi while it is down or still starting (boot,
     /// toolstack restart); other XAPI errors are never retried.
-    #[arg(long, value_name = "SECS", default_value_t = coral::xe::client::DEFAULT_XAPI_WAIT.as_secs_f64())]
+    #[arg(long, value_name = "SECS", default_value_t = coral::xe::client::DEFAULT_XAPI_WAIT.as_secs_f64(), value_parser = seconds_or_zero)]
     pub xapi_timeout: f64,
 }
 
@@ -217,9 +218,12 @@ pub struct UpArgs {
     pub replug: ReplugArgs,
 
     /// Seconds to wait for a Coral to appear on the USB bus (it may enumerate late at boot).
-    #[arg(long, value_name = "SECS", default_value_t = coral::ops::init::DEFAULT_UP_WAIT_DEVICE.as_secs_f64())]
+    #[arg(long, value_name = "SECS", default_value_t = coral::ops::init::DEFAULT_UP_WAIT_DEVICE.as_secs_f64(), value_parser = seconds_or_zero)]
     pub wait_device: f64,
 }
+
+/// The help heading of the options every subcommand accepts.
+const GLOBAL: &str = "Global options";
 
 /// Serializing runs.
 #[derive(Debug, Args, Clone, Default)]
@@ -228,6 +232,7 @@ pub struct LockArgs {
     #[arg(
         long,
         global = true,
+        help_heading = GLOBAL,
         value_name = "FILE",
         env = "CORAL_LOCK",
         default_value = coral::lock::DEFAULT_LOCK_FILE
@@ -235,11 +240,11 @@ pub struct LockArgs {
     pub lock_file: PathBuf,
 
     /// Fail at once if another coral run holds the lock.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = GLOBAL)]
     pub no_wait: bool,
 
     /// Seconds to wait for another coral run to finish (0: do not wait).
-    #[arg(long, global = true, value_name = "SECS", default_value_t = coral::lock::DEFAULT_LOCK_TIMEOUT.as_secs_f64(), value_parser = seconds_or_zero)]
+    #[arg(long, global = true, help_heading = GLOBAL, value_name = "SECS", default_value_t = coral::lock::DEFAULT_LOCK_TIMEOUT.as_secs_f64(), value_parser = seconds_or_zero)]
     pub lock_timeout: f64,
 }
 
@@ -248,30 +253,30 @@ pub struct LockArgs {
 pub enum FirmwareCommand {
     /// Which image would be used, from where, and its checksum.
     Show(FirmwareArgs),
-    /// Verify FILE against the manifest and install it as /var/lib/coral/<name>.
+    /// Verify FILE against the manifest and install it (as --dir/<name>).
     Install {
         /// The image to install.
         file: PathBuf,
         /// Install an image whose SHA-256 is not in the manifest.
         #[arg(long)]
         allow_unknown_firmware: bool,
-        /// Install under this directory instead of /var/lib/coral.
+        /// Install under this directory.
         #[arg(
             long,
             value_name = "DIR",
             env = "CORAL_FIRMWARE_DIR",
-            default_value = coral::firmware::DEFAULT_INSTALL_DIR
+            default_value = coral::DATA_DIR
         )]
         dir: PathBuf,
     },
     /// Download the pinned image with curl, verify it and install it.
     Fetch {
-        /// Install under this directory instead of /var/lib/coral.
+        /// Install under this directory.
         #[arg(
             long,
             value_name = "DIR",
             env = "CORAL_FIRMWARE_DIR",
-            default_value = coral::firmware::DEFAULT_INSTALL_DIR
+            default_value = coral::DATA_DIR
         )]
         dir: PathBuf,
     },
@@ -280,7 +285,7 @@ pub enum FirmwareCommand {
 /// `coral service …`
 #[derive(Debug, Subcommand)]
 pub enum ServiceCommand {
-    /// Add or update the VM's entry in the config, write and enable coral-up.service.
+    /// Add or update the VM's entry in /etc/coral/coral.toml, write and enable coral-up.service (boot) and coral-watch.service (watcher), then restart the watcher.
     Install(ServiceInstallArgs),
     /// Print the unit install writes and the config (as install would leave it, with --vm).
     Show(ServiceShowArgs),
@@ -307,6 +312,10 @@ pub struct ServiceShowArgs {
     #[arg(long, value_name = "PATH", requires = "vm")]
     pub device: Option<String>,
 
+    /// As for install.
+    #[arg(long, requires = "device")]
+    pub replace: bool,
+
     #[command(flatten)]
     pub root: ServiceRootArgs,
 }
@@ -332,7 +341,9 @@ pub struct ServiceRootArgs {
 
 /// Options of `coral service install`.
 #[derive(Debug, Args, Clone, Default)]
-#[command(mut_arg("vm", |a| a.required(true)))]
+#[command(mut_arg("vm", |a| a.required(true).help("The VM the services hand the Coral to: its uuid or exact name-label (its entry in the config is added or updated)")))]
+#[command(mut_arg("start", |a| a.help("Setting for boot and recovery: start the VM if it is halted (kept in the entry)")))]
+#[command(mut_arg("restart", |a| a.help("Setting for boot and recovery: if the VM runs without the Coral, shut it down cleanly and start it again (kept in the entry)")))]
 #[command(mut_arg("force_shutdown", |a| a.hide(true)))]
 pub struct ServiceInstallArgs {
     /// The VM the service hands the Coral to, its policy and deadlines (kept
@@ -342,6 +353,11 @@ pub struct ServiceInstallArgs {
 
     #[command(flatten)]
     pub device: DeviceArgs,
+
+    /// Move the VM to the Coral at --device: replaces the VM's entries for
+    /// other Corals (without it, a new --device adds a second Coral).
+    #[arg(long, requires = "device")]
+    pub replace: bool,
 
     #[command(flatten)]
     pub replug: ReplugArgs,
@@ -386,7 +402,11 @@ pub const ENVIRONMENT: &[(&str, &str)] = &[
     ),
     (
         "CORAL_FIRMWARE_DIR",
-        "where installed firmware images live (default /var/lib/coral)",
+        concat!(
+            "where installed firmware images live (default ",
+            coral::data_dir!(),
+            ")"
+        ),
     ),
     (
         "CORAL_FIRMWARE_URL_BASE",
@@ -410,19 +430,39 @@ pub const ENVIRONMENT: &[(&str, &str)] = &[
     ),
     (
         "CORAL_STATE_DIR",
-        "where `coral watch` keeps each mapping's state (default /var/lib/coral)",
+        concat!(
+            "where each mapping's state is kept, mappings.json (default ",
+            coral::data_dir!(),
+            ")"
+        ),
     ),
     (
         "CORAL_SIM_STATE",
-        "the --simulate state file (default $XDG_RUNTIME_DIR/coral-sim.json)",
+        "the --simulate state file (its root: the private directory FILE.root/)",
     ),
     (
         "CORAL_USB_POLICY",
         "the usb-policy file `coral doctor` reads (default /etc/xensource/usb-policy.conf)",
     ),
     (
+        "CORAL_QEMU_ROOT",
+        "QEMU's chroots, for the lost-Coral check (default /var/xen/qemu)",
+    ),
+    (
+        "CORAL_CGROUP_DEVICES",
+        "the devices cgroup hierarchy, same check (default /sys/fs/cgroup/devices)",
+    ),
+    (
+        "CORAL_PASSWD",
+        "where the qemu_base account is read, same check (default /etc/passwd)",
+    ),
+    (
         "XDG_RUNTIME_DIR",
-        "where the --simulate state file goes when CORAL_SIM_STATE is not set",
+        "holds --simulate's private directory coral-sim/ when CORAL_SIM_STATE is not set",
+    ),
+    (
+        "TMPDIR",
+        "without XDG_RUNTIME_DIR: holds coral-sim-<uid>/ (default /tmp)",
     ),
     (
         "PATH",
@@ -449,24 +489,25 @@ pub fn environment_help() -> String {
     text
 }
 
-/// A number of seconds that must be more than 0 (a deadline of 0 could never be met).
+/// A number of seconds that must be more than 0 (a deadline of 0 could
+/// never be met), at most [`coral::clock::MAX_WAIT`].
 pub fn positive_seconds(text: &str) -> Result<f64, String> {
-    let value = seconds_or_zero(text)?;
-    if value == 0.0 {
-        return Err("give a number of seconds greater than 0".to_string());
-    }
-    Ok(value)
+    seconds_flag(text, false)
 }
 
-/// A number of seconds, 0 or more, that fits a duration.
+/// A number of seconds, 0 or more, at most [`coral::clock::MAX_WAIT`].
 pub fn seconds_or_zero(text: &str) -> Result<f64, String> {
+    seconds_flag(text, true)
+}
+
+/// Every duration flag's parser: a number, then [`coral::clock::checked_seconds`]
+/// (a rejected value is a usage error, exit 2).
+fn seconds_flag(text: &str, zero_ok: bool) -> Result<f64, String> {
     let value: f64 = text
         .trim()
         .parse()
         .map_err(|_| "give a number of seconds, e.g. 30 or 2.5".to_string())?;
-    if std::time::Duration::try_from_secs_f64(value).is_err() || value > 86_400.0 * 365.0 {
-        return Err("give a number of seconds, 0 or more and at most a year".to_string());
-    }
+    coral::clock::checked_seconds(value, zero_ok)?;
     Ok(value)
 }
 
@@ -529,6 +570,9 @@ mod tests {
         assert!(positive_seconds("inf").is_err());
         assert_eq!(positive_seconds("2.5"), Ok(2.5));
         assert_eq!(seconds_or_zero("0"), Ok(0.0));
+        assert!(seconds_or_zero("18446744073709549568").is_err());
+        assert!(seconds_or_zero("nan").is_err());
+        assert!(seconds_or_zero("-0.5").is_err());
     }
 
     #[test]

@@ -18,14 +18,14 @@ use crate::error::{fail, fail_then, FailureKind, NextStep};
 use crate::usb::PortPath;
 pub use crate::xe::looks_like_uuid;
 use serde::Deserialize;
-use std::fs::File;
-use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Where the config lives unless `$CORAL_CONFIG` says otherwise.
 pub const DEFAULT_PATH: &str = "/etc/coral/coral.toml";
+/// The mode of the files `coral service install` writes (the config, units).
+const FILE_MODE: u32 = 0o644;
 /// Env var naming another config file.
 pub const PATH_ENV: &str = "CORAL_CONFIG";
 
@@ -63,7 +63,7 @@ impl Deadlines {
     /// One of these deadlines as a duration, else `default`.
     pub fn or(value: Option<f64>, default: Duration) -> Duration {
         value
-            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            .and_then(|s| crate::clock::checked_seconds(s, false).ok())
             .unwrap_or(default)
     }
 
@@ -211,11 +211,13 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
             }
         }
         let seconds = |value: Option<toml::Spanned<f64>>, key: &str| match value {
-            Some(v) if !(v.get_ref().is_finite() && *v.get_ref() > 0.0) => Err(error(
-                Some(v.span()),
-                &format!("{key} = {}: give a number of seconds above 0", v.get_ref()),
-            )),
-            Some(v) => Ok(Some(v.into_inner())),
+            Some(v) => match crate::clock::checked_seconds(*v.get_ref(), false) {
+                Ok(_) => Ok(Some(v.into_inner())),
+                Err(why) => Err(error(
+                    Some(v.span()),
+                    &format!("{key} = {}: {why}", v.get_ref()),
+                )),
+            },
             None => Ok(None),
         };
         let deadlines = Deadlines {
@@ -328,6 +330,31 @@ impl Config {
         Ok(outcome)
     }
 
+    /// Move `entry`'s VM to `entry`'s Coral (`service install --replace`):
+    /// the VM's entries for other Corals are dropped, then `entry` is
+    /// upserted. Returns what the upsert did and the entries dropped. Refused,
+    /// with nothing changed, as [`Config::upsert`] refuses.
+    pub fn replace_vm(&mut self, entry: Entry) -> anyhow::Result<(Upserted, Vec<Entry>)> {
+        let mut next = self.clone();
+        let (dropped, kept) = next
+            .entries
+            .drain(..)
+            .partition(|e| e.vm_uuid == entry.vm_uuid && !e.same_device(&entry));
+        next.entries = kept;
+        let upserted = next.upsert(entry)?;
+        *self = next;
+        Ok((upserted, dropped))
+    }
+
+    /// The VM's entries for other Corals than `entry`'s (what a second
+    /// `service install --device` keeps beside it).
+    pub fn other_devices_of(&self, entry: &Entry) -> Vec<&Entry> {
+        self.entries
+            .iter()
+            .filter(|e| e.vm_uuid == entry.vm_uuid && !e.same_device(entry))
+            .collect()
+    }
+
     /// Remove the entries whose VM uuid or recorded name is `vm`; returns them.
     pub fn remove_vm(&mut self, vm: &str) -> Vec<Entry> {
         let (gone, kept) = self.entries.drain(..).partition(|e| {
@@ -381,16 +408,13 @@ pub fn write(path: &Path, config: &Config) -> anyhow::Result<()> {
     write_file(path, config.to_toml().as_bytes())
 }
 
-/// Write any small file atomically, creating its directory.
+/// Write any small file atomically and durably ([`crate::atomic_file`]),
+/// creating its directory.
 pub fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    let tmp = path.with_extension("tmp");
+    let dir = crate::atomic_file::directory_of(path);
     let written = std::fs::create_dir_all(dir)
-        .and_then(|_| File::create(&tmp))
-        .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()))
-        .and_then(|_| std::fs::rename(&tmp, path));
+        .and_then(|_| crate::atomic_file::write(path, bytes, FILE_MODE));
     written.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
         fail(
             FailureKind::Other,
             format!("cannot write {}: {e}; run as root", path.display()),
@@ -545,5 +569,39 @@ mod tests {
         );
         assert_eq!(config.remove_vm(UUID_A).len(), 1);
         assert_eq!(config.entries.len(), 1);
+    }
+
+    #[test]
+    fn replace_moves_the_vm_to_its_new_coral_and_keeps_the_others() {
+        let mut config = Config {
+            entries: vec![entry(UUID_A, Some("2-4")), entry(UUID_B, Some("2-1.3"))],
+        };
+        // Without --replace: a second Coral for the VM.
+        let mut plain = config.clone();
+        assert_eq!(
+            plain.upsert(entry(UUID_A, Some("3-2"))).unwrap(),
+            Upserted::Added
+        );
+        assert_eq!(plain.entries.len(), 3);
+        assert_eq!(plain.other_devices_of(&entry(UUID_A, Some("3-2"))).len(), 1);
+        // With it: the VM's entry moves; the other VM's stays.
+        let (upserted, dropped) = config.replace_vm(entry(UUID_A, Some("3-2"))).unwrap();
+        assert_eq!(upserted, Upserted::Added);
+        assert_eq!(dropped, vec![entry(UUID_A, Some("2-4"))]);
+        assert_eq!(
+            config.entries,
+            vec![entry(UUID_B, Some("2-1.3")), entry(UUID_A, Some("3-2"))]
+        );
+        // A Coral mapped to another VM is refused, and nothing changes.
+        let before = config.clone();
+        assert!(config.replace_vm(entry(UUID_A, Some("1-1.3"))).is_err());
+        assert_eq!(config, before);
+        // The one entry without a device (the only Coral) gets one.
+        let mut single = Config {
+            entries: vec![entry(UUID_A, None)],
+        };
+        let (_, dropped) = single.replace_vm(entry(UUID_A, Some("2-4"))).unwrap();
+        assert_eq!(dropped, vec![entry(UUID_A, None)]);
+        assert_eq!(single.entries, vec![entry(UUID_A, Some("2-4"))]);
     }
 }

@@ -17,6 +17,8 @@ use std::sync::OnceLock;
 pub enum FailureKind {
     /// Anything not classified below.
     Other,
+    /// A bad command-line value that slipped past clap (exit 2, as clap's own).
+    Usage,
     /// No Coral found, or the requested port has none / several match.
     NoCoral,
     /// No firmware image, or an image that fails verification.
@@ -38,6 +40,7 @@ impl FailureKind {
     pub fn exit_code(self) -> u8 {
         match self {
             FailureKind::Other => 1,
+            FailureKind::Usage => 2,
             FailureKind::NoCoral => 3,
             FailureKind::Firmware => 4,
             FailureKind::Usb => 5,
@@ -184,6 +187,13 @@ pub enum NextStep {
         /// The VM the Coral is mapped to.
         vm: String,
     },
+    /// Move `vm`'s mapping to the Coral at `device` (replacing its others).
+    MoveEntry {
+        /// The VM of the mapping.
+        vm: String,
+        /// The port the mapping moves to.
+        device: String,
+    },
     /// Name the Coral of every mapping.
     DeviceForEach,
     /// The status lists the Corals' port paths.
@@ -204,16 +214,36 @@ pub enum NextStep {
     RetryInit,
     /// Run again, logging every USB request.
     RerunVerbose,
-    /// No firmware image anywhere: fetch the pinned one or install a file.
-    GetFirmware,
+    /// No firmware image anywhere: fetch the pinned one or install a file
+    /// into `dir` (where installed images are looked for).
+    GetFirmware {
+        /// The install directory, as the user would type it.
+        dir: String,
+    },
+    /// The image file named cannot be read: get the image, or name a copy.
+    FetchOrNameCopy,
+    /// The file is not the size of a Coral image: name the real image.
+    NameRealImage,
+    /// The download is not the pinned image: retry, or fetch `url` elsewhere.
+    RetryFetchOrElsewhere {
+        /// Where the image is.
+        url: String,
+    },
+    /// The install directory cannot be written: run as root or choose another.
+    RootOrOtherDir,
+    /// The manifest compiled in is empty: the build is broken.
+    RebuildWithManifest,
+    /// A VM name not found: how to see the names there are.
+    ListVms,
     /// An image the manifest does not know: use the known one or allow it.
     KnownFirmwareOrAllow,
-    /// The download failed: fetch the image elsewhere and install the file.
-    FetchElsewhere,
-    /// No downloader: download `url` elsewhere and install the file.
+    /// The download failed, or there is no downloader: download `url` on a
+    /// machine that can, and install the file into `dir`.
     DownloadElsewhere {
         /// Where the image is.
         url: String,
+        /// Where it is to be installed.
+        dir: String,
     },
     /// The lock file cannot be opened: run as root or use another lock file.
     RootOrLockFile,
@@ -221,6 +251,18 @@ pub enum NextStep {
     RerunLater {
         /// True when this run waited for the lock; false when it did not wait.
         waited: bool,
+    },
+    /// A file or directory coral must own alone is unsafe (a symlink, another
+    /// user's, writable by others): remove it; coral creates it again, private.
+    RemoveUnsafe {
+        /// The offending path.
+        path: String,
+    },
+    /// The mapping state was unreadable and kept aside: the pauses it held
+    /// are lost; detach again what should stay detached, then delete it.
+    RedoPausesThenDelete {
+        /// The file kept aside.
+        aside: String,
     },
 }
 

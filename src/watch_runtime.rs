@@ -12,9 +12,9 @@ use coral::ops::watch::{Mapping, Wake, Wakeups, STOP_BUDGET};
 use coral::simulate::SimulatedHost;
 use coral::usb::rusb_backend::spawn_hotplug_listener;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// A stop request: set once, with when it came.
@@ -96,7 +96,8 @@ impl HostWakeups {
         listen_for_signals(stop.clone(), Some(sender.clone()))?;
         let hotplug = spawn_hotplug_listener(Arc::new(move || {
             let _ = sender.send(Wake::UsbChanged);
-        }));
+        }))
+        .map_err(|e| coral::error::fail(coral::error::FailureKind::Usb, format!("watch: {e}")))?;
         if hotplug {
             log::info!("watch: listening for USB hotplug events");
         } else {
@@ -228,13 +229,19 @@ impl Wakeups for SimulatedWakeups<'_> {
         if !self.dropped.get() && clock.now() + timeout >= SIMULATED_DROP_AT {
             clock.sleep(SIMULATED_DROP_AT.saturating_sub(clock.now()));
             self.dropped.set(true);
-            log::warn!("simulation: the Coral browns out and comes back as its boot loader");
+            log::warn!(
+                "simulation, at {:.1} s of virtual time: the Coral browns out and comes back as its boot loader",
+                clock.now().as_secs_f64()
+            );
             self.host.brownout(0);
             return Wake::UsbChanged;
         }
         if clock.now() + timeout >= SIMULATED_END_AT {
             clock.sleep(SIMULATED_END_AT.saturating_sub(clock.now()));
-            log::info!("simulation: ending the watch at 2 minutes of virtual time");
+            log::info!(
+                "simulation, at {:.1} s of virtual time: ending the watch",
+                clock.now().as_secs_f64()
+            );
             return Wake::Stop;
         }
         clock.sleep(timeout);

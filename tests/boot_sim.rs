@@ -203,5 +203,9 @@ fn stalled_corals_and_a_slow_xapi_stay_within_the_one_deadline() {
         .iter()
         .find(|v| v.uuid == vms[3])
         .map(|v| v.power_state);
-    assert_eq!(running, Some(PowerState::Running), "the running VM still runs");
+    assert_eq!(
+        running,
+        Some(PowerState::Running),
+        "the running VM still runs"
+    );
 }

@@ -53,9 +53,8 @@ const MAX_OUTAGE_MINUTES: u64 = 20;
 /// "One bounded step": a VM coral halted runs again within this (its
 /// shutdown, follow-up and start, the longest retry pause, and the longest
 /// xapi outage, during which nothing can start it).
-const HALT_BOUND: Duration = Duration::from_secs(
-    STOP_BUDGET.as_secs() + 300 + MAX_OUTAGE_MINUTES * 60 + 120,
-);
+const HALT_BOUND: Duration =
+    Duration::from_secs(STOP_BUDGET.as_secs() + 300 + MAX_OUTAGE_MINUTES * 60 + 120);
 /// Number of Corals (and VMs).
 const CORALS: usize = 2;
 
@@ -199,6 +198,7 @@ fn options(mappings: Vec<Mapping>) -> WatchOptions {
                 force_shutdown: false,
                 shutdown_timeout: Duration::from_secs(180),
                 scan_timeout: Duration::from_secs(30),
+                guest_lost: false,
             },
             dry_run: false,
         },
@@ -266,7 +266,7 @@ impl Story<'_> {
                 Wake::UsbChanged
             }
             Event::SilentReenumeration(i) => {
-                host.sim_bus().reenumerate_ready(*i);
+                host.sim_bus().link_drop(*i, Duration::from_millis(50));
                 host.udev_event();
                 Wake::UsbChanged
             }
@@ -409,7 +409,9 @@ impl Story<'_> {
             }
             for (i, vm) in self.rig.vms.iter().enumerate() {
                 let about = call.args.iter().any(|a| a.ends_with(vm.as_str()));
-                let during = paused[i].iter().any(|(from, until)| at > *from && at < *until);
+                let during = paused[i]
+                    .iter()
+                    .any(|(from, until)| at > *from && at < *until);
                 if about && during {
                     return Err(format!("{} for paused VM cam-{i} at {at:?}", call.args[0]));
                 }

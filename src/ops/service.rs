@@ -316,6 +316,52 @@ pub struct InstallRequest {
     pub restart: bool,
     /// The entry's own deadlines (None: the defaults).
     pub deadlines: crate::config::Deadlines,
+    /// Replace the VM's entries for other Corals (move it to `device`)
+    /// rather than add a second Coral beside them.
+    pub replace: bool,
+}
+
+/// Put `entry` into `config`: with `replace`, in place of the VM's entries
+/// for other Corals (`--replace`), else beside them (a second Coral, which
+/// the lines returned say, with the command that moves it instead).
+fn apply(config: &mut Config, entry: Entry, replace: bool) -> anyhow::Result<Vec<String>> {
+    let label = entry.label();
+    let device = entry.device.clone().unwrap_or_default();
+    let kept: Vec<String> = config
+        .other_devices_of(&entry)
+        .iter()
+        .filter_map(|e| e.device.clone())
+        .collect();
+    let (upserted, dropped) = if replace {
+        config.replace_vm(entry.clone())?
+    } else {
+        (config.upsert(entry.clone())?, Vec::new())
+    };
+    let dropped: Vec<String> = dropped
+        .into_iter()
+        .map(|e| e.device.unwrap_or_else(|| "the only Coral".into()))
+        .collect();
+    let mut lines = vec![match upserted {
+        _ if !dropped.is_empty() => format!(
+            "{label}: entry moved to the Coral at {device} (its entry for {} is removed)",
+            dropped.join(", ")
+        ),
+        Upserted::Added => format!("{label}: new entry"),
+        Upserted::Updated => format!("{label}: entry updated"),
+        Upserted::Unchanged => format!("{label}: entry unchanged"),
+    }];
+    if !replace && upserted == Upserted::Added && !kept.is_empty() {
+        lines.push(format!(
+            "{label} keeps its entry for the Coral at {}: it now has {} Corals; to move it to {device} instead: {}",
+            kept.join(", "),
+            kept.len() + 1,
+            NextStep::MoveEntry {
+                vm: entry.vm_uuid.clone(),
+                device: device.clone(),
+            },
+        ));
+    }
+    Ok(lines)
 }
 
 /// The entry `request` stands for: the VM resolved by uuid and checked
@@ -366,14 +412,11 @@ pub fn install(
     check_exe(spec)?;
     let mut config = load_config(place)?;
     let entry = resolve_entry(xe, request)?;
-    let label = entry.label();
     let start = entry.start;
-    let upserted = config.upsert(entry)?;
-    let mut out = Output::new(place.dry_run);
-    match upserted {
-        Upserted::Added => out.line(format!("{label}: new entry")),
-        Upserted::Updated => out.line(format!("{label}: entry updated")),
-        Upserted::Unchanged => out.line(format!("{label}: entry unchanged")),
+    let changes = apply(&mut config, entry, request.replace)?;
+    let mut out = Output::new(place);
+    for line in changes {
+        out.line(line);
     }
     out.write(&place.config.file, config.to_toml().as_bytes())?;
     let systemd = place.systemd();
@@ -391,9 +434,10 @@ pub fn install(
     }
     // A running watcher reads the config again (SIGHUP: no new process, no
     // recovery cut short); one that is not running is started.
-    out.act(&format!("systemctl reload-or-restart {WATCH_UNIT_NAME}"), || {
-        systemd.reload_or_restart(WATCH_UNIT_NAME)
-    })?;
+    out.act(
+        &format!("systemctl reload-or-restart {WATCH_UNIT_NAME}"),
+        || systemd.reload_or_restart(WATCH_UNIT_NAME),
+    )?;
     out.line(format!(
         "at boot {UNIT_NAME} runs `coral up` for {} entr{} before XCP-ng auto-starts VMs",
         config.entries.len(),
@@ -436,7 +480,7 @@ pub fn show(
             };
             match resolved {
                 Ok(entry) => {
-                    config.upsert(entry)?;
+                    apply(&mut config, entry, request.replace)?;
                     "as install would write it".to_string()
                 }
                 Err(err) => format!(
@@ -460,7 +504,7 @@ pub fn show(
 /// entry, the config and the units. Removing the last entry removes the
 /// units too: a boot unit without entries would only fail.
 pub fn uninstall(place: &Place, vm: Option<&str>) -> anyhow::Result<String> {
-    let mut out = Output::new(place.dry_run);
+    let mut out = Output::new(place);
     let mut config = load_config(place)?;
     if let Some(vm) = vm {
         let gone = config.remove_vm(vm);
@@ -477,9 +521,10 @@ pub fn uninstall(place: &Place, vm: Option<&str>) -> anyhow::Result<String> {
             out.write(&place.config.file, config.to_toml().as_bytes())?;
             let systemd = place.systemd();
             if unit_path(place.root.as_deref(), WATCH_UNIT_NAME).exists() {
-                out.act(&format!("systemctl reload-or-restart {WATCH_UNIT_NAME}"), || {
-                    systemd.reload_or_restart(WATCH_UNIT_NAME)
-                })?;
+                out.act(
+                    &format!("systemctl reload-or-restart {WATCH_UNIT_NAME}"),
+                    || systemd.reload_or_restart(WATCH_UNIT_NAME),
+                )?;
             }
             return Ok(out.text());
         }
@@ -534,13 +579,17 @@ fn check_exe(spec: &UnitSpec) -> anyhow::Result<()> {
 /// Lines for the user; in a dry run every change is described, not made.
 struct Output {
     dry_run: bool,
+    /// Under another root (--root, --simulate) systemctl is not run: each
+    /// command is still named, as the real host would run it.
+    rooted: bool,
     lines: Vec<String>,
 }
 
 impl Output {
-    fn new(dry_run: bool) -> Self {
+    fn new(place: &Place) -> Self {
         Output {
-            dry_run,
+            dry_run: place.dry_run,
+            rooted: place.root.is_some(),
             lines: Vec::new(),
         }
     }
@@ -585,7 +634,11 @@ impl Output {
             self.line(format!("would run: {what}"));
             return Ok(());
         }
-        f()
+        f()?;
+        if self.rooted {
+            self.line(format!("would run on a real host: {what}"));
+        }
+        Ok(())
     }
 
     fn text(&self) -> String {
@@ -655,7 +708,10 @@ mod tests {
             config_env: None,
         });
         assert!(text.contains("\nKillMode=mixed\n"), "{text}");
-        assert!(text.contains("\nExecReload=/bin/kill -HUP $MAINPID\n"), "{text}");
+        assert!(
+            text.contains("\nExecReload=/bin/kill -HUP $MAINPID\n"),
+            "{text}"
+        );
         // The stop covers a default clean shutdown, its follow-up and a start.
         let stop: u64 = text
             .lines()
@@ -665,7 +721,8 @@ mod tests {
         assert!(stop > crate::ops::watch::STOP_BUDGET.as_secs(), "{text}");
         assert!(
             crate::ops::watch::STOP_BUDGET
-                >= crate::ops::attach::DEFAULT_SHUTDOWN_TIMEOUT + crate::ops::attach::FOLLOW_TIMEOUT
+                >= crate::ops::attach::DEFAULT_SHUTDOWN_TIMEOUT
+                    + crate::ops::attach::FOLLOW_TIMEOUT
         );
     }
 }

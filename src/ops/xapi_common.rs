@@ -5,7 +5,7 @@
 use super::init::select_coral;
 use crate::clock::Clock;
 use crate::error::{fail, fail_then, FailureKind, Flag, NextStep};
-use crate::usb::{CoralDevice, CoralState, UsbBus};
+use crate::usb::{CoralDevice, CoralState, NodeCheck, UsbBus};
 use crate::xe::client::{PusbInfo, VmInfo, XeClient};
 use crate::xe::{looks_like_uuid, XeError};
 use std::time::Duration;
@@ -88,9 +88,10 @@ pub fn resolve_vm(xe: &XeClient, spec: &str) -> anyhow::Result<Vm> {
         .find_vms(spec)
         .map_err(|e| xe_fail("looking up the VM", e))?;
     match vms.len() {
-        0 => Err(fail(
+        0 => Err(fail_then(
             FailureKind::Vm,
-            format!("VM '{spec}' not found on this pool; `xe vm-list params=uuid,name-label` shows the names (exact match, templates and snapshots excluded)"),
+            format!("VM '{spec}' not found on this pool"),
+            NextStep::ListVms,
         )),
         1 => {
             let info = vms.remove(0);
@@ -109,7 +110,10 @@ pub fn resolve_vm(xe: &XeClient, spec: &str) -> anyhow::Result<Vm> {
             FailureKind::Vm,
             format!(
                 "{n} VMs are named '{spec}' ({})",
-                vms.iter().map(|v| v.uuid.as_str()).collect::<Vec<_>>().join(", ")
+                vms.iter()
+                    .map(|v| v.uuid.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             NextStep::PassVmUuid,
         )),
@@ -154,7 +158,7 @@ pub fn wait_for_pusb(
 ) -> anyhow::Result<Option<PusbInfo>> {
     let started = clock.now();
     let timeout = crate::clock::capped(clock, timeout);
-    let deadline = started + timeout;
+    let deadline = crate::clock::deadline_after(clock, timeout);
     let mut kicked = false;
     let mut misses = 0;
     let kick_after = if after_reset { 2 } else { 1 };
@@ -169,7 +173,7 @@ pub fn wait_for_pusb(
         if let Some(found) = pusb_at(&pusbs, xe.host_uuid(), path, distrust) {
             log::debug!(
                 "XAPI listed the Coral at {path} after {:.1} ms of scan wait",
-                (clock.now() - started).as_secs_f64() * 1000.0
+                clock.now().saturating_sub(started).as_secs_f64() * 1000.0
             );
             return Ok(Some(found.clone()));
         }
@@ -198,6 +202,17 @@ pub fn wait_for_pusb(
         }
         // A wait before a step: a stop ends it (nothing was changed yet).
         crate::clock::may_begin(clock, || format!("XAPI listed the Coral at {path}"))?;
-        clock.sleep(SCAN_POLL_INTERVAL.min(deadline - now));
+        clock.sleep(SCAN_POLL_INTERVAL.min(deadline.saturating_sub(now)));
+    }
+}
+
+/// Whether the running VM's QEMU holds the Coral now at `path` (the
+/// stateless check of [`crate::usb::qemu_node`], given the VM's `dom-id`).
+/// Anything that cannot be read is unknown, never lost.
+pub fn guest_node(usb: &dyn UsbBus, xe: &XeClient, vm_uuid: &str, path: &str) -> NodeCheck {
+    match xe.dom_id(vm_uuid) {
+        Ok(Some(domid)) => usb.qemu_node(path, domid),
+        Ok(None) => NodeCheck::Unknown("the VM has no domain".into()),
+        Err(e) => NodeCheck::Unknown(format!("reading its dom-id: {e}")),
     }
 }

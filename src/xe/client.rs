@@ -25,8 +25,9 @@ const XAPI_RETRY_MAX: Duration = Duration::from_secs(5);
 /// First pause while xapi is down or starting (doubles up to the max).
 const XAPI_RETRY_FIRST: Duration = Duration::from_millis(500);
 
-/// A VM's power state, as XAPI names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A VM's power state, as XAPI names it (and `status --json` spells it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PowerState {
     /// `halted`
     Halted,
@@ -222,6 +223,11 @@ impl<'a> XeClient<'a> {
         self.vm_list(&[format!("name-label={spec}")])
     }
 
+    /// Every VM's uuid (never templates, snapshots or control domains): one call.
+    pub fn vm_uuids(&self) -> Result<Vec<String>, XeError> {
+        Ok(self.vm_list(&[])?.into_iter().map(|vm| vm.uuid).collect())
+    }
+
     /// The VM with this uuid now (None if it no longer exists).
     pub fn vm(&self, uuid: &str) -> Result<Option<VmInfo>, XeError> {
         Ok(self.vm_list(&[format!("uuid={uuid}")])?.into_iter().next())
@@ -263,6 +269,12 @@ impl<'a> XeClient<'a> {
             format!("param-name={field}"),
         ])?;
         Ok(out.strip_suffix('\n').unwrap_or(&out).to_string())
+    }
+
+    /// The domain id of a running VM (None when it has none: halted, `-1`).
+    pub fn dom_id(&self, vm_uuid: &str) -> Result<Option<u32>, XeError> {
+        let text = self.param("vm", vm_uuid, "dom-id")?;
+        Ok(text.trim().parse::<u32>().ok())
     }
 
     /// Every PUSB of the pool.
@@ -444,7 +456,7 @@ impl<'a> XeClient<'a> {
     fn write(&self, args: &[String], timeout: Duration) -> Result<Option<String>, XeError> {
         if self.dry_run {
             let line = format!("xe {}", display_args(args));
-            log::info!("dry run: would run {line}");
+            log::info!("would run: {line}");
             self.planned.borrow_mut().push(line);
             return Ok(None);
         }
@@ -470,7 +482,7 @@ impl<'a> XeClient<'a> {
         let Some((clock, limit)) = self.wait else {
             return self.runner.run(args, timeout);
         };
-        let deadline = clock.now() + limit;
+        let deadline = crate::clock::deadline_after(clock, limit);
         let mut pause = XAPI_RETRY_FIRST;
         loop {
             match self.runner.run(args, timeout) {
@@ -481,7 +493,7 @@ impl<'a> XeClient<'a> {
                             limit.as_secs()
                         );
                     }
-                    clock.sleep(pause.min(deadline - clock.now()));
+                    clock.sleep(pause.min(crate::clock::time_left(clock, deadline)));
                     pause = (pause * 2).min(XAPI_RETRY_MAX);
                 }
                 other => return other,
@@ -499,4 +511,45 @@ fn malformed(args: &[String], reason: String) -> XeError {
 
 fn get(record: &Record, field: &str) -> String {
     record.get(field).cloned().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    /// A clock on which time passes between any two readings (a loaded
+    /// machine): each `now` is a second later than the one before.
+    struct SlowMachine(Cell<Duration>);
+
+    impl Clock for SlowMachine {
+        fn now(&self) -> Duration {
+            let now = self.0.get();
+            self.0.set(now + Duration::from_secs(1));
+            now
+        }
+        fn sleep(&self, duration: Duration) {
+            self.0.set(self.0.get() + duration);
+        }
+    }
+
+    /// xapi that is always starting.
+    struct Starting;
+
+    impl XeRunner for Starting {
+        fn run(&self, args: &[String], _timeout: Duration) -> Result<String, XeError> {
+            Err(XeError::Unavailable {
+                args: args.to_vec(),
+                message: "Connection refused".into(),
+            })
+        }
+    }
+
+    #[test]
+    fn a_deadline_passing_between_check_and_sleep_is_no_panic() {
+        let clock = SlowMachine(Cell::new(Duration::ZERO));
+        let xe = XeClient::new(&Starting, "host".into(), false)
+            .waiting_for_xapi(&clock, Duration::from_millis(1500));
+        assert!(xe.vm("3c6ef362-1f42-4a5d-9b1e-f6a9dbd967af").is_err());
+    }
 }

@@ -331,17 +331,15 @@ impl SimBus {
         coral.reappear = None;
     }
 
-    /// Coral `index` falls off the bus and is back at once with its firmware
-    /// still running (a link drop, an xHCI reset without power loss): the
-    /// same identity at the same port, a new device number (xapi-usb.md, "A
-    /// drop that XAPI does not see").
-    pub fn reenumerate_ready(&self, index: usize) {
+    /// A link drop (or an xHCI reset) without power loss: coral `index`
+    /// leaves the bus now and is back `gap` later as itself (its firmware
+    /// survives), at the same port, under a new device number.
+    pub fn link_drop(&self, index: usize, gap: Duration) {
+        let now = self.clock.now();
         let mut bus = self.state.borrow_mut();
-        let address = bus.new_address();
         let coral = &mut bus.corals[index];
-        if coral.present && coral.identity == CoralState::Ready {
-            coral.address = address;
-        }
+        coral.present = false;
+        coral.reappear = Some((now + gap, coral.identity));
     }
 
     /// Unplug and replug coral `index`: it comes back as a fresh boot loader.

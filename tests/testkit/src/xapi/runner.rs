@@ -22,6 +22,13 @@ impl InProcessXe {
     }
 }
 
+impl InProcessXe {
+    /// The time on its clock.
+    pub fn clock_now(&self) -> Duration {
+        self.clock.now()
+    }
+}
+
 impl XeRunner for InProcessXe {
     fn run(&self, args: &[String], timeout: Duration) -> Result<String, XeError> {
         let now = self.clock.now();
