@@ -287,7 +287,7 @@ impl Story<'_> {
             Event::LateScans(late) => {
                 let world = host.world();
                 let mut world = world.borrow_mut();
-                world.config.scan_read_ms = if *late { 0 } else { 0 };
+                world.config.scan_read_ms = if *late { 200 } else { 0 };
                 world.config.scan_delay_ms = if *late { 20_000 } else { 500 };
                 Wake::Timeout
             }

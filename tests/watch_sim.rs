@@ -119,9 +119,12 @@ struct Script<'a> {
     end: Duration,
     wakes: Cell<u32>,
     /// SIGHUPs: when, and what the config then reads.
-    reloads: RefCell<VecDeque<(Duration, Result<Vec<Mapping>, String>)>>,
+    reloads: RefCell<VecDeque<(Duration, Reloaded)>>,
     reloaded: RefCell<Option<Result<Vec<Mapping>, String>>>,
 }
+
+/// What the config reads at a SIGHUP (Err: a broken config, its error line).
+type Reloaded = Result<Vec<Mapping>, String>;
 
 /// More wake-ups than any story here needs: the watcher spins.
 const SPINNING: u32 = 100_000;
