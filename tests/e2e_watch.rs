@@ -583,8 +583,14 @@ fn event_at(run: &Run, what: &str) -> Option<f64> {
 }
 
 /// The invariants after any stop: the VM runs as it did, no VUSB but the
-/// one on the Coral's current group, and a rerun converges.
-fn after_a_stop_the_vm_runs_and_a_rerun_converges(xapi: &FakeXapi, host: &str, vm: &str) {
+/// one on the Coral's current group, and a rerun converges (the Coral as
+/// the stop left it: `coral`, the emulator's `--state`).
+fn after_a_stop_the_vm_runs_and_a_rerun_converges(
+    xapi: &FakeXapi,
+    host: &str,
+    vm: &str,
+    coral: &str,
+) {
     let world = xapi.world();
     let vm_state = world.vms.iter().find(|v| v.uuid == vm).unwrap().power_state;
     assert_eq!(vm_state, PowerState::Running, "the VM runs");
@@ -594,6 +600,8 @@ fn after_a_stop_the_vm_runs_and_a_rerun_converges(xapi: &FakeXapi, host: &str, v
     let rerun = watch(
         xapi,
         &[
+            "--state",
+            coral,
             "--signal-on",
             "xe:vm-start=TERM",
             "--sigterm-at-ms",
@@ -642,7 +650,7 @@ fn sigterm_during_a_restarts_clean_shutdown_follows_it_and_starts_the_vm_before_
         vusbs_on_ready_group(&world, &host, &vms[0], "2-4"),
         vec![(true, true)]
     );
-    after_a_stop_the_vm_runs_and_a_rerun_converges(&xapi, &host, &vms[0]);
+    after_a_stop_the_vm_runs_and_a_rerun_converges(&xapi, &host, &vms[0], "ready");
 }
 
 #[test]
@@ -660,7 +668,7 @@ fn sigint_during_the_start_after_a_restart_lets_the_start_finish() {
     the_watch_stopped_cleanly(&run);
     let world = xapi.world();
     assert_eq!(vm_power_transitions(&world, &vms[0]), ONE_RESTART.to_vec());
-    after_a_stop_the_vm_runs_and_a_rerun_converges(&xapi, &host, &vms[0]);
+    after_a_stop_the_vm_runs_and_a_rerun_converges(&xapi, &host, &vms[0], "ready");
 }
 
 #[test]
@@ -699,12 +707,23 @@ fn a_signal_before_the_shutdown_begins_none_and_leaves_the_vm_running() {
             events(&run)
         );
         let world = xapi.world();
+        let transitions = vm_power_transitions(&world, &vms[0]);
+        // The signal is sent when the emulator sees the state (polled every
+        // 20 ms): right after `vusb-create` coral may already have begun the
+        // shutdown, which it then follows and undoes (the VM starts again).
+        let undone = when == "xe:vusb-create" && transitions == ONE_RESTART.to_vec();
         assert!(
-            vm_power_transitions(&world, &vms[0]).is_empty(),
-            "{when}: no shutdown began: {:?}",
+            transitions.is_empty() || undone,
+            "{when}: no shutdown began, or it was undone: {transitions:?} {:?}",
             events(&run)
         );
-        after_a_stop_the_vm_runs_and_a_rerun_converges(&xapi, &host, &vms[0]);
+        // Stopped before its download, the Coral is still a boot loader.
+        let coral = if when == "remove 2-4" {
+            "uninitialized"
+        } else {
+            "ready"
+        };
+        after_a_stop_the_vm_runs_and_a_rerun_converges(&xapi, &host, &vms[0], coral);
     }
 }
 
