@@ -7,12 +7,16 @@
 //! outlives its deadline is followed to its end inside xapi before the
 //! procedure acts on the outcome.
 
-use super::xapi_common::{pusb_at, ready_coral, resolve_vm, wait_for_pusb, xe_fail, Vm};
+use super::xapi_common::{
+    check_vm_spec, pick_vm, pusb_at, ready_coral, wait_for_pusb, xe_fail, Vm,
+};
 use crate::clock::Clock;
 use crate::error::{fail, fail_then, FailureKind, Flag, NextStep};
 use crate::usb::UsbBus;
-use crate::xe::client::{PowerState, PusbInfo, VmInfo, VusbInfo, XeClient, CALL_TIMEOUT};
-use crate::xe::{short, XeError};
+use crate::xe::client::{
+    PowerState, PusbInfo, Started, StartedVms, VmInfo, VusbInfo, XeClient, CALL_TIMEOUT,
+};
+use crate::xe::{looks_like_uuid, short, XeError};
 use std::fmt;
 use std::time::Duration;
 
@@ -93,9 +97,64 @@ pub struct Plan {
 
 /// Resolve the VM and read what the attach depends on; refuse now what
 /// cannot work (paused or suspended VM, an operation in progress on it, a
-/// VUSB on another host's device).
+/// VUSB on another host's device). The reads run together ([`start_plan`]).
 pub fn read_plan(xe: &XeClient, spec: &str) -> anyhow::Result<Plan> {
-    let vm = resolve_vm(xe, spec)?;
+    start_plan(xe, spec).finish(xe)
+}
+
+/// The three reads of a plan (the VM, its VUSBs, the pool's PUSBs), all
+/// in flight at once from [`start_plan`] until [`StartedPlan::finish`].
+pub struct StartedPlan<'a> {
+    spec: String,
+    vms: StartedVms<'a>,
+    /// The VUSBs of `vusbs_of` (a uuid-like spec), else of the whole pool.
+    vusbs: Started<'a, Vec<VusbInfo>>,
+    vusbs_of: Option<String>,
+    pusbs: Started<'a, Vec<PusbInfo>>,
+}
+
+/// Start the reads of a plan; they run while the caller does other work.
+pub fn start_plan<'a>(xe: &XeClient<'a>, spec: &str) -> StartedPlan<'a> {
+    let vusbs_of = looks_like_uuid(spec).then(|| spec.to_string());
+    StartedPlan {
+        spec: spec.to_string(),
+        vms: xe.start_find_vms(spec),
+        vusbs: xe.start_vusbs(vusbs_of.as_deref()),
+        vusbs_of,
+        pusbs: xe.start_pusbs(),
+    }
+}
+
+impl StartedPlan<'_> {
+    /// Collect the reads and check them (see [`read_plan`]).
+    pub fn finish(self, xe: &XeClient) -> anyhow::Result<Plan> {
+        let spec = self.spec.as_str();
+        check_vm_spec(spec)?;
+        let vms = xe
+            .finish_vms(self.vms)
+            .map_err(|e| xe_fail("looking up the VM", e))?;
+        let vm = pick_vm(spec, vms)?;
+        let vusbs = xe.finish(self.vusbs);
+        let pusbs = xe.finish(self.pusbs);
+        let vm_vusbs = match vusbs {
+            // The spec was a name that looks like a uuid: ask for the VM's own.
+            Ok(_) if self.vusbs_of.as_deref() != Some(vm.uuid()) && self.vusbs_of.is_some() => {
+                xe.vusbs_of_vm(vm.uuid())
+            }
+            Ok(all) => Ok(all.into_iter().filter(|v| v.vm_uuid == vm.uuid()).collect()),
+            Err(err) => Err(err),
+        };
+        checked_plan(xe, vm, vm_vusbs, pusbs)
+    }
+}
+
+/// The plan's checks on what was read.
+fn checked_plan(
+    xe: &XeClient,
+    vm: Vm,
+    vm_vusbs: Result<Vec<VusbInfo>, XeError>,
+    pusbs: Result<Vec<PusbInfo>, XeError>,
+) -> anyhow::Result<Plan> {
     let label = &vm.label;
     if matches!(
         vm.info.power_state,
@@ -119,12 +178,8 @@ pub fn read_plan(xe: &XeClient, spec: &str) -> anyhow::Result<Plan> {
             ),
         ));
     }
-    let vm_vusbs = xe
-        .vusbs_of_vm(vm.uuid())
-        .map_err(|e| xe_fail("listing the VM's VUSBs", e))?;
-    let pusbs = xe
-        .pusbs()
-        .map_err(|e| xe_fail("listing the pool's USB devices", e))?;
+    let vm_vusbs = vm_vusbs.map_err(|e| xe_fail("listing the VM's VUSBs", e))?;
+    let pusbs = pusbs.map_err(|e| xe_fail("listing the pool's USB devices", e))?;
     for vusb in &vm_vusbs {
         let Some(pusb) = pusbs.iter().find(|p| p.group == vusb.group) else {
             continue;

@@ -13,7 +13,7 @@ use crate::xapi::{
 use coral::clock::{Clock, VirtualClock};
 use coral::firmware::{FirmwareImage, FirmwareSource};
 use coral::usb::{CoralDevice, CoralState, UsbBus, UsbError, UsbTransport};
-use coral::xe::{XeError, XeRunner};
+use coral::xe::{StartedCall, XeError, XeRunner};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
@@ -175,6 +175,11 @@ impl XeRunner for BusSyncedXe {
     fn run(&self, args: &[String], timeout: Duration) -> Result<String, XeError> {
         self.udev.sync();
         self.inner.run(args, timeout)
+    }
+
+    fn start<'r>(&'r self, args: &[String], timeout: Duration) -> Box<dyn StartedCall + 'r> {
+        self.udev.sync();
+        self.inner.start(args, timeout)
     }
 }
 
