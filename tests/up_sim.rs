@@ -589,3 +589,40 @@ fn call_budgets_boot_with_the_vm_halted_and_steady_state() {
         .all(|c| READ_COMMANDS.contains(&c.args[0].as_str())));
     eprintln!("xe calls: boot halted {boot}, steady {}", steady.len());
 }
+
+#[test]
+fn the_boot_path_after_a_power_loss_costs_at_most_8_calls_and_reads_the_vm_once() {
+    let s = scenario(CoralState::Uninitialized, PowerState::Halted);
+    let config = coral::config::Config {
+        entries: vec![coral::config::Entry {
+            vm_uuid: s.vm_uuid.clone(),
+            vm_name: String::new(),
+            device: None,
+            start: false,
+            restart: false,
+            deadlines: Default::default(),
+        }],
+    };
+    let xe = client(&s, false);
+    let report = coral::ops::boot::up_all(
+        s.host.bus(),
+        &xe,
+        s.host.clock(),
+        &mut || Ok(stand_in_single_ep_image()),
+        &config,
+        false,
+    )
+    .unwrap();
+    report.into_result().expect("the entry recovered");
+    let world = s.host.world();
+    let world = world.borrow();
+    vusb_on_ready_group(&world, &s.vm_uuid);
+    let commands: Vec<&str> = world.calls.iter().map(|c| c.args[0].as_str()).collect();
+    assert!(commands.len() <= 8, "boot: {commands:?}");
+    assert_eq!(
+        commands.iter().filter(|c| **c == "vm-list").count(),
+        1,
+        "the boot probe's VM read is the plan's: {commands:?}"
+    );
+    eprintln!("boot path xe calls: {commands:?}");
+}

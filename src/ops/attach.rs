@@ -99,14 +99,15 @@ pub struct Plan {
 /// cannot work (paused or suspended VM, an operation in progress on it, a
 /// VUSB on another host's device). The reads run together ([`start_plan`]).
 pub fn read_plan(xe: &XeClient, spec: &str) -> anyhow::Result<Plan> {
-    start_plan(xe, spec).finish(xe)
+    start_plan(xe, spec, None).finish(xe)
 }
 
 /// The three reads of a plan (the VM, its VUSBs, the pool's PUSBs), all
 /// in flight at once from [`start_plan`] until [`StartedPlan::finish`].
 pub struct StartedPlan<'a> {
     spec: String,
-    vms: StartedVms<'a>,
+    /// The lookup, or its answer when the caller has just read it.
+    vms: Result<StartedVms<'a>, Vec<VmInfo>>,
     /// The VUSBs of `vusbs_of` (a uuid-like spec), else of the whole pool.
     vusbs: Started<'a, Vec<VusbInfo>>,
     vusbs_of: Option<String>,
@@ -114,11 +115,20 @@ pub struct StartedPlan<'a> {
 }
 
 /// Start the reads of a plan; they run while the caller does other work.
-pub fn start_plan<'a>(xe: &XeClient<'a>, spec: &str) -> StartedPlan<'a> {
+/// `known_vms`: the answer of a lookup of `spec` the caller has just made
+/// (the boot path's first read), not asked again.
+pub fn start_plan<'a>(
+    xe: &XeClient<'a>,
+    spec: &str,
+    known_vms: Option<Vec<VmInfo>>,
+) -> StartedPlan<'a> {
     let vusbs_of = looks_like_uuid(spec).then(|| spec.to_string());
     StartedPlan {
         spec: spec.to_string(),
-        vms: xe.start_find_vms(spec),
+        vms: match known_vms {
+            Some(known) => Err(known),
+            None => Ok(xe.start_find_vms(spec)),
+        },
         vusbs: xe.start_vusbs(vusbs_of.as_deref()),
         vusbs_of,
         pusbs: xe.start_pusbs(),
@@ -130,9 +140,12 @@ impl StartedPlan<'_> {
     pub fn finish(self, xe: &XeClient) -> anyhow::Result<Plan> {
         let spec = self.spec.as_str();
         check_vm_spec(spec)?;
-        let vms = xe
-            .finish_vms(self.vms)
-            .map_err(|e| xe_fail("looking up the VM", e))?;
+        let vms = match self.vms {
+            Ok(started) => xe
+                .finish_vms(started)
+                .map_err(|e| xe_fail("looking up the VM", e))?,
+            Err(known) => known,
+        };
         let vm = pick_vm(spec, vms)?;
         let vusbs = xe.finish(self.vusbs);
         let pusbs = xe.finish(self.pusbs);

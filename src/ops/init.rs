@@ -245,7 +245,15 @@ pub fn init_with(
             }
         }
         let image = image.as_ref().expect("loaded above");
-        match flash(usb, clock, image, coral, &mut seen, opts.replug_timeout, before_reset) {
+        match flash(
+            usb,
+            clock,
+            image,
+            coral,
+            &mut seen,
+            opts.replug_timeout,
+            before_reset,
+        ) {
             Ok(flashed) => {
                 pending.push((outcomes.len(), flashed));
                 outcomes.push(None);

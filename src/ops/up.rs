@@ -9,7 +9,7 @@ use crate::clock::Clock;
 use crate::error::Flag;
 use crate::firmware::FirmwareImage;
 use crate::usb::{CoralDevice, CoralState, UsbBus};
-use crate::xe::client::XeClient;
+use crate::xe::client::{VmInfo, XeClient};
 use std::fmt;
 use std::time::Duration;
 
@@ -90,11 +90,24 @@ pub fn up(
     load_firmware: &mut dyn FnMut() -> anyhow::Result<FirmwareImage>,
     opts: &UpOptions,
 ) -> anyhow::Result<UpReport> {
+    up_with(usb, xe, clock, load_firmware, opts, None)
+}
+
+/// [`up`], given the answer of a lookup of `opts.attach.vm` the caller has
+/// just made (`known_vms`; the boot path's xapi probe), not asked again.
+pub fn up_with(
+    usb: &dyn UsbBus,
+    xe: &XeClient,
+    clock: &dyn Clock,
+    load_firmware: &mut dyn FnMut() -> anyhow::Result<FirmwareImage>,
+    opts: &UpOptions,
+    known_vms: Option<Vec<VmInfo>>,
+) -> anyhow::Result<UpReport> {
     let started = clock.now();
     check_vm_spec(&opts.attach.vm)?;
     let coral = wait_for_coral(usb, clock, opts.attach.device.as_deref(), opts.wait_device)?;
     let corals = usb.list_corals()?;
-    let mut reads = Some(start_plan(xe, &opts.attach.vm));
+    let mut reads = Some(start_plan(xe, &opts.attach.vm, known_vms));
     let finish = |reads: &mut Option<StartedPlan>| match reads.take() {
         Some(reads) => reads.finish(xe),
         None => Err(anyhow::anyhow!("the XAPI reads were already collected")),
@@ -190,7 +203,9 @@ fn stale_records(xe: &XeClient, plan: &Plan, corals: &[CoralDevice]) -> Vec<Stri
         .collect();
     plan.pusbs
         .iter()
-        .filter(|p| p.host == xe.host_uuid() && p.is_ready_coral() && !ready_paths.contains(&p.path))
+        .filter(|p| {
+            p.host == xe.host_uuid() && p.is_ready_coral() && !ready_paths.contains(&p.path)
+        })
         .map(|p| p.uuid.clone())
         .collect()
 }
