@@ -90,27 +90,6 @@ pub fn shell_quote(arg: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quotes_only_what_needs_it() {
-        assert_eq!(shell_quote("uuid=abc-1"), "uuid=abc-1");
-        assert_eq!(shell_quote("name-label=my vm"), "'name-label=my vm'");
-        assert_eq!(shell_quote("a'b"), r"'a'\''b'");
-        assert_eq!(shell_quote("$(reboot)"), "'$(reboot)'");
-    }
-
-    #[test]
-    fn short_uuids() {
-        assert_eq!(short("cd7c086b-9216-1f42-f5fd-f6a9dbd967af"), "cd7c086b");
-        assert_eq!(short("<new VUSB>"), "<new VUSB>");
-        assert!(looks_like_uuid("cd7c086b-9216-1f42-f5fd-f6a9dbd967af"));
-        assert!(!looks_like_uuid("frigate"));
-    }
-}
-
 /// A simulated call whose answer is known when it starts (at `began` on
 /// `clock`) but arrives only `took` later, or fails at `timeout` when it
 /// takes longer: how a simulated runner overlaps started calls on virtual time.
@@ -143,5 +122,26 @@ impl StartedCall for ArrivesLater<'_> {
             });
         }
         self.answer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_only_what_needs_it() {
+        assert_eq!(shell_quote("uuid=abc-1"), "uuid=abc-1");
+        assert_eq!(shell_quote("name-label=my vm"), "'name-label=my vm'");
+        assert_eq!(shell_quote("a'b"), r"'a'\''b'");
+        assert_eq!(shell_quote("$(reboot)"), "'$(reboot)'");
+    }
+
+    #[test]
+    fn short_uuids() {
+        assert_eq!(short("cd7c086b-9216-1f42-f5fd-f6a9dbd967af"), "cd7c086b");
+        assert_eq!(short("<new VUSB>"), "<new VUSB>");
+        assert!(looks_like_uuid("cd7c086b-9216-1f42-f5fd-f6a9dbd967af"));
+        assert!(!looks_like_uuid("frigate"));
     }
 }
