@@ -32,9 +32,6 @@ pub const DEFAULT_SCAN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const FOLLOW_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often a followed operation is looked at.
 const FOLLOW_POLL: Duration = Duration::from_secs(1);
-/// Times the attach is redone when a scan replaced the Coral's records
-/// under it (each time the Coral re-enumerated again).
-const SETTLE_ATTEMPTS: usize = 3;
 
 /// What `attach` should do.
 #[derive(Clone, Debug)]
@@ -99,7 +96,7 @@ pub struct Plan {
 /// cannot work (paused or suspended VM, an operation in progress on it, a
 /// VUSB on another host's device). The reads run together ([`start_plan`]).
 pub fn read_plan(xe: &XeClient, spec: &str) -> anyhow::Result<Plan> {
-    start_plan(xe, spec, None).finish(xe)
+    start_plan(xe, spec, None)?.finish(xe)
 }
 
 /// The three reads of a plan (the VM, its VUSBs, the pool's PUSBs), all
@@ -116,14 +113,16 @@ pub struct StartedPlan<'a> {
 
 /// Start the reads of a plan; they run while the caller does other work.
 /// `known_vms`: the answer of a lookup of `spec` the caller has just made
-/// (the boot path's first read), not asked again.
+/// (the boot path's first read), not asked again. A `spec` XAPI cannot be
+/// asked about is refused before any call.
 pub fn start_plan<'a>(
     xe: &XeClient<'a>,
     spec: &str,
     known_vms: Option<Vec<VmInfo>>,
-) -> StartedPlan<'a> {
+) -> anyhow::Result<StartedPlan<'a>> {
+    check_vm_spec(spec)?;
     let vusbs_of = looks_like_uuid(spec).then(|| spec.to_string());
-    StartedPlan {
+    Ok(StartedPlan {
         spec: spec.to_string(),
         vms: match known_vms {
             Some(known) => Err(known),
@@ -132,14 +131,13 @@ pub fn start_plan<'a>(
         vusbs: xe.start_vusbs(vusbs_of.as_deref()),
         vusbs_of,
         pusbs: xe.start_pusbs(),
-    }
+    })
 }
 
 impl StartedPlan<'_> {
     /// Collect the reads and check them (see [`read_plan`]).
     pub fn finish(self, xe: &XeClient) -> anyhow::Result<Plan> {
         let spec = self.spec.as_str();
-        check_vm_spec(spec)?;
         let vms = match self.vms {
             Ok(started) => xe
                 .finish_vms(started)
@@ -233,8 +231,7 @@ pub fn attach(
 /// The attach once the Coral is ready at `path`. `reenumerated`: this run
 /// reset the Coral, and these PUSB uuids were listed before the reset (not
 /// to be trusted: a scan that read the bus before the reset may still
-/// delete them); the records used must come from a scan after the reset,
-/// and are checked again after the writes.
+/// delete them); the records used must come from a scan after the reset.
 pub fn attach_planned(
     xe: &XeClient,
     clock: &dyn Clock,
@@ -249,10 +246,8 @@ pub fn attach_planned(
     };
     let vm = &plan.vm;
     let label = vm.label.as_str();
-    let mut distrust = reenumerated.clone().unwrap_or_default();
-    let mut attempt = 0;
-    let (vusb, created) = loop {
-        attempt += 1;
+    let distrust = reenumerated.clone().unwrap_or_default();
+    let (vusb, created) = {
         let listed = if reenumerated.is_some() {
             None
         } else {
@@ -333,22 +328,11 @@ pub fn attach_planned(
                 (uuid, true)
             }
         };
-        if reenumerated.is_none() || xe.dry_run() || still_linked(xe, &pusb, &vusb)? {
-            break (vusb, created);
-        }
-        // A scan that read the bus earlier replaced the Coral's records.
-        log::warn!(
-            "XAPI replaced the Coral's records at {path} under this run (a late USB scan); attaching again"
-        );
-        distrust.push(pusb.uuid.clone());
-        if attempt >= SETTLE_ATTEMPTS {
-            return Err(fail(
-                FailureKind::Timeout,
-                format!(
-                    "XAPI kept replacing the Coral's records at {path} (the device keeps re-enumerating?); {label} does not have the Coral; check `dmesg` and rerun"
-                ),
-            ));
-        }
+        // No recheck: a PUSB listed after the reset and not before it was
+        // created by a scan that read the bus after the reset, so every
+        // earlier scan has committed (scans run in order) and a later one
+        // keeps it unless the Coral changes again (README, "Stale records").
+        (vusb, created)
     };
 
     match vm.info.power_state {
@@ -414,16 +398,6 @@ fn group_holders(xe: &XeClient, plan: &Plan, pusb: &PusbInfo) -> anyhow::Result<
     }
     xe.vusbs_of_group(&pusb.group)
         .map_err(|e| xe_fail("listing the Coral's VUSBs", e))
-}
-
-/// The group still holds this PUSB and the VUSB (no scan replaced them).
-fn still_linked(xe: &XeClient, pusb: &PusbInfo, vusb: &str) -> anyhow::Result<bool> {
-    let members = xe
-        .group_members(&pusb.group)
-        .map_err(|e| xe_fail("checking the Coral's USB group", e))?;
-    Ok(members.is_some_and(|(pusbs, vusbs)| {
-        pusbs.contains(&pusb.uuid) && vusbs.iter().any(|v| v == vusb)
-    }))
 }
 
 /// XAPI's VUSB limits, checked before any write so the error is clear.

@@ -107,7 +107,7 @@ pub fn up_with(
     check_vm_spec(&opts.attach.vm)?;
     let coral = wait_for_coral(usb, clock, opts.attach.device.as_deref(), opts.wait_device)?;
     let corals = usb.list_corals()?;
-    let mut reads = Some(start_plan(xe, &opts.attach.vm, known_vms));
+    let mut reads = Some(start_plan(xe, &opts.attach.vm, known_vms)?);
     let finish = |reads: &mut Option<StartedPlan>| match reads.take() {
         Some(reads) => reads.finish(xe),
         None => Err(anyhow::anyhow!("the XAPI reads were already collected")),

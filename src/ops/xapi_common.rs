@@ -257,3 +257,41 @@ pub fn wait_for_pusb(
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::VirtualClock;
+
+    #[test]
+    fn looks_are_quick_while_the_scan_is_expected_then_back_off_to_the_slow_pace() {
+        assert_eq!(scan_pause(Duration::ZERO), SCAN_FAST_POLL);
+        assert_eq!(scan_pause(SCAN_FAST_PHASE / 2), SCAN_FAST_POLL);
+        let mut last = SCAN_FAST_POLL;
+        for ms in (0..20_000).step_by(250) {
+            let pause = scan_pause(Duration::from_millis(ms));
+            assert!(
+                pause >= last && pause <= SCAN_SLOW_POLL,
+                "{ms} ms: {pause:?}"
+            );
+            last = pause;
+        }
+        assert_eq!(last, SCAN_SLOW_POLL);
+    }
+
+    #[test]
+    fn the_first_look_waits_and_the_deadline_bounds_the_polling() {
+        let clock = VirtualClock::new();
+        let mut looks = Vec::new();
+        let found = poll_scan(&clock, Duration::from_secs(10), SCAN_FIRST_LOOK, |since| {
+            looks.push((clock.now(), since));
+            Ok::<_, ()>(None::<()>)
+        })
+        .unwrap();
+        assert_eq!(found, None);
+        assert_eq!(looks[0], (SCAN_FIRST_LOOK, Duration::ZERO));
+        assert_eq!(looks[1].0 - looks[0].0, SCAN_FAST_POLL);
+        assert!(clock.now() >= Duration::from_secs(10));
+        assert!(clock.now() <= Duration::from_secs(10) + SCAN_SLOW_POLL);
+    }
+}
