@@ -146,9 +146,13 @@ pub fn assert_succeeded(out: &Output) {
     );
 }
 
-/// A firmware image from ../shared/firmware, or None (a [`skip`]).
+/// A firmware image from ../shared/firmware (`$CORAL_TEST_FIRMWARE_DIR`
+/// instead when set, e.g. for a worktree elsewhere), or None (a [`skip`]).
 pub fn shared_firmware(name: &str) -> Option<PathBuf> {
-    let path = repo_root().join("../shared/firmware").join(name);
+    let dir = std::env::var_os("CORAL_TEST_FIRMWARE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("../shared/firmware"));
+    let path = dir.join(name);
     if path.exists() {
         Some(path)
     } else {
