@@ -198,8 +198,8 @@ pub fn pusb_at<'p>(
 /// XAPI's scan ([`poll_scan`]). `after_reset`: this run just re-enumerated
 /// the Coral, so udev's own scans are on their way: the first look waits
 /// [`SCAN_FIRST_LOOK`], and `xe pusb-scan` is asked for only if the Coral
-/// is still not listed [`SCAN_KICK_AFTER`] later (else: after the first
-/// look finds nothing). A failed `pusb-scan` is not fatal: udev-triggered
+/// is still not listed [`SCAN_KICK_AFTER`] later (or half the timeout, if
+/// shorter); else after the first look finds nothing. A failed `pusb-scan` is not fatal: udev-triggered
 /// scans may list the device anyway. `Ok(None)` only in a dry run.
 pub fn wait_for_pusb(
     xe: &XeClient,
@@ -212,7 +212,8 @@ pub fn wait_for_pusb(
     let started = clock.now();
     let mut kicked = false;
     let (first_look, kick_after) = if after_reset {
-        (SCAN_FIRST_LOOK, SCAN_KICK_AFTER)
+        // A short --scan-timeout still gets its scan asked for, halfway.
+        (SCAN_FIRST_LOOK, SCAN_KICK_AFTER.min(timeout / 2))
     } else {
         (Duration::ZERO, Duration::ZERO)
     };
