@@ -22,7 +22,7 @@ use coral::ops::init::{init, InitOptions, InitOutcome};
 use coral::ops::status::status;
 use coral::ops::up::{up, UpOptions};
 use coral::ops::{boot, doctor, firmware_cmd, service};
-use coral::simulate::{sim_root, sim_state_path, stand_in_firmware, SimulatedHost};
+use coral::simulate::{sim_paths, stand_in_firmware, SimPaths, SimulatedHost};
 use coral::usb::rusb_backend::RusbBus;
 use coral::usb::{CoralState, UsbBus};
 use coral::xe::client::XeClient;
@@ -51,7 +51,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let result = run_command(&cli, &env, &out);
     // The simulated world lives on in its state file (not after a dry run,
     // nor after a command that only reads).
-    if let Environment::Simulated { host, .. } = &env {
+    if let Environment::Simulated { host, paths, .. } = &env {
         let changes = matches!(
             cli.command,
             Command::Init(_)
@@ -61,7 +61,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 | Command::Watch(_)
         );
         if changes && !cli.dry_run {
-            host.save(&sim_state_path())?;
+            paths.prepare()?;
+            host.save(&paths.state)?;
         }
     }
     result
@@ -135,7 +136,7 @@ fn man(args: &ManArgs, out: &Output) -> anyhow::Result<()> {
             let mut page = Vec::new();
             render_man_page(command, &mut page)?;
             let path = dir.join("coral.1");
-            std::fs::write(&path, page)
+            coral::atomic_file::write(&path, &page, MAN_PAGE_MODE)
                 .with_context(|| format!("cannot write {}", path.display()))?;
             out.result(&format!("wrote the man pages into {}", dir.display()));
         }
@@ -147,6 +148,9 @@ fn man(args: &ManArgs, out: &Output) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The mode of the man pages `coral man --dir` writes.
+const MAN_PAGE_MODE: u32 = 0o644;
 
 /// coral(1): clap_mangen's sections, then ENVIRONMENT and EXIT STATUS.
 fn render_man_page(command: clap::Command, page: &mut Vec<u8>) -> anyhow::Result<()> {
@@ -212,9 +216,9 @@ fn roff(text: &str) -> String {
 
 /// Where `service` and `doctor` look: under --simulate the simulated host's
 /// own root (never the real /etc), else --root or `/`.
-fn service_place(cli: &Cli, root: Option<&std::path::Path>) -> service::Place {
-    let root = if cli.simulate {
-        Some(sim_root(&sim_state_path()))
+fn service_place(cli: &Cli, env: &Environment, root: Option<&std::path::Path>) -> service::Place {
+    let root = if let Some(sim) = env.sim_paths() {
+        Some(sim.root.clone())
     } else {
         root.map(PathBuf::from)
     };
@@ -248,7 +252,7 @@ fn run_service(
 ) -> anyhow::Result<()> {
     match command {
         ServiceCommand::Install(args) => {
-            let place = service_place(cli, args.root.root.as_deref());
+            let place = service_place(cli, env, args.root.root.as_deref());
             let spec = unit_spec(&place)?;
             let (runner, host_uuid) = env.xapi()?;
             let xe = XeClient::new(runner, host_uuid, true);
@@ -269,7 +273,7 @@ fn run_service(
             Ok(())
         }
         ServiceCommand::Show(args) => {
-            let place = service_place(cli, args.root.root.as_deref());
+            let place = service_place(cli, env, args.root.root.as_deref());
             let spec = unit_spec(&place)?;
             let request = args.vm.as_ref().map(|vm| service::InstallRequest {
                 vm: vm.clone(),
@@ -291,7 +295,7 @@ fn run_service(
             Ok(())
         }
         ServiceCommand::Uninstall(args) => {
-            let place = service_place(cli, args.root.root.as_deref());
+            let place = service_place(cli, env, args.root.root.as_deref());
             out.result(&service::uninstall(&place, args.vm.as_deref())?);
             Ok(())
         }
@@ -299,7 +303,7 @@ fn run_service(
 }
 
 fn run_doctor(cli: &Cli, env: &Environment, out: &Output, args: &DoctorArgs) -> anyhow::Result<()> {
-    let place = service_place(cli, args.root.root.as_deref());
+    let place = service_place(cli, env, args.root.root.as_deref());
     let spec = unit_spec(&place)?;
     let choice = firmware_choice(&FirmwareArgs::default());
     let mut load = || {
@@ -330,6 +334,7 @@ fn run_doctor(cli: &Cli, env: &Environment, out: &Output, args: &DoctorArgs) -> 
         systemd: place.systemd(),
         usb_policy,
         lock_file: cli.lock.lock_file.clone(),
+        state: state_store(env),
     });
     if args.json {
         out.data(&serde_json::to_string_pretty(&report)?);
@@ -364,6 +369,8 @@ enum Environment {
     /// are traced at `-vv` exactly as the real backends trace themselves.
     Simulated {
         host: &'static SimulatedHost,
+        /// Where it is kept between runs.
+        paths: SimPaths,
         usb: TracedBus<'static>,
         xe: TracedXe<'static>,
     },
@@ -372,13 +379,15 @@ enum Environment {
 impl Environment {
     fn new(simulate: Option<CoralState>) -> anyhow::Result<Self> {
         if let Some(coral) = simulate {
-            let state = sim_state_path();
-            let host = SimulatedHost::load_or_new(&state, coral)?;
-            seed_sim_root(&sim_root(&state))?;
-            log::info!("{} (state: {})", host.describe(), state.display());
+            let paths = sim_paths()?;
+            let host = SimulatedHost::load_or_new(&paths.state, coral)?;
+            paths.prepare()?;
+            seed_sim_root(&paths.root)?;
+            log::info!("{} (state: {})", host.describe(), paths.state.display());
             let host: &'static SimulatedHost = Box::leak(Box::new(host));
             Ok(Environment::Simulated {
                 host,
+                paths,
                 usb: TracedBus(host.bus()),
                 xe: TracedXe(host.xe()),
             })
@@ -415,6 +424,14 @@ impl Environment {
                 Ok((xe, this_host_uuid(&inventory)?))
             }
             Environment::Simulated { host, xe, .. } => Ok((xe, host.host_uuid().to_string())),
+        }
+    }
+
+    /// Where the simulated host is kept (None on the real host).
+    fn sim_paths(&self) -> Option<&SimPaths> {
+        match self {
+            Environment::Simulated { paths, .. } => Some(paths),
+            Environment::Real { .. } => None,
         }
     }
 
@@ -472,7 +489,7 @@ fn run_attach(cli: &Cli, env: &Environment, out: &Output, args: &AttachArgs) -> 
     let report = attach(env.usb(), &xe, env.clock(), &opts)?;
     print_planned(&xe, out);
     out.result(&report.to_string());
-    set_paused(cli, &report.vm_uuid, &opts.vm, false);
+    set_paused(cli, env, &report.vm_uuid, &opts.vm, false);
     Ok(())
 }
 
@@ -489,7 +506,7 @@ fn run_detach(cli: &Cli, env: &Environment, out: &Output, args: &DetachArgs) -> 
     out.result(&report.line);
     // The admin's decision stands: `coral watch` leaves this mapping alone
     // until `coral attach` or `coral up` for the VM resumes it.
-    set_paused(cli, &report.vm_uuid, &opts.vm, true);
+    set_paused(cli, env, &report.vm_uuid, &opts.vm, true);
     Ok(())
 }
 
@@ -508,15 +525,17 @@ fn run_status(cli: &Cli, env: &Environment, out: &Output, args: &StatusArgs) -> 
     let mut report = status(env.usb(), client.as_ref())?;
     // The mappings and what `coral watch` last did (a broken config or
     // state file does not hide the rest of the status).
-    let config = coral::config::load(&service_place(cli, None).config.file).unwrap_or_else(|e| {
-        log::warn!("{e:#}");
-        None
-    });
-    let states = state_store(cli).load().unwrap_or_else(|e| {
-        log::warn!("cannot read the watcher's state: {e}");
-        Default::default()
-    });
-    report.mappings = coral::ops::status::mapping_statuses(config.as_ref(), &states);
+    let config =
+        coral::config::load(&service_place(cli, env, None).config.file).unwrap_or_else(|e| {
+            log::warn!("{e:#}");
+            None
+        });
+    let store = if cli.dry_run {
+        state_store(env).read_only()
+    } else {
+        state_store(env)
+    };
+    coral::ops::status::add_mappings(&mut report, client.as_ref(), config.as_ref(), &store);
     if args.json {
         out.data(&serde_json::to_string_pretty(&report)?);
     } else {
@@ -547,7 +566,7 @@ fn run_up(cli: &Cli, env: &Environment, out: &Output, args: &UpArgs) -> anyhow::
     print_planned(&xe, out);
     if let Some(attach) = &report.attach {
         out.result(&attach.to_string());
-        set_paused(cli, &attach.vm_uuid, &opts.attach.vm, false);
+        set_paused(cli, env, &attach.vm_uuid, &opts.attach.vm, false);
     }
     out.result(&report.to_string());
     Ok(())
@@ -556,7 +575,7 @@ fn run_up(cli: &Cli, env: &Environment, out: &Output, args: &UpArgs) -> anyhow::
 /// `coral up` without --vm: every config entry, within the boot budget. The
 /// config is read and checked before any USB or `xe` call.
 fn run_up_all(cli: &Cli, env: &Environment, out: &Output, args: &UpArgs) -> anyhow::Result<()> {
-    let place = service_place(cli, None);
+    let place = service_place(cli, env, None);
     let config = coral::config::load(&place.config.file)?.ok_or_else(|| {
         fail(
             FailureKind::Other,
@@ -567,7 +586,12 @@ fn run_up_all(cli: &Cli, env: &Environment, out: &Output, args: &UpArgs) -> anyh
         )
     })?;
     // A mapping paused by `coral detach` stays as the admin left it.
-    let states = state_store(cli).load().unwrap_or_default();
+    let store = if cli.dry_run {
+        state_store(env).read_only()
+    } else {
+        state_store(env)
+    };
+    let states = store.load_or_recover();
     let mut config = config;
     config.entries.retain(|entry| {
         let paused = states
@@ -642,7 +666,7 @@ fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<(
             deadlines: Default::default(),
         }],
         None => {
-            let place = service_place(cli, None);
+            let place = service_place(cli, env, None);
             let config = coral::config::load(&place.config.file)?.ok_or_else(|| {
                 fail(
                     FailureKind::Other,
@@ -688,9 +712,9 @@ fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<(
     // A dry run checks every mapping once, writes nothing (not even the
     // watcher's record) and prints what a recovery would run.
     let state = if cli.dry_run {
-        state_store(cli).read_only()
+        state_store(env).read_only()
     } else {
-        state_store(cli)
+        state_store(env)
     };
     let lock_file = cli.lock.lock_file.clone();
     let simulated_or_dry = env.is_simulated() || cli.dry_run;
@@ -750,10 +774,10 @@ impl Clock for ClockRef<'_> {
 
 /// Where each mapping's state lives: `$CORAL_STATE_DIR` (default
 /// /var/lib/coral), or under --simulate the simulated host's own root.
-fn state_store(cli: &Cli) -> StateStore {
-    if cli.simulate {
+fn state_store(env: &Environment) -> StateStore {
+    if let Some(sim) = env.sim_paths() {
         StateStore::in_dir(
-            &sim_root(&sim_state_path())
+            &sim.root
                 .join(coral::mapping_state::DEFAULT_STATE_DIR.trim_start_matches('/')),
         )
     } else {
@@ -763,11 +787,11 @@ fn state_store(cli: &Cli) -> StateStore {
 
 /// Pause (`detach`) or resume (`attach`, `up`) a VM's mapping for `coral
 /// watch`. A dry run changes nothing; a failure to record is only logged.
-fn set_paused(cli: &Cli, vm_uuid: &str, vm_name: &str, paused: bool) {
+fn set_paused(cli: &Cli, env: &Environment, vm_uuid: &str, vm_name: &str, paused: bool) {
     if cli.dry_run || vm_uuid.is_empty() {
         return;
     }
-    let store = state_store(cli);
+    let store = state_store(env);
     match store.set_paused(vm_uuid, vm_name, paused) {
         Ok(()) if paused => log::info!(
             "coral watch leaves VM {vm_name} alone until `coral attach` or `coral up` for it"
@@ -800,6 +824,7 @@ fn attach_options(vm: &VmArgs, device: Option<String>) -> anyhow::Result<AttachO
         force_shutdown: vm.force_shutdown,
         shutdown_timeout: seconds("--shutdown-timeout", vm.shutdown_timeout)?,
         scan_timeout: seconds("--scan-timeout", vm.scan_timeout)?,
+        guest_lost: false,
     })
 }
 
@@ -853,14 +878,12 @@ fn entry_deadlines(vm: &VmArgs, replug: &crate::cli::ReplugArgs) -> coral::confi
     }
 }
 
-/// A `--…` seconds flag as a duration; negative, NaN or absurd values are usage errors.
+/// A `--…` seconds flag as a duration. clap already checked it with the
+/// same rule ([`coral::clock::checked_seconds`]); a value that slips past is
+/// still a usage error (exit 2), never a panic.
 fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
-    Duration::try_from_secs_f64(value).map_err(|_| {
-        fail(
-            FailureKind::Other,
-            format!("{flag} {value}: give a number of seconds, 0 or more"),
-        )
-    })
+    coral::clock::checked_seconds(value, true)
+        .map_err(|why| fail(FailureKind::Usage, format!("{flag} {value}: {why}")))
 }
 
 /// A dry run's plan is what the user asked to see: printed even with `-q`.

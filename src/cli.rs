@@ -125,7 +125,7 @@ pub struct InitArgs {
     pub replug: ReplugArgs,
 
     /// Seconds to wait for a Coral to appear on the USB bus (0: fail at once if none).
-    #[arg(long, value_name = "SECS", default_value_t = coral::ops::init::DEFAULT_INIT_WAIT_DEVICE.as_secs_f64())]
+    #[arg(long, value_name = "SECS", default_value_t = coral::ops::init::DEFAULT_INIT_WAIT_DEVICE.as_secs_f64(), value_parser = seconds_or_zero)]
     pub wait_device: f64,
 }
 
@@ -167,7 +167,7 @@ pub struct VmArgs {
 
     /// Seconds to wait for xapi while it is down or still starting (boot,
     /// toolstack restart); other XAPI errors are never retried.
-    #[arg(long, value_name = "SECS", default_value_t = coral::xe::client::DEFAULT_XAPI_WAIT.as_secs_f64())]
+    #[arg(long, value_name = "SECS", default_value_t = coral::xe::client::DEFAULT_XAPI_WAIT.as_secs_f64(), value_parser = seconds_or_zero)]
     pub xapi_timeout: f64,
 }
 
@@ -217,7 +217,7 @@ pub struct UpArgs {
     pub replug: ReplugArgs,
 
     /// Seconds to wait for a Coral to appear on the USB bus (it may enumerate late at boot).
-    #[arg(long, value_name = "SECS", default_value_t = coral::ops::init::DEFAULT_UP_WAIT_DEVICE.as_secs_f64())]
+    #[arg(long, value_name = "SECS", default_value_t = coral::ops::init::DEFAULT_UP_WAIT_DEVICE.as_secs_f64(), value_parser = seconds_or_zero)]
     pub wait_device: f64,
 }
 
@@ -410,19 +410,35 @@ pub const ENVIRONMENT: &[(&str, &str)] = &[
     ),
     (
         "CORAL_STATE_DIR",
-        "where `coral watch` keeps each mapping's state (default /var/lib/coral)",
+        "where each mapping's state is kept, mappings.json (default /var/lib/coral)",
     ),
     (
         "CORAL_SIM_STATE",
-        "the --simulate state file (default $XDG_RUNTIME_DIR/coral-sim.json)",
+        "the --simulate state file (its root: the private directory FILE.root/)",
     ),
     (
         "CORAL_USB_POLICY",
         "the usb-policy file `coral doctor` reads (default /etc/xensource/usb-policy.conf)",
     ),
     (
+        "CORAL_QEMU_ROOT",
+        "QEMU's chroots, for the lost-Coral check (default /var/xen/qemu)",
+    ),
+    (
+        "CORAL_CGROUP_DEVICES",
+        "the devices cgroup hierarchy, same check (default /sys/fs/cgroup/devices)",
+    ),
+    (
+        "CORAL_PASSWD",
+        "where the qemu_base account is read, same check (default /etc/passwd)",
+    ),
+    (
         "XDG_RUNTIME_DIR",
-        "where the --simulate state file goes when CORAL_SIM_STATE is not set",
+        "holds --simulate's private directory coral-sim/ when CORAL_SIM_STATE is not set",
+    ),
+    (
+        "TMPDIR",
+        "without XDG_RUNTIME_DIR: holds coral-sim-<uid>/ (default /tmp)",
     ),
     (
         "PATH",
@@ -449,24 +465,25 @@ pub fn environment_help() -> String {
     text
 }
 
-/// A number of seconds that must be more than 0 (a deadline of 0 could never be met).
+/// A number of seconds that must be more than 0 (a deadline of 0 could
+/// never be met), at most [`coral::clock::MAX_WAIT`].
 pub fn positive_seconds(text: &str) -> Result<f64, String> {
-    let value = seconds_or_zero(text)?;
-    if value == 0.0 {
-        return Err("give a number of seconds greater than 0".to_string());
-    }
-    Ok(value)
+    seconds_flag(text, false)
 }
 
-/// A number of seconds, 0 or more, that fits a duration.
+/// A number of seconds, 0 or more, at most [`coral::clock::MAX_WAIT`].
 pub fn seconds_or_zero(text: &str) -> Result<f64, String> {
+    seconds_flag(text, true)
+}
+
+/// Every duration flag's parser: a number, then [`coral::clock::checked_seconds`]
+/// (a rejected value is a usage error, exit 2).
+fn seconds_flag(text: &str, zero_ok: bool) -> Result<f64, String> {
     let value: f64 = text
         .trim()
         .parse()
         .map_err(|_| "give a number of seconds, e.g. 30 or 2.5".to_string())?;
-    if std::time::Duration::try_from_secs_f64(value).is_err() || value > 86_400.0 * 365.0 {
-        return Err("give a number of seconds, 0 or more and at most a year".to_string());
-    }
+    coral::clock::checked_seconds(value, zero_ok)?;
     Ok(value)
 }
 
@@ -529,6 +546,9 @@ mod tests {
         assert!(positive_seconds("inf").is_err());
         assert_eq!(positive_seconds("2.5"), Ok(2.5));
         assert_eq!(seconds_or_zero("0"), Ok(0.0));
+        assert!(seconds_or_zero("18446744073709549568").is_err());
+        assert!(seconds_or_zero("nan").is_err());
+        assert!(seconds_or_zero("-0.5").is_err());
     }
 
     #[test]

@@ -18,14 +18,14 @@ use crate::error::{fail, fail_then, FailureKind, NextStep};
 use crate::usb::PortPath;
 pub use crate::xe::looks_like_uuid;
 use serde::Deserialize;
-use std::fs::File;
-use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Where the config lives unless `$CORAL_CONFIG` says otherwise.
 pub const DEFAULT_PATH: &str = "/etc/coral/coral.toml";
+/// The mode of the files `coral service install` writes (the config, units).
+const FILE_MODE: u32 = 0o644;
 /// Env var naming another config file.
 pub const PATH_ENV: &str = "CORAL_CONFIG";
 
@@ -63,7 +63,7 @@ impl Deadlines {
     /// One of these deadlines as a duration, else `default`.
     pub fn or(value: Option<f64>, default: Duration) -> Duration {
         value
-            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            .and_then(|s| crate::clock::checked_seconds(s, false).ok())
             .unwrap_or(default)
     }
 
@@ -211,11 +211,13 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
             }
         }
         let seconds = |value: Option<toml::Spanned<f64>>, key: &str| match value {
-            Some(v) if !(v.get_ref().is_finite() && *v.get_ref() > 0.0) => Err(error(
-                Some(v.span()),
-                &format!("{key} = {}: give a number of seconds above 0", v.get_ref()),
-            )),
-            Some(v) => Ok(Some(v.into_inner())),
+            Some(v) => match crate::clock::checked_seconds(*v.get_ref(), false) {
+                Ok(_) => Ok(Some(v.into_inner())),
+                Err(why) => Err(error(
+                    Some(v.span()),
+                    &format!("{key} = {}: {why}", v.get_ref()),
+                )),
+            },
             None => Ok(None),
         };
         let deadlines = Deadlines {
@@ -381,16 +383,13 @@ pub fn write(path: &Path, config: &Config) -> anyhow::Result<()> {
     write_file(path, config.to_toml().as_bytes())
 }
 
-/// Write any small file atomically, creating its directory.
+/// Write any small file atomically and durably ([`crate::atomic_file`]),
+/// creating its directory.
 pub fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    let tmp = path.with_extension("tmp");
+    let dir = crate::atomic_file::directory_of(path);
     let written = std::fs::create_dir_all(dir)
-        .and_then(|_| File::create(&tmp))
-        .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()))
-        .and_then(|_| std::fs::rename(&tmp, path));
+        .and_then(|_| crate::atomic_file::write(path, bytes, FILE_MODE));
     written.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
         fail(
             FailureKind::Other,
             format!("cannot write {}: {e}; run as root", path.display()),

@@ -349,14 +349,14 @@ impl<'a> Download<'a> {
                 ..DownloadSummary::default()
             },
             budget: DOWNLOAD_DEADLINE,
-            deadline: clock.now() + DOWNLOAD_DEADLINE,
+            deadline: crate::clock::deadline_after(clock, DOWNLOAD_DEADLINE),
         })
     }
 
     /// Use another deadline for the whole download (from now).
     pub fn with_deadline(mut self, budget: Duration) -> Self {
         self.budget = budget;
-        self.deadline = self.clock.now() + budget;
+        self.deadline = crate::clock::deadline_after(self.clock, budget);
         self
     }
 
@@ -452,7 +452,7 @@ impl<'a> Download<'a> {
             );
         }
         let wait = asked.min(MAX_POLL_WAIT);
-        if self.clock.now() + wait > self.deadline {
+        if self.clock.now().saturating_add(wait) > self.deadline {
             return Err(self.deadline_passed(step));
         }
         self.clock.sleep(wait);

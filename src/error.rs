@@ -17,6 +17,8 @@ use std::sync::OnceLock;
 pub enum FailureKind {
     /// Anything not classified below.
     Other,
+    /// A bad command-line value that slipped past clap (exit 2, as clap's own).
+    Usage,
     /// No Coral found, or the requested port has none / several match.
     NoCoral,
     /// No firmware image, or an image that fails verification.
@@ -38,6 +40,7 @@ impl FailureKind {
     pub fn exit_code(self) -> u8 {
         match self {
             FailureKind::Other => 1,
+            FailureKind::Usage => 2,
             FailureKind::NoCoral => 3,
             FailureKind::Firmware => 4,
             FailureKind::Usb => 5,
@@ -221,6 +224,18 @@ pub enum NextStep {
     RerunLater {
         /// True when this run waited for the lock; false when it did not wait.
         waited: bool,
+    },
+    /// A file or directory coral must own alone is unsafe (a symlink, another
+    /// user's, writable by others): remove it; coral creates it again, private.
+    RemoveUnsafe {
+        /// The offending path.
+        path: String,
+    },
+    /// The mapping state was unreadable and kept aside: the pauses it held
+    /// are lost; detach again what should stay detached, then delete it.
+    RedoPausesThenDelete {
+        /// The file kept aside.
+        aside: String,
     },
 }
 

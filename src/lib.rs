@@ -13,7 +13,10 @@
 //! - [`simulate`]: the `--simulate` host, a Coral and an XCP-ng pool strict
 //!   as the real ones, without fault injection (the adversarial simulators
 //!   live in the dev-only `coral-testkit`).
+//! - [`atomic_file`], [`lock`], [`mapping_state`]: durable, symlink-safe
+//!   files, the run lock and what coral remembers between runs.
 
+pub mod atomic_file;
 pub mod clock;
 pub mod config;
 pub mod dfu;

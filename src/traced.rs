@@ -24,6 +24,10 @@ impl UsbBus for TracedBus<'_> {
         let inner = self.0.open(device)?;
         Ok(Box::new(TracedTransport(inner)))
     }
+
+    fn qemu_node(&self, path: &str, domid: u32) -> coral::usb::NodeCheck {
+        self.0.qemu_node(path, domid)
+    }
 }
 
 /// An open device whose every request is logged at trace level.

@@ -42,7 +42,8 @@ impl HostWakeups {
             })?;
         let hotplug = spawn_hotplug_listener(Arc::new(move || {
             let _ = sender.send(Wake::UsbChanged);
-        }));
+        }))
+        .map_err(|e| coral::error::fail(coral::error::FailureKind::Usb, format!("watch: {e}")))?;
         if hotplug {
             log::info!("watch: listening for USB hotplug events");
         } else {

@@ -81,6 +81,12 @@ impl Wording for CliWording {
             NextStep::RootOrLockFile => "run as root or set --lock-file".into(),
             NextStep::RerunLater { waited: false } => "rerun later or without --no-wait".into(),
             NextStep::RerunLater { waited: true } => "rerun later or raise --lock-timeout".into(),
+            NextStep::RemoveUnsafe { path } => format!(
+                "remove it (`rm -r {path}`) and rerun: coral creates it again, private to its user"
+            ),
+            NextStep::RedoPausesThenDelete { aside } => format!(
+                "run `coral detach --vm VM` again for any VM that must stay detached, then delete {aside}"
+            ),
         }
     }
 }

@@ -68,6 +68,7 @@ fn opts(vm: &str, restart: bool) -> AttachOptions {
         force_shutdown: false,
         shutdown_timeout: Duration::from_secs(180),
         scan_timeout: Duration::from_secs(30),
+        guest_lost: false,
     }
 }
 
@@ -659,4 +660,182 @@ fn status_while_xapi_is_down_shows_the_usb_side() {
     assert_eq!(report.corals.len(), 1);
     assert_eq!(report.corals[0].usb_state, "ready");
     assert!(report.corals[0].pusb_uuid.is_none());
+}
+
+// --- Records about to go away are not obstacles.
+
+/// A USB device that is not a Coral (a disk, a dongle…) at `path`.
+fn other_device(path: &str, pid: &str) -> coral_testkit::xapi::SimUsbDevice {
+    coral_testkit::xapi::SimUsbDevice {
+        path: path.into(),
+        vendor_id: "0781".into(),
+        product_id: pid.into(),
+        vendor_desc: "SanDisk Corp.".into(),
+        product_desc: String::new(),
+        serial: format!("SN-{path}"),
+        version: "2.00".into(),
+        speed: "480.000".into(),
+        interface_classes: vec![0x08],
+    }
+}
+
+#[test]
+fn a_vm_with_five_other_vusbs_and_the_doomed_boot_loader_vusb_gets_its_coral_after_power_loss() {
+    // After a power loss: the Coral is a boot loader at 1-4, and the VM
+    // still holds the boot loader's VUSB from the old helper-VM workaround,
+    // next to 5 VUSBs of other devices: 6, XAPI's limit.
+    let clock = Rc::new(VirtualClock::new());
+    let bus = Rc::new(SimBus::new(clock.clone()));
+    bus.add_coral(SimCoralConfig::xhci(4), CoralState::Uninitialized);
+    let mut world = World::new(WorldConfig::default());
+    let host_uuid = world.add_host("xcp-a");
+    let vm = world.add_vm("frigate", PowerState::Halted, None);
+    world.hosts[0].usb_devices = ["1-1", "1-2", "1-3", "3-1", "3-2"]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| other_device(p, &format!("55{i:02}")))
+        .collect();
+    let host = SimulatedHost::from_parts(clock, bus, world, host_uuid.clone());
+    {
+        let world = host.world();
+        let mut world = world.borrow_mut();
+        let groups: Vec<String> = world
+            .pusbs
+            .iter()
+            .map(|p| p.usb_group_uuid.clone())
+            .collect();
+        assert_eq!(groups.len(), 6, "5 devices and the boot loader are PUSBs");
+        for group in groups {
+            let uuid = world.new_uuid();
+            world.vusbs.push(coral_testkit::xapi::Vusb {
+                uuid,
+                vm_uuid: vm.clone(),
+                usb_group_uuid: group,
+                currently_attached: false,
+                other_config: Default::default(),
+            });
+        }
+    }
+    let r = Rig {
+        host,
+        host_uuid,
+        vm: vm.clone(),
+    };
+    let xe = client(&r, false);
+    let mut load = || Ok(coral_testkit::host::stand_in_single_ep_image());
+    let up_opts = coral::ops::up::UpOptions {
+        wait_device: Duration::ZERO,
+        replug_timeout: Duration::from_secs(10),
+        attach: opts("frigate", false),
+        dry_run: false,
+    };
+    let report = coral::ops::up::up(r.host.bus(), &xe, r.host.clock(), &mut load, &up_opts)
+        .expect("the doomed VUSB is not an obstacle");
+    assert!(report.attach.is_some());
+
+    let (coral_vusbs, power, _) = outcome(&r);
+    assert_eq!(
+        coral_vusbs,
+        vec![false],
+        "the VM has the ready Coral's VUSB"
+    );
+    assert_eq!(power, PowerState::Halted);
+    let world = r.host.world();
+    let world = world.borrow();
+    let vm_vusbs: Vec<&coral_testkit::xapi::Vusb> =
+        world.vusbs.iter().filter(|v| v.vm_uuid == vm).collect();
+    assert_eq!(
+        vm_vusbs.len(),
+        6,
+        "5 others + the Coral; XAPI deleted the boot loader's"
+    );
+    assert!(!world.pusbs.iter().any(|p| p.device.product_id == "089a"));
+}
+
+#[test]
+fn six_vusbs_that_all_survive_still_refuse_before_any_write() {
+    let r = rig_with("frigate", PowerState::Halted, |world, vm| {
+        let host = world.hosts[0].uuid.clone();
+        let devices: Vec<_> = (1..=6)
+            .map(|i| other_device(&format!("3-{i}"), &format!("56{i:02}")))
+            .collect();
+        world.set_usb_devices(&host, devices, Duration::ZERO);
+        world.scan_now(&host);
+        world.pending_scans.clear();
+        let groups: Vec<String> = world
+            .pusbs
+            .iter()
+            .filter(|p| p.host_uuid == host)
+            .map(|p| p.usb_group_uuid.clone())
+            .collect();
+        for group in groups {
+            let uuid = world.new_uuid();
+            world.vusbs.push(coral_testkit::xapi::Vusb {
+                uuid,
+                vm_uuid: vm.to_string(),
+                usb_group_uuid: group,
+                currently_attached: false,
+                other_config: Default::default(),
+            });
+        }
+    });
+    let err = run(&r, &opts("frigate", false)).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("already has 6 VUSBs"),
+        "{err:#}"
+    );
+    assert!(!calls(&r)
+        .iter()
+        .any(|c| WRITES.contains(&c[0].as_str()) && c[0] != "pusb-scan"));
+}
+
+// --- A start that fails in XAPI's USB reset (xcp-ng/xcp#516).
+
+#[test]
+fn a_start_that_fails_once_in_the_usb_reset_is_rescanned_and_retried() {
+    let r = rig_with("frigate", PowerState::Running, |world, _| {
+        world.usb_reset_failures = 1;
+    });
+    let report = run(&r, &opts("frigate", true)).expect("the second start succeeds");
+    assert!(report.restarted);
+    let (vusbs, power, _) = outcome(&r);
+    assert_eq!((vusbs, power), (vec![true], PowerState::Running));
+    let c = calls(&r);
+    let starts: Vec<usize> = c
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| a[0] == "vm-start")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(starts.len(), 2);
+    assert!(
+        c[starts[0]..starts[1]].iter().any(|a| a[0] == "pusb-scan"),
+        "a rescan between the two starts"
+    );
+}
+
+#[test]
+fn a_start_that_keeps_failing_in_the_usb_reset_brings_the_vm_up_without_the_coral_and_names_the_fix(
+) {
+    let r = rig_with("frigate", PowerState::Running, |world, _| {
+        // Every start with the VUSB fails, as in the field report.
+        world.usb_reset_failures = u32::MAX;
+    });
+    let err = run(&r, &opts("frigate", true)).unwrap_err();
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("xcp-ng/xcp#516") && text.contains("replug"),
+        "{text}"
+    );
+    assert!(matches!(
+        next_step_of(&err),
+        Some(NextStep::RestorePassthrough { .. })
+    ));
+    let (vusbs, power, _) = outcome(&r);
+    assert_eq!(
+        power,
+        PowerState::Running,
+        "running again, without the Coral"
+    );
+    assert!(vusbs.is_empty(), "its VUSB removed, so it can start");
 }

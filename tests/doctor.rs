@@ -4,6 +4,7 @@
 use assert_cmd::Command;
 use coral_testkit::e2e::assert_succeeded;
 mod support;
+use std::os::unix::fs::OpenOptionsExt;
 
 use coral_testkit::xapi::{coral_ready_device, PowerState, World};
 use serde_json::Value;
@@ -171,16 +172,74 @@ fn a_policy_that_denies_the_coral_fails_with_the_rule_to_add() {
 }
 
 #[test]
+fn the_policy_is_checked_for_both_identities_and_the_denying_rule_is_named() {
+    let s = setup(|_, _| {});
+    let policy_file = s.xapi.dir().join("usb-policy.conf");
+    // The first matching rule decides: the ALLOW after the DENY never applies.
+    std::fs::write(
+        &policy_file,
+        "# local edits\nDENY: class=02\nDENY: vid=18d1 pid=9302 # someone's rule\nALLOW: class=ff\nALLOW:\n",
+    )
+    .unwrap();
+    let (_, json) = s.doctor();
+    let policy = check(&json, "usb-policy");
+    assert_eq!(policy["verdict"], "fail", "{policy}");
+    let detail = policy["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("class ff/ff/ff") && detail.contains("line 3: `DENY: vid=18d1 pid=9302`"),
+        "{detail}"
+    );
+
+    // The boot loader (class fe/01/02) denied by a subclass rule; the ready
+    // Coral admitted.
+    std::fs::write(&policy_file, "DENY: class=fe subclass=01 prot=02\nALLOW:\n").unwrap();
+    let (_, json) = s.doctor();
+    let policy = check(&json, "usb-policy");
+    assert_eq!(policy["verdict"], "warn", "{policy}");
+    let detail = policy["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("fe/01/02")
+            && detail.contains("line 1: `DENY: class=fe subclass=01 prot=02`"),
+        "{detail}"
+    );
+
+    // No rule matches: denied, and said so.
+    std::fs::write(&policy_file, "ALLOW: class=fe\n").unwrap();
+    let (_, json) = s.doctor();
+    let policy = check(&json, "usb-policy");
+    assert_eq!(policy["verdict"], "fail", "{policy}");
+    assert!(
+        policy["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no rule matches it"),
+        "{policy}"
+    );
+
+    // Both admitted.
+    std::fs::write(&policy_file, DEFAULT_POLICY).unwrap();
+    let (_, json) = s.doctor();
+    let policy = check(&json, "usb-policy");
+    assert_eq!(policy["verdict"], "ok", "{policy}");
+    assert!(policy["detail"]
+        .as_str()
+        .unwrap()
+        .contains("both identities"));
+}
+
+#[test]
 fn an_ha_protected_vm_and_a_held_lock_fail() {
     let s = setup(|_, _| {});
     // HA protection set after install (install itself refuses such a VM).
     let mut state = coral_testkit::xapi::SimState::load(&s.xapi.state).unwrap();
     state.world.vm_mut(&s.vm).unwrap().ha_restart_priority = "restart".into();
     state.save(&s.xapi.state).unwrap();
+    // Held by another run (a lock file as coral makes it: 0600).
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(s.xapi.dir().join("coral.lock"))
         .unwrap();
     lock.lock().unwrap();
@@ -192,6 +251,23 @@ fn an_ha_protected_vm_and_a_held_lock_fail() {
         .unwrap()
         .contains("HA"));
     assert_eq!(check(&json, "lock")["verdict"], "fail");
+    assert!(check(&json, "lock")["detail"]
+        .as_str()
+        .unwrap()
+        .contains("another coral run holds"));
+    // Left 0644 (by an older coral): anyone could hold it.
+    std::fs::set_permissions(
+        s.xapi.dir().join("coral.lock"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    drop(lock);
+    let (_, json) = s.doctor();
+    assert_eq!(check(&json, "lock")["verdict"], "fail");
+    assert!(check(&json, "lock")["detail"]
+        .as_str()
+        .unwrap()
+        .contains("has mode 644"));
 }
 
 #[test]

@@ -571,3 +571,170 @@ fn idle_minute() {
     let calls = xapi.world().calls.len();
     eprintln!("idle minute: {calls} xe calls in total (all reads)");
 }
+
+// --- A Coral that re-enumerates as itself (xapi-usb.md, "A drop that XAPI
+// does not see"): the emulated link drop is back within 50 ms with a new
+// device number; the fake xe's scans read the bus 120 ms after udev's event
+// (the `xe pusb-scan` process and the scan thread's wake-up), so they find
+// the same identity and keep the PUSB, the group and the attached VUSB.
+
+/// Time from a scan's start to its reading of the bus: longer than the drop.
+const SCAN_READ_MS: u64 = 120;
+
+/// `frigate` running with the ready Coral at 2-4 attached, on a pool whose
+/// scans read the bus after a 50 ms link drop is over.
+fn pool_that_misses_a_link_drop() -> (World, String, String) {
+    let config = coral_testkit::xapi::WorldConfig {
+        scan_read_ms: SCAN_READ_MS,
+        ..fast_config()
+    };
+    let (mut world, host, vm) = pool(
+        config,
+        "frigate",
+        PowerState::Running,
+        vec![coral_ready_device("2-4")],
+    );
+    let pusb = world
+        .pusbs
+        .iter_mut()
+        .find(|p| p.host_uuid == host && p.device.path == "2-4")
+        .expect("XAPI lists the ready Coral");
+    pusb.passthrough_enabled = true;
+    let group = pusb.usb_group_uuid.clone();
+    let uuid = world.new_uuid();
+    world.vusbs.push(Vusb {
+        uuid,
+        vm_uuid: vm.clone(),
+        usb_group_uuid: group,
+        currently_attached: true,
+        other_config: Default::default(),
+    });
+    (world, host, vm)
+}
+
+/// The records a missed drop must leave alone: PUSB uuids, VUSB uuids and
+/// whether each is attached.
+fn xapi_records(world: &World) -> (Vec<String>, Vec<(String, bool)>) {
+    (
+        world.pusbs.iter().map(|p| p.uuid.clone()).collect(),
+        world
+            .vusbs
+            .iter()
+            .map(|v| (v.uuid.clone(), v.currently_attached))
+            .collect(),
+    )
+}
+
+/// The emulator's device numbers of the Coral, in order of its adds.
+fn devnums(run: &Run) -> Vec<String> {
+    events(run)
+        .into_iter()
+        .filter(|(_, e)| e.starts_with("add 2-4 18d1:9302"))
+        .map(|(_, e)| e.rsplit(' ').next().unwrap_or("").to_string())
+        .collect()
+}
+
+#[test]
+fn a_link_drop_under_a_running_vm_costs_one_clean_restart_when_allowed() {
+    if !umockdev_and_firmware_available() {
+        return;
+    }
+    let (world, host, vm) = pool_that_misses_a_link_drop();
+    let before = xapi_records(&world);
+    let xapi = FakeXapi::new(world, &host);
+    let run = watch(
+        &xapi,
+        &["--link-drop-at-ms", "1500", "--sigterm-at-ms", "6000"],
+        &["--vm", "frigate", "--restart"],
+    );
+    the_watch_stopped_cleanly(&run);
+    assert_eq!(devnums(&run).len(), 2, "{:?}", events(&run));
+    let world = xapi.world();
+    assert_eq!(xapi_records(&world), before, "XAPI never saw the drop");
+    assert_eq!(vm_power_transitions(&world, &vm), ONE_RESTART);
+    assert_eq!(
+        downloads_to(&run, "1-4"),
+        0,
+        "no firmware upload: it kept its firmware"
+    );
+    assert!(run.stderr.contains("lost its Coral"), "{}", run.stderr);
+    assert!(!world
+        .calls
+        .iter()
+        .any(|c| c.args.iter().any(|a| a == "force=true")));
+}
+
+#[test]
+fn a_link_drop_under_a_running_vm_is_one_line_naming_the_command_when_restarts_are_not_allowed() {
+    if !umockdev_and_firmware_available() {
+        return;
+    }
+    let (world, host, vm) = pool_that_misses_a_link_drop();
+    let before = xapi_records(&world);
+    let xapi = FakeXapi::new(world, &host);
+    let run = watch(
+        &xapi,
+        &["--link-drop-at-ms", "1500", "--sigterm-at-ms", "6000"],
+        &["--vm", "frigate"],
+    );
+    the_watch_stopped_cleanly(&run);
+    let world = xapi.world();
+    assert_eq!(xapi_records(&world), before);
+    assert!(vm_power_transitions(&world, &vm).is_empty());
+    let lines: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("lost its Coral"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{}", run.stderr);
+    for part in [
+        "VM 'frigate'",
+        "2-4",
+        "re-enumerated",
+        "restarts not allowed",
+        &format!("`coral attach --vm {vm} --restart`"),
+    ] {
+        assert!(lines[0].contains(part), "{part:?} in {}", lines[0]);
+    }
+    let state = StateStore::in_dir(&xapi.dir().join("state"))
+        .load()
+        .unwrap();
+    let last = state.mappings[&vm].last_action.clone().unwrap();
+    assert!(last.contains("lost its Coral"), "{last}");
+}
+
+#[test]
+fn link_drops_restart_the_vm_within_the_hourly_budget_only() {
+    if !umockdev_and_firmware_available() {
+        return;
+    }
+    let (world, host, vm) = pool_that_misses_a_link_drop();
+    let xapi = FakeXapi::new(world, &host);
+    let run = watch(
+        &xapi,
+        &[
+            "--link-drop-at-ms",
+            "1500",
+            "--link-drop-at-ms",
+            "4500",
+            "--sigterm-at-ms",
+            "8000",
+        ],
+        &[
+            "--vm",
+            "frigate",
+            "--restart",
+            "--max-restarts-per-hour",
+            "1",
+        ],
+    );
+    the_watch_stopped_cleanly(&run);
+    assert_eq!(devnums(&run).len(), 3, "{:?}", events(&run));
+    let world = xapi.world();
+    assert_eq!(vm_power_transitions(&world, &vm), ONE_RESTART);
+    assert!(
+        run.stderr.contains("restart limit of 1 per hour reached"),
+        "{}",
+        run.stderr
+    );
+}

@@ -56,6 +56,7 @@ fn options(restart: bool, dry_run: bool) -> UpOptions {
             force_shutdown: false,
             shutdown_timeout: Duration::from_secs(180),
             scan_timeout: Duration::from_secs(30),
+            guest_lost: false,
         },
         dry_run,
         wait_device: Duration::ZERO,

@@ -102,6 +102,7 @@ fn options(mappings: Vec<Mapping>, max_restarts_per_hour: u32) -> WatchOptions {
                 force_shutdown: false,
                 shutdown_timeout: Duration::from_secs(180),
                 scan_timeout: Duration::from_secs(30),
+                guest_lost: false,
             },
             dry_run: false,
         },
@@ -475,5 +476,291 @@ fn a_scan_that_lands_after_the_usb_event_is_caught_by_the_settle_recheck() {
     assert!(
         created.at_ms < (MINUTE - MINUTE / 6).as_millis() as u64,
         "within the settle recheck, not at the next periodic check: {created:?}"
+    );
+}
+
+// --- A Coral that re-enumerates as itself (xapi-usb.md, "A drop that XAPI
+// does not see"). XAPI's scan reads the bus when its thread runs, here
+// 200 ms after the udev event, so a Coral back within 50 ms keeps its PUSB,
+// group and attached VUSB while the guest has lost it.
+
+/// Time from a scan's start to its reading of the bus, longer than the drop.
+const SCAN_READ_MS: u64 = 200;
+/// How long the Coral is off the bus in a link drop.
+const LINK_GAP: Duration = Duration::from_millis(50);
+
+/// `cam-4` holds the ready Coral at 2-4 and was started with it through
+/// XAPI (so the simulator's usb_reset marked the node for its domain).
+fn started_scenario() -> Scenario {
+    let clock = Rc::new(VirtualClock::new());
+    let bus = Rc::new(SimBus::new(clock.clone()));
+    bus.add_coral(SimCoralConfig::xhci(4), CoralState::Ready);
+    let mut world = World::new(WorldConfig {
+        scan_read_ms: SCAN_READ_MS,
+        ..WorldConfig::default()
+    });
+    let host_uuid = world.add_host("xcp-1");
+    let vm = world.add_vm("cam-4", PowerState::Halted, None);
+    let host = SimulatedHost::from_parts(clock, bus, world, host_uuid);
+    {
+        let world = host.world();
+        let mut world = world.borrow_mut();
+        let pusb = world
+            .pusbs
+            .iter_mut()
+            .find(|p| p.device.path == "2-4")
+            .expect("XAPI lists the ready Coral");
+        pusb.passthrough_enabled = true;
+        let group = pusb.usb_group_uuid.clone();
+        let uuid = world.new_uuid();
+        world.vusbs.push(coral_testkit::xapi::Vusb {
+            uuid,
+            vm_uuid: vm.clone(),
+            usb_group_uuid: group,
+            currently_attached: false,
+            other_config: Default::default(),
+        });
+    }
+    let xe = XeClient::new(host.xe(), host.host_uuid().to_string(), false);
+    xe.vm_start(&vm).expect("the VM starts with its Coral");
+    host.world().borrow_mut().power_history.clear();
+    Scenario {
+        host,
+        vms: vec![vm],
+        state_dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+/// Coral `index` drops off the bus and is back as itself 50 ms later at the
+/// same port (new device number); udev reports both, each with its scan.
+fn link_drop(index: usize) -> Box<dyn Fn(&SimulatedHost)> {
+    Box::new(move |host: &SimulatedHost| {
+        host.sim_bus().link_drop(index, LINK_GAP);
+        host.udev_event();
+        host.clock().sleep(LINK_GAP);
+        host.udev_event();
+    })
+}
+
+/// The Coral's PUSB uuid and the VM's VUSBs (uuid, attached).
+fn records(s: &Scenario) -> (Vec<String>, Vec<(String, bool)>) {
+    let world = s.host.world();
+    let world = world.borrow();
+    (
+        world.pusbs.iter().map(|p| p.uuid.clone()).collect(),
+        world
+            .vusbs
+            .iter()
+            .filter(|v| v.vm_uuid == s.vms[0])
+            .map(|v| (v.uuid.clone(), v.currently_attached))
+            .collect(),
+    )
+}
+
+fn last_action(s: &Scenario) -> String {
+    let states = StateStore::in_dir(s.state_dir.path()).load().unwrap();
+    states.mappings[&s.vms[0]]
+        .last_action
+        .clone()
+        .unwrap_or_default()
+}
+
+const ONE_RESTART: [(PowerState, PowerState); 2] = [
+    (PowerState::Running, PowerState::Halted),
+    (PowerState::Halted, PowerState::Running),
+];
+
+#[test]
+fn a_coral_that_reenumerates_as_itself_under_a_running_vm_costs_one_restart_when_allowed() {
+    let s = started_scenario();
+    let before = records(&s);
+    let opts = options(vec![mapping(4, &s.vms[0], true)], 2);
+    let script = Script::new(&s.host, vec![(MINUTE, link_drop(0))], 5 * MINUTE);
+    run_watch(&s, &opts, &script, Duration::ZERO);
+
+    // XAPI never saw it: same PUSB and VUSB, attached all along.
+    assert_eq!(records(&s), before);
+    assert_eq!(transitions(&s, &s.vms[0]), ONE_RESTART.to_vec());
+    let xe = XeClient::new(s.host.xe(), s.host.host_uuid().to_string(), false);
+    let status = coral::ops::status::status(s.host.bus(), Some(&xe)).unwrap();
+    assert_eq!(
+        status.corals[0].guest_node.as_deref(),
+        Some("given"),
+        "after the restart QEMU holds the new node"
+    );
+}
+
+#[test]
+fn a_coral_that_reenumerates_as_itself_is_named_in_one_line_when_restarts_are_not_allowed() {
+    let s = started_scenario();
+    let before = records(&s);
+    let opts = options(vec![mapping(4, &s.vms[0], false)], 2);
+    let script = Script::new(&s.host, vec![(MINUTE, link_drop(0))], 5 * MINUTE);
+    run_watch(&s, &opts, &script, Duration::ZERO);
+
+    assert_eq!(records(&s), before);
+    assert!(transitions(&s, &s.vms[0]).is_empty());
+    let line = last_action(&s);
+    // (The CLI words the next step: `coral attach --vm X --restart`, see e2e_watch.)
+    for part in [
+        s.vms[0].as_str(),
+        "2-4",
+        "re-enumerated",
+        "restarts not allowed",
+        "RestartNow",
+    ] {
+        assert!(line.contains(part), "{part:?} in {line}");
+    }
+
+    // status and doctor's source of truth: the stateless check says lost.
+    let xe = XeClient::new(s.host.xe(), s.host.host_uuid().to_string(), false);
+    let status = coral::ops::status::status(s.host.bus(), Some(&xe)).unwrap();
+    assert_eq!(status.corals[0].guest_node.as_deref(), Some("lost"));
+    assert!(status.render_table().contains("lost its Coral"));
+
+    // The command the line names restarts it, once.
+    let mut attach_opts = options(Vec::new(), 2).recovery.attach;
+    attach_opts.vm = s.vms[0].clone();
+    let report = coral::ops::attach::attach(s.host.bus(), &xe, s.host.clock(), &attach_opts)
+        .expect("without --restart: exit 0");
+    assert!(report.pending_restart && report.guest_lost, "{report}");
+    assert!(transitions(&s, &s.vms[0]).is_empty());
+    attach_opts.restart = true;
+    let report = coral::ops::attach::attach(s.host.bus(), &xe, s.host.clock(), &attach_opts)
+        .expect("attach --restart");
+    assert!(report.restarted, "{report}");
+    assert_eq!(transitions(&s, &s.vms[0]), ONE_RESTART.to_vec());
+    assert_eq!(records(&s), before, "the same records, attached again");
+    let status = coral::ops::status::status(s.host.bus(), Some(&xe)).unwrap();
+    assert_eq!(status.corals[0].guest_node.as_deref(), Some("given"));
+}
+
+#[test]
+fn reenumerations_as_itself_restart_within_the_budget_only() {
+    let s = started_scenario();
+    let opts = options(vec![mapping(4, &s.vms[0], true)], 1);
+    let script = Script::new(
+        &s.host,
+        vec![(MINUTE, link_drop(0)), (10 * MINUTE, link_drop(0))],
+        20 * MINUTE,
+    );
+    run_watch(&s, &opts, &script, Duration::ZERO);
+
+    assert_eq!(
+        transitions(&s, &s.vms[0]),
+        ONE_RESTART.to_vec(),
+        "the second drop is over the limit of 1 per hour"
+    );
+    let line = last_action(&s);
+    assert!(
+        line.contains("restart limit of 1 per hour reached") && line.contains("lost its Coral"),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_watcher_started_after_the_drop_finds_it_by_the_qemu_marks() {
+    let s = started_scenario();
+    // The drop happens before the watcher runs (no memory of it).
+    link_drop(0)(&s.host);
+    s.host.clock().sleep(Duration::from_secs(2));
+    let opts = options(vec![mapping(4, &s.vms[0], true)], 2);
+    let script = Script::new(&s.host, Vec::new(), 3 * MINUTE);
+    run_watch(&s, &opts, &script, Duration::ZERO);
+    assert_eq!(transitions(&s, &s.vms[0]), ONE_RESTART.to_vec());
+}
+
+#[test]
+fn a_running_vm_whose_coral_never_reenumerated_is_left_alone() {
+    let s = started_scenario();
+    let opts = options(vec![mapping(4, &s.vms[0], true)], 2);
+    let script = Script::new(&s.host, Vec::new(), 10 * MINUTE);
+    run_watch(&s, &opts, &script, Duration::ZERO);
+    assert!(transitions(&s, &s.vms[0]).is_empty());
+}
+
+#[test]
+fn up_restarts_a_vm_that_lost_its_coral_only_with_restart() {
+    let s = started_scenario();
+    link_drop(0)(&s.host);
+    s.host.clock().sleep(Duration::from_secs(2));
+    let xe = XeClient::new(s.host.xe(), s.host.host_uuid().to_string(), false);
+    let mut load = || Ok(stand_in_single_ep_image());
+    let mut up_opts = options(Vec::new(), 2).recovery;
+    up_opts.attach.vm = s.vms[0].clone();
+    let report = coral::ops::up::up(s.host.bus(), &xe, s.host.clock(), &mut load, &up_opts)
+        .expect("without --restart: exit 0");
+    let attach = report.attach.expect("an attach report");
+    assert!(attach.guest_lost && attach.pending_restart, "{attach}");
+    assert!(transitions(&s, &s.vms[0]).is_empty());
+
+    up_opts.attach.restart = true;
+    let report = coral::ops::up::up(s.host.bus(), &xe, s.host.clock(), &mut load, &up_opts)
+        .expect("up --restart");
+    assert!(report.attach.is_some_and(|a| a.restarted));
+    assert_eq!(transitions(&s, &s.vms[0]), ONE_RESTART.to_vec());
+}
+
+#[test]
+fn a_vm_restarted_by_hand_after_a_drop_is_not_restarted_again_when_the_budget_returns() {
+    let s = started_scenario();
+    let vm = s.vms[0].clone();
+    let by_hand: Box<dyn Fn(&SimulatedHost)> = Box::new(move |host: &SimulatedHost| {
+        let xe = XeClient::new(host.xe(), host.host_uuid().to_string(), false);
+        xe.vm_shutdown(&vm, false, Duration::from_secs(180))
+            .unwrap();
+        xe.vm_start(&vm).unwrap();
+    });
+    let opts = options(vec![mapping(4, &s.vms[0], true)], 1);
+    let script = Script::new(
+        &s.host,
+        vec![
+            (MINUTE, link_drop(0)),
+            (5 * MINUTE, link_drop(0)),
+            (6 * MINUTE, by_hand),
+        ],
+        70 * MINUTE,
+    );
+    run_watch(&s, &opts, &script, Duration::ZERO);
+    let world = s.host.world();
+    let shutdowns: Vec<u64> = world
+        .borrow()
+        .power_history
+        .iter()
+        .filter(|e| e.vm_uuid == s.vms[0] && e.from == PowerState::Running)
+        .map(|e| e.at_ms / 60_000)
+        .collect();
+    assert_eq!(
+        shutdowns,
+        vec![1, 6],
+        "the watcher's restart at minute 1 and the admin's at minute 6; none when the budget returns at 61"
+    );
+}
+
+#[test]
+fn a_link_drop_while_the_vm_is_halted_costs_nothing_and_its_next_start_gets_the_new_node() {
+    let s = started_scenario();
+    let vm = s.vms[0].clone();
+    let xe = XeClient::new(s.host.xe(), s.host.host_uuid().to_string(), false);
+    xe.vm_shutdown(&vm, false, Duration::from_secs(180))
+        .unwrap();
+    s.host.world().borrow_mut().power_history.clear();
+    let opts = options(vec![mapping(4, &vm, true)], 2);
+    let script = Script::new(&s.host, vec![(MINUTE, link_drop(0))], 5 * MINUTE);
+    run_watch(&s, &opts, &script, Duration::ZERO);
+    assert!(
+        transitions(&s, &vm).is_empty(),
+        "a halted VM is not started"
+    );
+
+    xe.vm_start(&vm).unwrap();
+    let status = coral::ops::status::status(s.host.bus(), Some(&xe)).unwrap();
+    assert_eq!(status.corals[0].guest_node.as_deref(), Some("given"));
+    // The watcher, started again now, has nothing to do.
+    let script = Script::new(&s.host, Vec::new(), 10 * MINUTE);
+    run_watch(&s, &opts, &script, Duration::ZERO);
+    assert_eq!(
+        transitions(&s, &vm),
+        vec![(PowerState::Halted, PowerState::Running)]
     );
 }

@@ -8,11 +8,12 @@
 //! procedure acts on the outcome.
 
 use super::xapi_common::{
-    check_vm_spec, pick_vm, pusb_at, ready_coral, wait_for_pusb, xe_fail, Vm,
+    check_vm_spec, guest_node, pick_vm, poll_scan, pusb_at, ready_coral, wait_for_pusb, xe_fail,
+    Vm, SCAN_FIRST_LOOK,
 };
 use crate::clock::Clock;
 use crate::error::{fail, fail_then, FailureKind, Flag, NextStep};
-use crate::usb::UsbBus;
+use crate::usb::{CoralState, NodeCheck, UsbBus};
 use crate::xe::client::{
     PowerState, PusbInfo, Started, StartedVms, VmInfo, VusbInfo, XeClient, CALL_TIMEOUT,
 };
@@ -32,6 +33,8 @@ pub const DEFAULT_SCAN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const FOLLOW_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often a followed operation is looked at.
 const FOLLOW_POLL: Duration = Duration::from_secs(1);
+/// How long the records are checked after a failed USB reset at VM start.
+const RESET_RECHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What `attach` should do.
 #[derive(Clone, Debug)]
@@ -50,6 +53,10 @@ pub struct AttachOptions {
     pub shutdown_timeout: Duration,
     /// Deadline for XAPI to list the ready Coral.
     pub scan_timeout: Duration,
+    /// The caller saw the Coral re-enumerate as itself under the running
+    /// VM (the watcher's memory): the guest has lost it, whatever the
+    /// stateless check says.
+    pub guest_lost: bool,
 }
 
 /// What `attach` did, in plain words (Display: one line per fact).
@@ -65,6 +72,9 @@ pub struct AttachReport {
     pub restarted: bool,
     /// The VM's uuid (to resume a mapping paused by `coral detach`).
     pub vm_uuid: String,
+    /// XAPI shows the Coral attached, yet the guest lost it (it
+    /// re-enumerated after the VM started): the VM needs a restart.
+    pub guest_lost: bool,
 }
 
 impl AttachReport {
@@ -225,7 +235,7 @@ pub fn attach(
 ) -> anyhow::Result<AttachReport> {
     let coral = ready_coral(usb, opts.device.as_deref())?;
     let plan = read_plan(xe, &opts.vm)?;
-    attach_planned(xe, clock, opts, &plan, &coral.path.to_string(), None)
+    attach_planned(usb, xe, clock, opts, &plan, &coral.path.to_string(), None)
 }
 
 /// The attach once the Coral is ready at `path`. `reenumerated`: this run
@@ -233,6 +243,7 @@ pub fn attach(
 /// to be trusted: a scan that read the bus before the reset may still
 /// delete them); the records used must come from a scan after the reset.
 pub fn attach_planned(
+    usb: &dyn UsbBus,
     xe: &XeClient,
     clock: &dyn Clock,
     opts: &AttachOptions,
@@ -286,16 +297,22 @@ pub fn attach_planned(
             ));
         }
         let existing = holders.into_iter().find(|v| v.vm_uuid == vm.uuid());
-        if vm.info.power_state == PowerState::Running
-            && existing.as_ref().is_some_and(|v| v.attached)
-        {
-            report.say(format!(
-                "the Coral at {path} is attached to running {label}; nothing to do"
-            ));
-            return Ok(report);
+        if vm.info.power_state == PowerState::Running {
+            if let Some(held) = existing.as_ref().filter(|v| v.attached) {
+                let why = lost_why(usb, xe, opts, vm.uuid(), path);
+                return match why {
+                    None => {
+                        report.say(format!(
+                            "the Coral at {path} is attached to running {label}; nothing to do"
+                        ));
+                        Ok(report)
+                    }
+                    Some(why) => restart_lost(xe, clock, opts, vm, &held.uuid, path, &why, report),
+                };
+            }
         }
         if existing.is_none() {
-            check_vusb_limits(plan)?;
+            check_vusb_limits(usb, xe, clock, plan, opts.scan_timeout)?;
         }
 
         // Every known precondition has passed: write.
@@ -373,6 +390,69 @@ pub fn attach_planned(
     Ok(report)
 }
 
+/// Why the running VM lost the Coral XAPI shows attached to it, or None
+/// when it has not. QEMU's marks decide when the host has them; without
+/// them only the caller's own sighting of the re-enumeration
+/// (`opts.guest_lost`) counts: an unknown answer alone never restarts.
+fn lost_why(
+    usb: &dyn UsbBus,
+    xe: &XeClient,
+    opts: &AttachOptions,
+    vm_uuid: &str,
+    path: &str,
+) -> Option<String> {
+    match guest_node(usb, xe, vm_uuid, path) {
+        NodeCheck::Lost { node } => Some(format!(
+            "the Coral at {path} re-enumerated as {node} after the VM started, and QEMU still holds the old node"
+        )),
+        NodeCheck::Given => None,
+        NodeCheck::Unknown(_) if opts.guest_lost => Some(format!(
+            "the Coral at {path} re-enumerated as itself (a USB remove and add) while attached"
+        )),
+        NodeCheck::Unknown(why) => {
+            log::debug!("whether the guest holds the Coral at {path}: {why}");
+            None
+        }
+    }
+}
+
+/// The running VM lost the Coral XAPI still shows attached: with
+/// `--restart`, one clean restart (XAPI attaches USB only at VM start);
+/// without, say so and what restarts it.
+#[allow(clippy::too_many_arguments)]
+fn restart_lost(
+    xe: &XeClient,
+    clock: &dyn Clock,
+    opts: &AttachOptions,
+    vm: &Vm,
+    vusb: &str,
+    path: &str,
+    why: &str,
+    mut report: AttachReport,
+) -> anyhow::Result<AttachReport> {
+    let label = &vm.label;
+    report.guest_lost = true;
+    if !opts.restart {
+        report.pending_restart = true;
+        report.say(format!(
+            "{label} lost its Coral: {why}; XAPI still shows it attached, but only a VM restart gives it back ({})",
+            NextStep::RestartNow {
+                vm: vm.uuid().to_string()
+            }
+        ));
+        return Ok(report);
+    }
+    log::warn!("{label} lost its Coral ({why}); restarting it once");
+    restart_with_coral(xe, clock, vm, vusb, false, opts, &mut report)?;
+    report.changed = true;
+    report.restarted = !xe.dry_run();
+    report.say(format!(
+        "{} {label} once (clean shutdown, start): it had lost its Coral at {path}; it has the Coral again",
+        verb(xe, "restarted", "would restart")
+    ));
+    Ok(report)
+}
+
 /// `text` when the VM runs on another host than this one.
 fn elsewhere<'t>(xe: &XeClient, vm: &VmInfo, text: &'t str) -> &'t str {
     match &vm.resident_on {
@@ -400,8 +480,18 @@ fn group_holders(xe: &XeClient, plan: &Plan, pusb: &PusbInfo) -> anyhow::Result<
         .map_err(|e| xe_fail("listing the Coral's VUSBs", e))
 }
 
-/// XAPI's VUSB limits, checked before any write so the error is clear.
-fn check_vusb_limits(plan: &Plan) -> anyhow::Result<()> {
+/// XAPI's VUSB limits, checked before any write so the error is clear. A
+/// VUSB on a Coral record that is no longer on the bus with its identity
+/// (e.g. the boot loader's, after the firmware upload) is XAPI's to delete
+/// at its next scan: it is not an obstacle, but XAPI still counts it, so
+/// wait for that scan (bounded by `scan_timeout`) before creating ours.
+fn check_vusb_limits(
+    usb: &dyn UsbBus,
+    xe: &XeClient,
+    clock: &dyn Clock,
+    plan: &Plan,
+    scan_timeout: Duration,
+) -> anyhow::Result<()> {
     let label = &plan.vm.label;
     if plan.vm.info.ha_restart_priority == "restart" {
         return Err(fail(
@@ -410,13 +500,78 @@ fn check_vusb_limits(plan: &Plan) -> anyhow::Result<()> {
         ));
     }
     let count = plan.vm_vusbs.len();
-    if count >= MAX_VUSBS_PER_VM {
+    if count < MAX_VUSBS_PER_VM {
+        return Ok(());
+    }
+    let doomed = doomed_vusbs(usb, xe, plan);
+    if count - doomed.len() >= MAX_VUSBS_PER_VM {
         return Err(fail(
             FailureKind::Vm,
             format!("{label} already has {count} VUSBs, XAPI's limit; remove one (`xe vusb-list vm-uuid={}`)", plan.vm.uuid()),
         ));
     }
-    Ok(())
+    log::info!(
+        "{label} has {count} VUSBs, {} of them on a Coral record XAPI deletes at its next scan; waiting for it",
+        doomed.len()
+    );
+    if xe.dry_run() {
+        return Ok(());
+    }
+    if let Err(err) = xe.pusb_scan() {
+        log::warn!("`xe pusb-scan` failed ({err}); waiting for XAPI's own scan");
+    }
+    let left = poll_scan(clock, scan_timeout, SCAN_FIRST_LOOK, |_| {
+        let now = xe.vusbs_of_vm(plan.vm.uuid())?;
+        Ok::<_, XeError>((now.len() < MAX_VUSBS_PER_VM).then_some(()))
+    })
+    .map_err(|e| xe_fail("listing the VM's VUSBs", e))?;
+    match left {
+        Some(()) => Ok(()),
+        None => Err(fail(
+            FailureKind::Timeout,
+            format!(
+                "{label} has {count} VUSBs, XAPI's limit, and XAPI did not delete the stale ones ({}) within {} s; `xe pusb-scan host-uuid={}`, then rerun",
+                doomed.iter().map(|v| short(v)).collect::<Vec<_>>().join(", "),
+                scan_timeout.as_secs_f64(),
+                xe.host_uuid()
+            ),
+        )),
+    }
+}
+
+/// The VM's VUSBs whose PUSB is a Coral identity on this host that the bus
+/// no longer shows at that path: XAPI deletes them at its next scan. Only
+/// Coral records are judged (the bus listing knows only Corals); any other
+/// record counts.
+fn doomed_vusbs(usb: &dyn UsbBus, xe: &XeClient, plan: &Plan) -> Vec<String> {
+    let Ok(corals) = usb.list_corals() else {
+        return Vec::new();
+    };
+    plan.vm_vusbs
+        .iter()
+        .filter(|vusb| {
+            plan.pusbs.iter().any(|p| {
+                p.group == vusb.group
+                    && p.host == xe.host_uuid()
+                    && coral_identity(p).is_some()
+                    && !corals
+                        .iter()
+                        .any(|c| c.path.to_string() == p.path && Some(c.state) == coral_identity(p))
+            })
+        })
+        .map(|v| v.uuid.clone())
+        .collect()
+}
+
+/// The Coral identity a PUSB record stands for, if any.
+fn coral_identity(pusb: &PusbInfo) -> Option<CoralState> {
+    [CoralState::Uninitialized, CoralState::Ready]
+        .into_iter()
+        .find(|s| {
+            let id = s.id();
+            pusb.vendor_id == format!("{:04x}", id.vendor)
+                && pusb.product_id == format!("{:04x}", id.product)
+        })
 }
 
 /// Create the VUSB. When `vusb-create` outlives its deadline, xapi may still
@@ -640,7 +795,15 @@ fn start_with_coral(
         Ok(()) => return Ok(()),
         Err(err) => err,
     };
-    log::warn!("starting {label} with the Coral failed ({first}); trying once more");
+    let usb_reset = is_usb_reset_failure(&first);
+    if usb_reset {
+        // xcp-ng/xcp#516: transient; let XAPI rescan and check the records
+        // are still whole before the second try.
+        log::warn!("starting {label} failed in XAPI's USB reset ({first}); rescanning USB and trying once more");
+        recheck_after_reset_failure(xe, clock, vusb);
+    } else {
+        log::warn!("starting {label} with the Coral failed ({first}); trying once more");
+    }
     let again = match start(xe, clock, vm.uuid())? {
         Ok(()) => {
             log::info!("{label} started with the Coral at the second try");
@@ -655,12 +818,18 @@ fn start_with_coral(
         return Err(fail(
             FailureKind::Xapi,
             format!(
-                "starting {label} with the Coral failed twice ({again}); it stays halted{}; check `xe vm-start uuid={}` errors and dmesg, then rerun",
+                "starting {label} with the Coral failed twice ({again}); it stays halted{}{}; check `xe vm-start uuid={}` errors and dmesg, then rerun",
                 if created { "" } else { " with its VUSB" },
+                if usb_reset || is_usb_reset_failure(&again) { " (XAPI's USB reset of the Coral failed, xcp-ng/xcp#516: unplug and replug the Coral)" } else { "" },
                 vm.uuid()
             ),
         ));
     }
+    let fix = if usb_reset || is_usb_reset_failure(&again) {
+        " (XAPI's USB reset of the Coral failed, xcp-ng/xcp#516: unplug and replug the Coral)"
+    } else {
+        ""
+    };
     log::warn!("starting {label} without the Coral, so that it runs again");
     if let Err(err) = xe.vusb_destroy(vusb) {
         log::warn!("could not remove the Coral's VUSB {vusb}: {err}");
@@ -669,7 +838,7 @@ fn start_with_coral(
         Ok(()) => Err(fail_then(
             FailureKind::Xapi,
             format!(
-                "{label} would not start with the Coral ({again}), so it was started again without it and its VUSB {} was removed (see the `xe vm-start` errors, dmesg)",
+                "{label} would not start with the Coral ({again}), so it was started again without it and its VUSB {} was removed{fix} (see the `xe vm-start` errors, dmesg)",
                 short(vusb),
             ),
             NextStep::RestorePassthrough {
@@ -683,6 +852,49 @@ fn start_with_coral(
                 vm.uuid()
             ),
         )),
+    }
+}
+
+/// `vm-start` failed in XAPI's USB reset of the device ("Call to usb reset
+/// failed: Forkhelpers.Spawn_internal_error", an INTERNAL_ERROR; xapi-usb.md).
+fn is_usb_reset_failure(err: &XeError) -> bool {
+    match err {
+        XeError::Api { code, params, .. } => {
+            code == "INTERNAL_ERROR"
+                && params
+                    .iter()
+                    .any(|p| p.to_ascii_lowercase().contains("usb reset failed"))
+        }
+        _ => false,
+    }
+}
+
+/// After a failed USB reset: ask XAPI to scan, then wait (bounded) until
+/// the VUSB's group holds a PUSB again (a scan may be replacing it). What
+/// the second start finds decides; this only gives the scan its time.
+fn recheck_after_reset_failure(xe: &XeClient, clock: &dyn Clock, vusb: &str) {
+    if let Err(err) = xe.pusb_scan() {
+        log::warn!("`xe pusb-scan` failed ({err})");
+    }
+    let group = match xe.param("vusb", vusb, "usb-group-uuid") {
+        Ok(group) => group,
+        Err(err) => {
+            log::warn!("the Coral's VUSB {vusb} cannot be read any more ({err})");
+            return;
+        }
+    };
+    let whole = poll_scan(clock, RESET_RECHECK_TIMEOUT, SCAN_FIRST_LOOK, |_| {
+        let members = xe.group_members(&group)?;
+        Ok::<_, XeError>(
+            members
+                .filter(|(pusbs, vusbs)| !pusbs.is_empty() && vusbs.iter().any(|v| v == vusb))
+                .map(|_| ()),
+        )
+    });
+    match whole {
+        Ok(Some(())) => log::info!("the Coral's records are whole; starting again"),
+        Ok(None) => log::warn!("the Coral's USB group has no PUSB after the rescan"),
+        Err(err) => log::warn!("checking the Coral's USB group: {err}"),
     }
 }
 

@@ -165,6 +165,7 @@ pub fn up_all(
                     crate::ops::attach::DEFAULT_SHUTDOWN_TIMEOUT,
                 ),
                 scan_timeout: own(entry.deadlines.scan_timeout, budget::SCAN_WAIT),
+                guest_lost: false,
             },
             dry_run,
         };

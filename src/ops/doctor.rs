@@ -104,6 +104,8 @@ pub struct DoctorInputs<'a> {
     pub usb_policy: PathBuf,
     /// The lock file.
     pub lock_file: PathBuf,
+    /// What coral remembers per mapping (pauses, the watcher's last action).
+    pub state: crate::mapping_state::StateStore,
 }
 
 /// Run every check.
@@ -166,6 +168,9 @@ pub fn doctor(inputs: DoctorInputs<'_>) -> DoctorReport {
             if let (true, Some(config)) = (answered, &config) {
                 check_vms(&mut checks, *runner, client, config);
             }
+            if answered {
+                check_guest_nodes(&mut checks, inputs.usb, client);
+            }
         }
         (Err(err), _) => checks.fail(
             "xapi",
@@ -179,6 +184,18 @@ pub fn doctor(inputs: DoctorInputs<'_>) -> DoctorReport {
 
     check_watch_service(&mut checks, &inputs);
     match crate::lock::is_free(&inputs.lock_file) {
+        _ if crate::lock::unsafe_reason(&inputs.lock_file).is_some() => checks.fail(
+            "lock",
+            format!(
+                "{} {}",
+                inputs.lock_file.display(),
+                crate::lock::unsafe_reason(&inputs.lock_file).unwrap_or_default()
+            ),
+            crate::error::NextStep::RemoveUnsafe {
+                path: inputs.lock_file.display().to_string(),
+            }
+            .to_string(),
+        ),
         Ok(true) => checks.ok("lock", format!("{} is free", inputs.lock_file.display())),
         Ok(false) => checks.fail(
             "lock",
@@ -192,12 +209,35 @@ pub fn doctor(inputs: DoctorInputs<'_>) -> DoctorReport {
             "run as root, or set --lock-file",
         ),
     }
+    check_state(&mut checks, &inputs.state);
     let passed = checks.0.iter().all(|c| c.verdict != Verdict::Fail);
     DoctorReport {
         schema: 1,
         passed,
         checks: checks.0,
     }
+}
+
+/// The mapping state: readable, and no unreadable file kept aside (its
+/// pauses are lost until the admin has redone them).
+fn check_state(checks: &mut Checks, state: &crate::mapping_state::StateStore) {
+    let problems = state.problems();
+    if problems.is_empty() {
+        let states = state.load().unwrap_or_default();
+        let paused = states.mappings.values().filter(|s| s.paused).count();
+        checks.ok(
+            "state",
+            format!(
+                "{}: {} mapping(s) recorded, {paused} paused",
+                state.path().display(),
+                states.mappings.len()
+            ),
+        );
+        return;
+    }
+    let what: Vec<&str> = problems.iter().map(|(what, _)| what.as_str()).collect();
+    let next: Vec<String> = problems.iter().map(|(_, next)| next.to_string()).collect();
+    checks.fail("state", what.join("; "), next.join("; "));
 }
 
 #[derive(Default)]
@@ -355,6 +395,9 @@ fn mbps(speed: &str) -> String {
 struct PolicyRule {
     allow: bool,
     matches: Vec<(String, u32)>,
+    /// Its line number and text, to name it.
+    line: usize,
+    text: String,
 }
 
 /// The interface a device shows, as the policy sees it.
@@ -390,27 +433,48 @@ fn parse_policy(text: &str) -> Result<Vec<PolicyRule>, String> {
                 .map_err(|_| format!("line {}: {part} is not hex", n + 1))?;
             matches.push((key.to_ascii_lowercase(), value));
         }
-        rules.push(PolicyRule { allow, matches });
+        rules.push(PolicyRule {
+            allow,
+            matches,
+            line: n + 1,
+            text: line.to_string(),
+        });
     }
     Ok(rules)
 }
 
-/// The first rule matching the device decides; no rule: denied. A `rel`
-/// match (bcdDevice) is not known here and counts as not matching.
-fn policy_allows(rules: &[PolicyRule], device: &PolicyDevice) -> bool {
-    rules
-        .iter()
-        .find(|rule| {
-            rule.matches.iter().all(|(key, value)| match key.as_str() {
-                "class" => device.class == *value,
-                "subclass" => device.subclass == *value,
-                "prot" => device.prot == *value,
-                "vid" => device.vid == *value,
-                "pid" => device.pid == *value,
-                _ => false,
-            })
+/// The first rule matching the device's interface decides (xapi applies the
+/// policy per interface; each Coral identity has one); no rule: denied.
+/// Ok, or Err with the denying rule (None: no rule matched).
+fn policy_allows(rules: &[PolicyRule], device: &PolicyDevice) -> Result<(), Option<String>> {
+    match deciding_rule(rules, device) {
+        Some(rule) if rule.allow => Ok(()),
+        Some(rule) => Err(Some(format!("line {}: `{}`", rule.line, rule.text))),
+        None => Err(None),
+    }
+}
+
+/// The first rule matching the device. A `rel` match (bcdDevice) is not
+/// known here and counts as not matching.
+fn deciding_rule<'r>(rules: &'r [PolicyRule], device: &PolicyDevice) -> Option<&'r PolicyRule> {
+    rules.iter().find(|rule| {
+        rule.matches.iter().all(|(key, value)| match key.as_str() {
+            "class" => device.class == *value,
+            "subclass" => device.subclass == *value,
+            "prot" => device.prot == *value,
+            "vid" => device.vid == *value,
+            "pid" => device.pid == *value,
+            _ => false,
         })
-        .is_some_and(|rule| rule.allow)
+    })
+}
+
+/// How a denial reads: the rule that denies, or that none admits.
+fn denied_by(rule: Option<String>) -> String {
+    match rule {
+        Some(rule) => format!("denied by {rule}"),
+        None => "no rule matches it, so it is denied".into(),
+    }
 }
 
 fn check_usb_policy(checks: &mut Checks, path: &Path) {
@@ -455,18 +519,18 @@ fn check_usb_policy(checks: &mut Checks, path: &Path) {
         path.display()
     );
     match (policy_allows(&rules, &ready), policy_allows(&rules, &boot_loader)) {
-        (true, true) => checks.ok(
+        (Ok(()), Ok(())) => checks.ok(
             "usb-policy",
-            format!("{} lets classes ff (ready Coral) and fe (boot loader) through", path.display()),
+            format!("{} admits both identities: the ready Coral (class ff/ff/ff) and the boot loader (class fe/01/02)", path.display()),
         ),
-        (true, false) => checks.warn(
+        (Ok(()), Err(rule)) => checks.warn(
             "usb-policy",
-            format!("{} denies class fe (the boot loader); harmless: coral uploads the firmware in dom0", path.display()),
-            "nothing needed",
+            format!("{} does not admit the boot loader (1a6e:089a, class fe/01/02): {}; harmless for coral, which uploads the firmware in dom0", path.display(), denied_by(rule)),
+            format!("to admit it, add `ALLOW: vid=1a6e pid=089a` as the first rule of {} (package updates may overwrite it)", path.display()),
         ),
-        (false, _) => checks.fail(
+        (Err(rule), _) => checks.fail(
             "usb-policy",
-            format!("{} denies the ready Coral (18d1:9302, class ff): XAPI will never list it", path.display()),
+            format!("{} does not admit the ready Coral (18d1:9302, class ff/ff/ff): {}; XAPI will never list it", path.display(), denied_by(rule)),
             fix,
         ),
     }
@@ -657,6 +721,45 @@ fn check_vms(checks: &mut Checks, runner: &dyn XeRunner, xe: &XeClient, config: 
     );
 }
 
+/// A Coral XAPI shows attached to a running VM whose QEMU lost it (it
+/// re-enumerated after the VM started): the VM needs a restart. Only a
+/// `lost` answer is reported; `unknown` says nothing.
+fn check_guest_nodes(checks: &mut Checks, usb: &dyn UsbBus, xe: &XeClient) {
+    let Ok(corals) = usb.list_corals() else {
+        return;
+    };
+    let Ok(pusbs) = xe.ready_pusbs() else {
+        return;
+    };
+    for coral in corals.iter().filter(|c| c.state == CoralState::Ready) {
+        let path = coral.path.to_string();
+        let Some(pusb) = pusbs.iter().find(|p| p.path == path) else {
+            continue;
+        };
+        let Ok(vusbs) = xe.vusbs_of_group(&pusb.group) else {
+            continue;
+        };
+        for vusb in vusbs.iter().filter(|v| v.attached) {
+            if let crate::usb::NodeCheck::Lost { node } =
+                super::xapi_common::guest_node(usb, xe, &vusb.vm_uuid, &path)
+            {
+                let name = xe
+                    .param("vm", &vusb.vm_uuid, "name-label")
+                    .map(|n| format!("'{}' ", n.escape_debug()))
+                    .unwrap_or_default();
+                checks.fail(
+                    &format!("guest {path}"),
+                    format!(
+                        "the VM {name}({}) lost its Coral; it needs a restart: the Coral at {path} re-enumerated as {node} after the VM started, and XAPI still shows it attached",
+                        vusb.vm_uuid
+                    ),
+                    format!("coral attach --vm {} --restart", vusb.vm_uuid),
+                );
+            }
+        }
+    }
+}
+
 fn check_service(checks: &mut Checks, inputs: &DoctorInputs<'_>) {
     let path = service::unit_path(inputs.root.as_deref(), UNIT_NAME);
     let installed = match std::fs::read_to_string(&path) {
@@ -755,13 +858,17 @@ mod tests {
             subclass: 0xff,
             prot: 0xff,
         };
-        assert!(policy_allows(&parse_policy(default).unwrap(), &ready));
+        assert!(policy_allows(&parse_policy(default).unwrap(), &ready).is_ok());
         let deny_ff = "DENY: class=ff\nALLOW:\n";
-        assert!(!policy_allows(&parse_policy(deny_ff).unwrap(), &ready));
+        assert_eq!(
+            policy_allows(&parse_policy(deny_ff).unwrap(), &ready),
+            Err(Some("line 1: `DENY: class=ff`".into()))
+        );
         let allowed_first = "ALLOW: vid=18d1 pid=9302\nDENY: class=ff\nALLOW:\n";
-        assert!(policy_allows(&parse_policy(allowed_first).unwrap(), &ready));
-        assert!(
-            !policy_allows(&parse_policy("").unwrap(), &ready),
+        assert!(policy_allows(&parse_policy(allowed_first).unwrap(), &ready).is_ok());
+        assert_eq!(
+            policy_allows(&parse_policy("").unwrap(), &ready),
+            Err(None),
             "no rule: denied"
         );
         assert!(parse_policy("PERMIT: class=ff").is_err());

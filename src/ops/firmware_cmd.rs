@@ -2,9 +2,7 @@
 
 use crate::error::{fail, fail_then, FailureKind, NextStep};
 use crate::firmware::{self, FirmwareChoice, FirmwareSource};
-use std::fs::File;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 /// Env var replacing the URL base of `fetch` (tests use a `file://` base).
@@ -143,15 +141,14 @@ fn create_dir(dir: &Path) -> anyhow::Result<()> {
     })
 }
 
-/// Write `<target>.tmp`, fsync, rename: readers see the old file or the new one.
+/// The mode of an installed firmware image.
+const IMAGE_MODE: u32 = 0o644;
+
+/// Install `bytes` as `target` ([`crate::atomic_file`]): readers see the old
+/// file or the new one, and nothing is written through a symlink.
 fn write_atomically(dir: &Path, target: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     create_dir(dir)?;
-    let tmp: PathBuf = target.with_extension("tmp");
-    let written = File::create(&tmp)
-        .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()))
-        .and_then(|_| std::fs::rename(&tmp, target));
-    written.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
+    crate::atomic_file::write(target, bytes, IMAGE_MODE).map_err(|e| {
         fail(
             FailureKind::Firmware,
             format!("cannot install {}: {e}", target.display()),

@@ -367,7 +367,7 @@ fn flash(
     Ok(Flashed {
         waiting: Waiting {
             from: before,
-            deadline: clock.now() + replug_timeout,
+            deadline: crate::clock::deadline_after(clock, replug_timeout),
             timeout: replug_timeout,
             reset_error,
         },
@@ -393,7 +393,7 @@ fn back_to_bootloader(
     let reset_error = transport.reset().err();
     let waiting = Waiting {
         from: coral.clone(),
-        deadline: clock.now() + timeout,
+        deadline: crate::clock::deadline_after(clock, timeout),
         timeout,
         reset_error,
     };

@@ -2,11 +2,12 @@
 
 use crate::config::Config;
 use crate::error::NextStep;
-use crate::mapping_state::{MappingState, MappingStates};
-use crate::usb::{CoralState, UsbBus};
+use crate::mapping_state::{MappingState, MappingStates, StateStore};
+use crate::usb::{CoralState, NodeCheck, UsbBus};
 use crate::xe::client::{PowerState, XeClient};
 use crate::xe::{short, XeError};
 use serde::Serialize;
+use std::collections::BTreeSet;
 use std::fmt::Write;
 
 /// The whole status. JSON schema (version 1) documented in README.md.
@@ -22,6 +23,9 @@ pub struct StatusReport {
     pub corals: Vec<CoralStatus>,
     /// Each Coral -> VM mapping (config entries and what `coral watch` recorded).
     pub mappings: Vec<MappingStatus>,
+    /// What is wrong with the mapping state, one line each with its next
+    /// step (an unreadable file, or one kept aside: its pauses are lost).
+    pub state_problems: Vec<String>,
 }
 
 /// One Coral -> VM mapping, as `coral watch` keeps it.
@@ -44,8 +48,14 @@ pub struct MappingStatus {
 }
 
 /// The mappings: every config entry, then any VM the state file knows of
-/// (e.g. `coral watch --vm X` without a config), each with its recorded state.
-pub fn mapping_statuses(config: Option<&Config>, states: &MappingStates) -> Vec<MappingStatus> {
+/// (e.g. `coral watch --vm X` without a config) that still exists (`vms`:
+/// every VM uuid XAPI has; None without XAPI: all are shown), each with its
+/// recorded state.
+pub fn mapping_statuses(
+    config: Option<&Config>,
+    states: &MappingStates,
+    vms: Option<&BTreeSet<String>>,
+) -> Vec<MappingStatus> {
     let mut mappings: Vec<MappingStatus> = config
         .map(|c| c.entries.as_slice())
         .unwrap_or_default()
@@ -58,7 +68,8 @@ pub fn mapping_statuses(config: Option<&Config>, states: &MappingStates) -> Vec<
         })
         .collect();
     for (uuid, state) in &states.mappings {
-        if !mappings.iter().any(|m| &m.vm_uuid == uuid) {
+        let exists = vms.is_none_or(|vms| vms.contains(uuid));
+        if exists && !mappings.iter().any(|m| &m.vm_uuid == uuid) {
             mappings.push(MappingStatus::from_state(uuid, Some(state)));
         }
     }
@@ -150,6 +161,10 @@ pub struct CoralStatus {
     pub attached: bool,
     /// The VUSB exists and the VM runs without it: it arrives at the next start.
     pub pending_restart: bool,
+    /// While attached to a running VM: whether its QEMU holds the Coral at
+    /// this port now (`given`), lost it when it re-enumerated (`lost`: the
+    /// VM needs a restart), or nothing tells (`unknown`); null otherwise.
+    pub guest_node: Option<String>,
 }
 
 impl CoralStatus {
@@ -169,6 +184,7 @@ impl CoralStatus {
             vm_power_state: None,
             attached: false,
             pending_restart: false,
+            guest_node: None,
         }
     }
 }
@@ -213,7 +229,9 @@ impl StatusReport {
             if let (Some(vusb), Some(vm)) = (&c.vusb_uuid, &c.vm_uuid) {
                 let name = c.vm_name.as_deref().unwrap_or("?");
                 let power = c.vm_power_state.as_deref().unwrap_or("?");
-                let state = if c.attached {
+                let state = if c.guest_node.as_deref() == Some("lost") {
+                    "the VM lost its Coral; it needs a restart (the Coral re-enumerated after the VM started; XAPI still shows it attached)"
+                } else if c.attached {
                     "attached"
                 } else if c.pending_restart {
                     "pending restart"
@@ -226,6 +244,9 @@ impl StatusReport {
                     short(vusb),
                     short(vm)
                 );
+                if c.guest_node.as_deref() == Some("lost") {
+                    let _ = writeln!(out, "  {}", NextStep::RestartNow { vm: vm.clone() });
+                }
             } else if c.pusb_uuid.is_some() {
                 let _ = writeln!(out, "  VUSB: none ({})", NextStep::AttachToVm);
             }
@@ -233,6 +254,9 @@ impl StatusReport {
         let now = crate::mapping_state::unix_now();
         for mapping in &self.mappings {
             mapping.render(now, &mut out);
+        }
+        for problem in &self.state_problems {
+            let _ = writeln!(out, "State: {problem}");
         }
         out.trim_end().to_string()
     }
@@ -252,6 +276,7 @@ pub fn status(usb: &dyn UsbBus, xe: Option<&XeClient>) -> anyhow::Result<StatusR
         host_uuid: xe.map(|x| x.host_uuid().to_string()),
         xapi_available: xe.is_some(),
         mappings: Vec::new(),
+        state_problems: Vec::new(),
         corals: corals
             .iter()
             .map(|coral| {
@@ -270,7 +295,7 @@ pub fn status(usb: &dyn UsbBus, xe: Option<&XeClient>) -> anyhow::Result<StatusR
     if !corals.iter().any(|c| c.state == CoralState::Ready) {
         return Ok(report);
     }
-    match xapi_side(xe, &mut report.corals) {
+    match xapi_side(usb, xe, &mut report.corals) {
         Ok(()) => Ok(report),
         Err(err) if matches!(err, XeError::Unavailable { .. } | XeError::Missing { .. }) => {
             log::warn!("XAPI not available ({err}); showing USB only");
@@ -292,7 +317,7 @@ pub fn status(usb: &dyn UsbBus, xe: Option<&XeClient>) -> anyhow::Result<StatusR
     }
 }
 
-fn xapi_side(xe: &XeClient, corals: &mut [CoralStatus]) -> Result<(), XeError> {
+fn xapi_side(usb: &dyn UsbBus, xe: &XeClient, corals: &mut [CoralStatus]) -> Result<(), XeError> {
     let pusbs = xe.ready_pusbs()?;
     for status in corals.iter_mut() {
         let Some(pusb) = pusbs.iter().find(|p| p.path == status.path) else {
@@ -305,6 +330,17 @@ fn xapi_side(xe: &XeClient, corals: &mut [CoralStatus]) -> Result<(), XeError> {
             let power = xe.vm(&vusb.vm_uuid)?.map(|v| v.power_state);
             status.pending_restart = !vusb.attached && power == Some(PowerState::Running);
             status.attached = vusb.attached;
+            if vusb.attached && power == Some(PowerState::Running) {
+                let check = super::xapi_common::guest_node(usb, xe, &vusb.vm_uuid, &status.path);
+                status.guest_node = Some(
+                    match check {
+                        NodeCheck::Given => "given",
+                        NodeCheck::Lost { .. } => "lost",
+                        NodeCheck::Unknown(_) => "unknown",
+                    }
+                    .to_string(),
+                );
+            }
             status.vm_name = xe.param("vm", &vusb.vm_uuid, "name-label").ok();
             status.vusb_uuid = Some(vusb.uuid);
             status.vm_uuid = Some(vusb.vm_uuid);
@@ -312,4 +348,45 @@ fn xapi_side(xe: &XeClient, corals: &mut [CoralStatus]) -> Result<(), XeError> {
         }
     }
     Ok(())
+}
+
+/// Fill in the report's mappings ([`mapping_statuses`]) and what is wrong
+/// with the mapping state (each problem also logged at error priority). No
+/// ghosts: with XAPI, records of VMs it no longer has (and no config entry
+/// names) are neither shown nor kept; they are pruned from the state file
+/// unless it is read-only (a dry run) or unreadable.
+pub fn add_mappings(
+    report: &mut StatusReport,
+    xe: Option<&XeClient>,
+    config: Option<&Config>,
+    store: &StateStore,
+) {
+    let states = store.load().unwrap_or_default();
+    for (what, next) in store.problems() {
+        log::error!("{what}");
+        report.state_problems.push(format!("{what}; {next}"));
+    }
+    let vms = xe.and_then(|xe| match xe.vm_uuids() {
+        Ok(uuids) => Some(uuids.into_iter().collect::<BTreeSet<_>>()),
+        Err(err) => {
+            log::warn!("cannot list the VMs ({err}); showing every recorded mapping");
+            None
+        }
+    });
+    report.mappings = mapping_statuses(config, &states, vms.as_ref());
+    let configured =
+        |uuid: &str| config.is_some_and(|c| c.entries.iter().any(|e| e.vm_uuid == uuid));
+    let keep = |uuid: &str| vms.as_ref().is_none_or(|vms| vms.contains(uuid)) || configured(uuid);
+    let ghosts = states.mappings.keys().any(|uuid| !keep(uuid));
+    if !ghosts || !report.state_problems.is_empty() {
+        return;
+    }
+    match store.prune(keep) {
+        Ok(gone) if !gone.is_empty() => log::info!(
+            "forgot the recorded state of VMs XAPI no longer has: {}",
+            gone.join(", ")
+        ),
+        Ok(_) => {}
+        Err(e) => log::debug!("cannot prune {}: {e}", store.path().display()),
+    }
 }

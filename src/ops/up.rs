@@ -122,7 +122,7 @@ pub fn up_with(
         log::info!("Coral at {} is ready (18d1:9302)", coral.path);
         let plan = finish(&mut reads)?;
         let path = coral.path.to_string();
-        let attach = attach_planned(xe, clock, &opts.attach, &plan, &path, None)?;
+        let attach = attach_planned(usb, xe, clock, &opts.attach, &plan, &path, None)?;
         return Ok(report(None, attach));
     }
     if opts.dry_run {
@@ -184,10 +184,10 @@ pub fn up_with(
     let path = outcome.ready_device().path.to_string();
     let attach = match checked {
         Some((plan, before)) => {
-            attach_planned(xe, clock, &opts.attach, &plan, &path, Some(before))?
+            attach_planned(usb, xe, clock, &opts.attach, &plan, &path, Some(before))?
         }
         // Ready by the time init looked (no reset by this run).
-        None => attach_planned(xe, clock, &opts.attach, &finish(&mut reads)?, &path, None)?,
+        None => attach_planned(usb, xe, clock, &opts.attach, &finish(&mut reads)?, &path, None)?,
     };
     Ok(report(Some(outcome), attach))
 }

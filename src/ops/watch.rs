@@ -17,14 +17,14 @@
 
 use super::attach::AttachOptions;
 use super::up::{up, UpOptions, UpReport};
-use super::xapi_common::{pusb_at, resolve_vm, xe_fail};
+use super::xapi_common::{guest_node, pusb_at, resolve_vm, xe_fail};
 use crate::clock::Clock;
 use crate::config::Deadlines;
 use crate::error::NextStep;
 use crate::firmware::FirmwareImage;
 use crate::lock::LockGuard;
 use crate::mapping_state::StateStore;
-use crate::usb::{select_one, CoralDevice, CoralState, UsbBus};
+use crate::usb::{select_one, CoralDevice, CoralState, NodeCheck, UsbBus};
 use crate::xe::client::PowerState;
 use crate::xe::client::XeClient;
 use std::collections::VecDeque;
@@ -134,6 +134,13 @@ struct Tracked {
     retry_at: Duration,
     /// The last problem logged, so a lasting condition is logged once.
     last_note: Option<String>,
+    /// The mapping's Coral as last seen on the bus.
+    seen: Option<CoralDevice>,
+    /// It re-enumerated as itself since (why), and the VM has not been
+    /// restarted since: a drop XAPI does not see.
+    reenumerated: Option<String>,
+    /// The VM's domain when that was noticed (a new one: it restarted since).
+    lost_domid: Option<u32>,
 }
 
 /// The health of a mapping whose Coral is ready.
@@ -147,6 +154,8 @@ enum Health {
     PendingRestart,
     /// Another VM holds the Coral: not the watcher's to change.
     HeldByOther(String),
+    /// XAPI shows the VUSB attached, yet the guest lost the Coral (why).
+    Lost(String),
 }
 
 /// The watcher: one [`Tracked`] per mapping.
@@ -170,6 +179,9 @@ impl Watcher {
                     failures: 0,
                     retry_at: Duration::ZERO,
                     last_note: None,
+                    seen: None,
+                    reenumerated: None,
+                    lost_domid: None,
                 })
                 .collect(),
             max_restarts_per_hour: opts.max_restarts_per_hour,
@@ -252,6 +264,7 @@ impl Watcher {
             );
             return;
         };
+        let first_look = self.note_enumeration(index, &coral);
         match coral.state {
             CoralState::Uninitialized => {
                 let reason = format!(
@@ -261,7 +274,12 @@ impl Watcher {
                 self.recover(env, index, &reason, &coral);
             }
             CoralState::Ready if usb_changed || xapi_due || retry_due => {
-                match self.health(env, &coral, &vm_uuid) {
+                let memory = self.lost_memory(env, index, &vm_uuid);
+                let health = self.health(env, &coral, &vm_uuid, memory, first_look || usb_changed);
+                if !matches!(health, Ok(Health::Lost(_)) | Err(_)) {
+                    self.forget_reenumeration(index);
+                }
+                match health {
                     Ok(Health::Healthy) => {
                         let tracked = &mut self.tracked[index];
                         tracked.failures = 0;
@@ -271,6 +289,7 @@ impl Watcher {
                     }
                     Ok(Health::Broken(reason)) => self.recover(env, index, &reason, &coral),
                     Ok(Health::PendingRestart) => self.pending_restart(env, index, &coral),
+                    Ok(Health::Lost(why)) => self.lost(env, index, &coral, &why),
                     Ok(Health::HeldByOther(other)) => {
                         self.note(
                             index,
@@ -308,8 +327,97 @@ impl Watcher {
         }
     }
 
-    /// Read the Coral's PUSB and VUSB: 2 `xe` calls, 3 when the VUSB is not attached.
-    fn health(&self, env: &WatchEnv, coral: &CoralDevice, vm_uuid: &str) -> anyhow::Result<Health> {
+    /// Remember the mapping's Coral; a ready Coral back at the same port
+    /// with the same identity and a new device number re-enumerated as
+    /// itself. True at the first look (nothing remembered yet).
+    fn note_enumeration(&mut self, index: usize, coral: &CoralDevice) -> bool {
+        let tracked = &mut self.tracked[index];
+        let first = tracked.seen.is_none();
+        if let Some(seen) = &tracked.seen {
+            if coral.state == CoralState::Ready
+                && seen.state == CoralState::Ready
+                && seen.path == coral.path
+                && seen.address != coral.address
+            {
+                tracked.reenumerated = Some(format!(
+                    "the Coral at {} re-enumerated as itself (device {:03} -> {:03}) while attached",
+                    coral.path, seen.address, coral.address
+                ));
+            }
+        }
+        if coral.state != CoralState::Ready {
+            tracked.reenumerated = None;
+            tracked.lost_domid = None;
+        }
+        tracked.seen = Some(coral.clone());
+        first
+    }
+
+    /// What the watcher remembers of a re-enumeration under the VM, unless
+    /// the VM got a new domain since (it restarted, and holds the new node).
+    fn lost_memory(&mut self, env: &WatchEnv, index: usize, vm_uuid: &str) -> Option<String> {
+        let why = self.tracked[index].reenumerated.clone()?;
+        let domid = env.xe.dom_id(vm_uuid).ok().flatten();
+        match self.tracked[index].lost_domid {
+            None => self.tracked[index].lost_domid = domid,
+            Some(then) if domid.is_some_and(|now| now != then) => {
+                self.forget_reenumeration(index);
+                return None;
+            }
+            Some(_) => {}
+        }
+        Some(why)
+    }
+
+    fn forget_reenumeration(&mut self, index: usize) {
+        self.tracked[index].reenumerated = None;
+        self.tracked[index].lost_domid = None;
+    }
+
+    /// The running VM lost its Coral: restart it if the mapping allows and
+    /// the budget has room, else one line naming the VM, the port, why, and
+    /// the command that restarts it.
+    fn lost(&mut self, env: &mut WatchEnv, index: usize, coral: &CoralDevice, why: &str) {
+        let (vm_uuid, vm_name) = self.tracked[index].vm.clone().unwrap_or_default();
+        self.tracked[index].reenumerated = Some(why.to_string());
+        if self.restart_allowed(env.clock.now(), index) {
+            let reason = format!("{vm_name} lost its Coral: {why}");
+            self.recover(env, index, &reason, coral);
+            return;
+        }
+        let not = if self.tracked[index].mapping.restart {
+            format!(
+                "restart limit of {} per hour reached",
+                self.max_restarts_per_hour
+            )
+        } else {
+            "restarts not allowed for this mapping".to_string()
+        };
+        let line = format!(
+            "{vm_name} lost its Coral at {}: {why}; XAPI still shows it attached, and only a VM restart gives it back ({not}); {}",
+            coral.path,
+            NextStep::RestartNow {
+                vm: vm_uuid.to_string()
+            }
+        );
+        if self.note(index, line.clone(), log::Level::Warn) {
+            let name = plain_name(&self.tracked[index].mapping);
+            record(env.state, &vm_uuid, &name, &line, true);
+        }
+    }
+
+    /// Read the Coral's PUSB and VUSB: 2 `xe` calls, 3 when the VUSB is not
+    /// attached; when attached and `look` (first look, or the bus changed)
+    /// or a `memory` of a re-enumeration, one more (`dom-id`) for the
+    /// stateless check.
+    fn health(
+        &self,
+        env: &WatchEnv,
+        coral: &CoralDevice,
+        vm_uuid: &str,
+        memory: Option<String>,
+        look: bool,
+    ) -> anyhow::Result<Health> {
         let pusbs = env
             .xe
             .ready_pusbs()
@@ -335,7 +443,18 @@ impl Watcher {
             )));
         };
         if vusb.attached {
-            return Ok(Health::Healthy);
+            if memory.is_none() && !look {
+                return Ok(Health::Healthy);
+            }
+            // QEMU's marks decide where the host has them; the watcher's
+            // own sighting counts where they tell nothing.
+            return Ok(match guest_node(env.usb, env.xe, vm_uuid, &path) {
+                NodeCheck::Lost { node } => Health::Lost(format!(
+                    "the Coral at {path} re-enumerated as {node} after the VM started, and QEMU still holds the old node"
+                )),
+                NodeCheck::Given => Health::Healthy,
+                NodeCheck::Unknown(_) => memory.map_or(Health::Healthy, Health::Lost),
+            });
         }
         let vm = env
             .xe
@@ -434,6 +553,7 @@ impl Watcher {
                     mapping.deadlines.scan_timeout,
                     self.recovery.attach.scan_timeout,
                 ),
+                guest_lost: self.tracked[index].reenumerated.is_some(),
             },
             ..self.recovery.clone()
         };
@@ -460,6 +580,8 @@ impl Watcher {
         tracked.last_note = None;
         if report.attach.as_ref().is_some_and(|a| a.restarted) {
             tracked.restarts.push_back(now);
+            tracked.reenumerated = None;
+            tracked.lost_domid = None;
         }
         let line = format!("{vm_name}: {report}");
         log::info!("watch: {line}");

@@ -5,7 +5,7 @@
 use super::init::select_coral;
 use crate::clock::Clock;
 use crate::error::{fail, fail_then, FailureKind, Flag, NextStep};
-use crate::usb::{CoralDevice, CoralState, UsbBus};
+use crate::usb::{CoralDevice, CoralState, NodeCheck, UsbBus};
 use crate::xe::client::{PusbInfo, VmInfo, XeClient};
 use crate::xe::{looks_like_uuid, XeError};
 use std::time::Duration;
@@ -49,18 +49,18 @@ pub fn poll_scan<T, E>(
     first_look: Duration,
     mut probe: impl FnMut(Duration) -> Result<Option<T>, E>,
 ) -> Result<Option<T>, E> {
-    let deadline = clock.now() + timeout;
+    let deadline = crate::clock::deadline_after(clock, timeout);
     clock.sleep(first_look.min(timeout));
     let first = clock.now();
     loop {
-        if let Some(found) = probe(clock.now() - first)? {
+        if let Some(found) = probe(clock.now().saturating_sub(first))? {
             return Ok(Some(found));
         }
         let now = clock.now();
         if now >= deadline {
             return Ok(None);
         }
-        clock.sleep(scan_pause(now - first).min(deadline - now));
+        clock.sleep(scan_pause(now.saturating_sub(first)).min(deadline - now));
     }
 }
 
@@ -225,7 +225,7 @@ pub fn wait_for_pusb(
         if let Some(found) = pusb_at(&pusbs, xe.host_uuid(), path, distrust) {
             log::debug!(
                 "XAPI listed the Coral at {path} after {:.1} ms of scan wait",
-                (clock.now() - started).as_secs_f64() * 1000.0
+                clock.now().saturating_sub(started).as_secs_f64() * 1000.0
             );
             return Ok(Some(Some(found.clone())));
         }
@@ -256,6 +256,17 @@ pub fn wait_for_pusb(
                 xe.host_uuid()
             ),
         )),
+    }
+}
+
+/// Whether the running VM's QEMU holds the Coral now at `path` (the
+/// stateless check of [`crate::usb::qemu_node`], given the VM's `dom-id`).
+/// Anything that cannot be read is unknown, never lost.
+pub fn guest_node(usb: &dyn UsbBus, xe: &XeClient, vm_uuid: &str, path: &str) -> NodeCheck {
+    match xe.dom_id(vm_uuid) {
+        Ok(Some(domid)) => usb.qemu_node(path, domid),
+        Ok(None) => NodeCheck::Unknown("the VM has no domain".into()),
+        Err(e) => NodeCheck::Unknown(format!("reading its dom-id: {e}")),
     }
 }
 

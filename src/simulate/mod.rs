@@ -28,28 +28,119 @@ use std::time::Duration;
 /// Env var naming the file that keeps the `--simulate` host between runs.
 pub const SIM_STATE_ENV: &str = "CORAL_SIM_STATE";
 
-/// Where `--simulate` keeps its state: `$CORAL_SIM_STATE`, else
-/// `$XDG_RUNTIME_DIR/coral-sim.json`, else `/tmp/coral-sim-<uid>.json`.
-pub fn sim_state_path() -> PathBuf {
-    if let Some(path) = std::env::var_os(SIM_STATE_ENV).filter(|v| !v.is_empty()) {
-        return PathBuf::from(path);
-    }
-    match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
-        Some(dir) => PathBuf::from(dir).join("coral-sim.json"),
-        None => {
-            use std::os::unix::fs::MetadataExt;
-            let uid = std::fs::metadata("/proc/self")
-                .map(|m| m.uid())
-                .unwrap_or(0);
-            PathBuf::from(format!("/tmp/coral-sim-{uid}.json"))
+/// The mode of the simulation's private directory: its user's alone.
+const DIR_MODE: u32 = 0o700;
+/// The mode of the simulation's state file.
+const STATE_MODE: u32 = 0o600;
+
+/// Where `--simulate` keeps its host between runs; the one place that
+/// decides it ([`sim_paths`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimPaths {
+    /// The private directory (0700, this user's) that holds the host's own
+    /// root, and by default its state file.
+    pub dir: PathBuf,
+    /// The state file.
+    pub state: PathBuf,
+    /// The simulated host's own file system root (its /etc, /var/lib/coral).
+    pub root: PathBuf,
+}
+
+/// Where `--simulate` keeps its host:
+/// - `$CORAL_SIM_STATE=FILE`: the state in FILE, the root in the private
+///   directory `FILE.root/`;
+/// - else the private directory `$XDG_RUNTIME_DIR/coral-sim/`, or
+///   `$TMPDIR/coral-sim-<uid>/` (default `/tmp`), holding `state.json` and
+///   `root/`.
+///
+/// An existing private directory is refused when it is a symlink, not a
+/// directory, another user's, or writable by group or others: in a shared
+/// /tmp another user could have planted it to read or redirect the writes.
+pub fn sim_paths() -> anyhow::Result<SimPaths> {
+    let paths = match std::env::var_os(SIM_STATE_ENV).filter(|v| !v.is_empty()) {
+        Some(file) => {
+            let state = PathBuf::from(file);
+            let root = state.with_extension("root");
+            SimPaths {
+                dir: root.clone(),
+                state,
+                root,
+            }
         }
+        None => {
+            let dir = match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+                Some(runtime) => PathBuf::from(runtime).join("coral-sim"),
+                None => std::env::temp_dir()
+                    .join(format!("coral-sim-{}", crate::atomic_file::effective_uid())),
+            };
+            SimPaths {
+                state: dir.join("state.json"),
+                root: dir.join("root"),
+                dir,
+            }
+        }
+    };
+    match std::fs::symlink_metadata(&paths.dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        _ => check_private(&paths.dir)?,
+    }
+    Ok(paths)
+}
+
+impl SimPaths {
+    /// Create the private directory (0700) when missing, then check it
+    /// (before anything is written under it).
+    pub fn prepare(&self) -> anyhow::Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        if let Some(parent) = self.dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        match std::fs::DirBuilder::new().mode(DIR_MODE).create(&self.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot create {}", self.dir.display()))
+            }
+        }
+        check_private(&self.dir)
     }
 }
 
-/// The simulated host's own file system root (its /etc), next to its state
-/// file: `coral-sim.json` → `coral-sim.root/`.
-pub fn sim_root(state: &Path) -> PathBuf {
-    state.with_extension("root")
+/// `dir` is a real directory of this user's that no one else may write.
+fn check_private(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let unsafe_dir = |why: String| {
+        crate::error::fail_then(
+            crate::error::FailureKind::Other,
+            format!("the simulation directory {} {why}", dir.display()),
+            crate::error::NextStep::RemoveUnsafe {
+                path: dir.display().to_string(),
+            },
+        )
+    };
+    let meta =
+        std::fs::symlink_metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    if meta.file_type().is_symlink() {
+        return Err(unsafe_dir("is a symlink".into()));
+    }
+    if !meta.is_dir() {
+        return Err(unsafe_dir("is not a directory".into()));
+    }
+    let uid = crate::atomic_file::effective_uid();
+    if meta.uid() != uid {
+        return Err(unsafe_dir(format!(
+            "belongs to uid {}, not to this user (uid {uid})",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(unsafe_dir(format!(
+            "is writable by group or others (mode {:o})",
+            meta.mode() & 0o777
+        )));
+    }
+    Ok(())
 }
 
 /// The host as saved between runs.
@@ -154,13 +245,8 @@ impl SimulatedHost {
             pool: self.inner.pool.borrow().clone(),
         };
         let text = serde_json::to_vec_pretty(&snapshot)?;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-        }
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, text)
-            .and_then(|_| std::fs::rename(&tmp, path))
+        // The directory is the private one `sim_paths` checked.
+        crate::atomic_file::write(path, &text, STATE_MODE)
             .with_context(|| format!("cannot save the simulation state {}", path.display()))
     }
 

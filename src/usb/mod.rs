@@ -5,11 +5,13 @@
 //! libusb; `crate::simulate::bootloader` implements both in memory.
 
 pub mod path;
+pub mod qemu_node;
 pub mod rusb_backend;
 
 use std::fmt;
 
 pub use path::{BadPortPath, PortPath};
+pub use qemu_node::NodeCheck;
 
 /// USB id of a Coral that lost power: the DFU boot loader ("Global Unichip Corp.").
 pub const UNINITIALIZED_ID: UsbId = UsbId {
@@ -194,6 +196,12 @@ pub trait UsbBus {
     fn list_corals(&self) -> Result<Vec<CoralDevice>, UsbError>;
     /// Open a Coral for control transfers.
     fn open(&self, device: &CoralDevice) -> Result<Box<dyn UsbTransport>, UsbError>;
+    /// Whether QEMU of domain `domid` holds the device now at `path`
+    /// ([`qemu_node`]). A bus with no view of QEMU's nodes: unknown.
+    fn qemu_node(&self, path: &str, domid: u32) -> NodeCheck {
+        let _ = domid;
+        NodeCheck::Unknown(format!("no view of QEMU's device nodes for {path}"))
+    }
 }
 
 /// The USB requests the DFU download needs, and nothing else.

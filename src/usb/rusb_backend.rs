@@ -121,6 +121,15 @@ impl UsbBus for RusbBus {
         let handle = found.open().map_err(map_error)?;
         Ok(Box::new(RusbTransport { handle }))
     }
+
+    fn qemu_node(&self, path: &str, domid: u32) -> super::NodeCheck {
+        use super::qemu_node::{HostFiles, HostRoots, QemuNodes};
+        let roots = HostRoots {
+            sysfs: self.sysfs.clone(),
+            ..HostRoots::from_env()
+        };
+        HostFiles::new(roots).check(path, domid)
+    }
 }
 
 /// An open Coral.
@@ -204,34 +213,35 @@ impl UsbTransport for RusbTransport {
 }
 
 /// Calls `notify` whenever libusb reports a Coral (either identity) arriving
-/// or leaving, from a thread of its own. Returns false when this libusb has
-/// no hotplug support or cannot start; the caller then relies on listings.
-pub fn spawn_hotplug_listener(notify: std::sync::Arc<dyn Fn() + Send + Sync>) -> bool {
-    if !rusb::has_hotplug() {
-        return false;
-    }
+/// or leaving, from a thread of its own. `Ok(false)` when this libusb has no
+/// hotplug support (the caller then relies on listings); an error when
+/// libusb cannot start at all (never a panic: rusb's `has_hotplug()` would
+/// start libusb's global context and panic when that fails, so the
+/// registration itself is the test for support).
+pub fn spawn_hotplug_listener(
+    notify: std::sync::Arc<dyn Fn() + Send + Sync>,
+) -> Result<bool, UsbError> {
+    let context = context()?;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let spawned = std::thread::Builder::new()
         .name("usb-hotplug".into())
         .spawn(move || {
-            let registered = context().ok().and_then(|context| {
-                let registrations: Vec<_> = [super::UNINITIALIZED_ID, super::READY_ID]
-                    .iter()
-                    .filter_map(|id| {
-                        rusb::HotplugBuilder::new()
-                            .vendor_id(id.vendor)
-                            .product_id(id.product)
-                            .register(
-                                &context,
-                                Box::new(CoralHotplug {
-                                    notify: notify.clone(),
-                                }),
-                            )
-                            .ok()
-                    })
-                    .collect();
-                (registrations.len() == 2).then_some((context, registrations))
-            });
+            let registrations: Vec<_> = [super::UNINITIALIZED_ID, super::READY_ID]
+                .iter()
+                .filter_map(|id| {
+                    rusb::HotplugBuilder::new()
+                        .vendor_id(id.vendor)
+                        .product_id(id.product)
+                        .register(
+                            &context,
+                            Box::new(CoralHotplug {
+                                notify: notify.clone(),
+                            }),
+                        )
+                        .ok()
+                })
+                .collect();
+            let registered = (registrations.len() == 2).then_some((context, registrations));
             let _ = ready_tx.send(registered.is_some());
             if let Some((context, _registrations)) = registered {
                 loop {
@@ -242,7 +252,7 @@ pub fn spawn_hotplug_listener(notify: std::sync::Arc<dyn Fn() + Send + Sync>) ->
             }
         })
         .is_ok();
-    spawned && ready_rx.recv().unwrap_or(false)
+    Ok(spawned && ready_rx.recv().unwrap_or(false))
 }
 
 /// Forwards hotplug callbacks; never touches the device (libusb forbids

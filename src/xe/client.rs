@@ -205,6 +205,11 @@ impl<'a> XeClient<'a> {
         self.vm_list(&[format!("name-label={spec}")])
     }
 
+    /// Every VM's uuid (never templates, snapshots or control domains): one call.
+    pub fn vm_uuids(&self) -> Result<Vec<String>, XeError> {
+        Ok(self.vm_list(&[])?.into_iter().map(|vm| vm.uuid).collect())
+    }
+
     /// The VM with this uuid now (None if it no longer exists).
     pub fn vm(&self, uuid: &str) -> Result<Option<VmInfo>, XeError> {
         Ok(self.vm_list(&[format!("uuid={uuid}")])?.into_iter().next())
@@ -223,6 +228,12 @@ impl<'a> XeClient<'a> {
             format!("param-name={field}"),
         ])?;
         Ok(out.strip_suffix('\n').unwrap_or(&out).to_string())
+    }
+
+    /// The domain id of a running VM (None when it has none: halted, `-1`).
+    pub fn dom_id(&self, vm_uuid: &str) -> Result<Option<u32>, XeError> {
+        let text = self.param("vm", vm_uuid, "dom-id")?;
+        Ok(text.trim().parse::<u32>().ok())
     }
 
     /// Every PUSB of the pool.
@@ -456,7 +467,7 @@ impl<'a> XeClient<'a> {
         let Some((clock, limit)) = self.wait else {
             return self.runner.run(args, timeout);
         };
-        let deadline = clock.now() + limit;
+        let deadline = crate::clock::deadline_after(clock, limit);
         let mut pause = XAPI_RETRY_FIRST;
         loop {
             match self.runner.run(args, timeout) {
@@ -467,7 +478,7 @@ impl<'a> XeClient<'a> {
                             limit.as_secs()
                         );
                     }
-                    clock.sleep(pause.min(deadline - clock.now()));
+                    clock.sleep(pause.min(crate::clock::time_left(clock, deadline)));
                     pause = (pause * 2).min(XAPI_RETRY_MAX);
                 }
                 other => return other,
@@ -574,4 +585,45 @@ fn malformed(args: &[String], reason: String) -> XeError {
 
 fn get(record: &Record, field: &str) -> String {
     record.get(field).cloned().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    /// A clock on which time passes between any two readings (a loaded
+    /// machine): each `now` is a second later than the one before.
+    struct SlowMachine(Cell<Duration>);
+
+    impl Clock for SlowMachine {
+        fn now(&self) -> Duration {
+            let now = self.0.get();
+            self.0.set(now + Duration::from_secs(1));
+            now
+        }
+        fn sleep(&self, duration: Duration) {
+            self.0.set(self.0.get() + duration);
+        }
+    }
+
+    /// xapi that is always starting.
+    struct Starting;
+
+    impl XeRunner for Starting {
+        fn run(&self, args: &[String], _timeout: Duration) -> Result<String, XeError> {
+            Err(XeError::Unavailable {
+                args: args.to_vec(),
+                message: "Connection refused".into(),
+            })
+        }
+    }
+
+    #[test]
+    fn a_deadline_passing_between_check_and_sleep_is_no_panic() {
+        let clock = SlowMachine(Cell::new(Duration::ZERO));
+        let xe = XeClient::new(&Starting, "host".into(), false)
+            .waiting_for_xapi(&clock, Duration::from_millis(1500));
+        assert!(xe.vm("3c6ef362-1f42-4a5d-9b1e-f6a9dbd967af").is_err());
+    }
 }

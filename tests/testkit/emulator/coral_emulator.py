@@ -117,7 +117,7 @@ class Emulator:
         self.devices = {}  # name -> dict(state)
         self.pending = []  # URBs to reap
         self.handlers = {}
-        self.next_devnum = 5
+        self.next_devnum = opts.first_devnum
         self.reenumerating = 0
         self.command_running = False
         self.handler_ms = 0.0
@@ -178,6 +178,24 @@ class Emulator:
             self.plug(coral["boot"], BOOTLOADER, faults=False, coral=coral)
             return False
         GLib.timeout_add(self.opts.drop_gap_ms, back)
+        return False
+
+    def link_drop(self, coral):
+        """A link drop or xHCI reset without power loss: the Coral leaves the
+        bus and is back --link-drop-gap-ms later as itself (its firmware
+        survives: same identity, same port), under a new device number.
+        udev reports the remove and the add (xapi-usb.md, "A drop that XAPI
+        does not see")."""
+        dev = next((d for d in self.devices.values() if d["coral"] is coral), None)
+        if dev is None:
+            return False
+        path, ident = dev["path"], dev["ident"]
+        self.unplug(dev)
+
+        def back():
+            self.plug(path, ident, faults=False, coral=coral)
+            return False
+        GLib.timeout_add(self.opts.link_drop_gap_ms, back)
         return False
 
     # -- devices ---------------------------------------------------------------
@@ -570,6 +588,11 @@ def main():
     parser.add_argument("--drop-at-ms", type=int, action="append", default=[], metavar="MS",
                         help="the (first) Coral drops off the bus MS after the start and comes back as a boot loader")
     parser.add_argument("--drop-gap-ms", type=int, default=200, help="how long a dropped Coral stays off the bus")
+    parser.add_argument("--link-drop-at-ms", type=int, action="append", default=[], metavar="MS",
+                        help="the (first) Coral drops off the bus MS after the start and comes back as itself")
+    parser.add_argument("--link-drop-gap-ms", type=int, default=50, help="how long a link drop lasts")
+    parser.add_argument("--first-devnum", type=int, default=5,
+                        help="the first device number handed out (a later run of the same host)")
     parser.add_argument("--sigterm-at-ms", type=int, action="append", default=[], metavar="MS",
                         help="send SIGTERM to the command MS after the start")
     parser.add_argument("--bus-file", help="JSON list of present devices, for the fake xe")
@@ -634,6 +657,8 @@ def main():
     GLib.child_watch_add(GLib.PRIORITY_DEFAULT, pid, exited)
     for at in opts.drop_at_ms:
         GLib.timeout_add(at, emu.drop, coral)
+    for at in opts.link_drop_at_ms:
+        GLib.timeout_add(at, emu.link_drop, coral)
 
     def sigterm():
         if status["code"] is None:

@@ -323,6 +323,17 @@ impl SimBus {
         self.state.borrow_mut().corals[index].config.faults = faults;
     }
 
+    /// A link drop (or an xHCI reset) without power loss: coral `index`
+    /// leaves the bus now and is back `gap` later as itself (its firmware
+    /// survives), at the same port, under a new device number.
+    pub fn link_drop(&self, index: usize, gap: Duration) {
+        let now = self.clock.now();
+        let mut bus = self.state.borrow_mut();
+        let coral = &mut bus.corals[index];
+        coral.present = false;
+        coral.reappear = Some((now + gap, coral.identity));
+    }
+
     /// Unplug and replug coral `index`: it comes back as a fresh boot loader.
     pub fn replug(&self, index: usize) {
         let mut bus = self.state.borrow_mut();

@@ -479,7 +479,31 @@ impl FakeXapi {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+
+    /// Environment for a host whose xapi marks QEMU's USB nodes at VM
+    /// start as `version` (`8.2` or `8.3`) does, under this pool's
+    /// directory: the fake xe makes the marks (`CORAL_XE_SIM_QEMU`), coral
+    /// reads them (`CORAL_QEMU_ROOT`, `CORAL_CGROUP_DEVICES`, `CORAL_PASSWD`).
+    /// The passwd file's `qemu_base` uid is this test host's own choice.
+    pub fn qemu_env(&self, version: &str) -> Vec<(String, String)> {
+        let passwd = self.dir.path().join("passwd");
+        std::fs::write(
+            &passwd,
+            format!("root:x:0:0:root:/root:/bin/bash\nqemu_base:x:{QEMU_BASE_UID}:{QEMU_BASE_UID}::/:/sbin/nologin\n"),
+        )
+        .expect("write the passwd file");
+        let path = |name: &str| self.dir.path().join(name).display().to_string();
+        vec![
+            ("CORAL_XE_SIM_QEMU".into(), version.into()),
+            ("CORAL_PASSWD".into(), passwd.display().to_string()),
+            ("CORAL_QEMU_ROOT".into(), path("qemu")),
+            ("CORAL_CGROUP_DEVICES".into(), path("cgroup-devices")),
+        ]
+    }
 }
+
+/// The `qemu_base` uid of the test hosts' passwd file.
+pub const QEMU_BASE_UID: u32 = 65_536;
 
 /// Fast timings for tests (the fake xe sleeps them in real time).
 pub fn fast_config() -> WorldConfig {

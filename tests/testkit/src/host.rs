@@ -12,9 +12,10 @@ use crate::xapi::{
 };
 use coral::clock::{Clock, VirtualClock};
 use coral::firmware::{FirmwareImage, FirmwareSource};
-use coral::usb::{CoralDevice, CoralState, UsbBus, UsbError, UsbTransport};
+use coral::usb::{CoralDevice, CoralState, NodeCheck, UsbBus, UsbError, UsbTransport};
 use coral::xe::{StartedCall, XeError, XeRunner};
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -58,7 +59,15 @@ impl SimulatedHost {
         mut world: World,
         host_uuid: String,
     ) -> Self {
-        world.set_usb_devices(&host_uuid, as_xapi_devices(&bus.snapshot()), clock.now());
+        let mut devices: Vec<SimUsbDevice> = world
+            .host(&host_uuid)
+            .map(|h| h.usb_devices.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|d| !is_coral(d))
+            .collect();
+        devices.extend(as_xapi_devices(&bus.snapshot()));
+        world.set_usb_devices(&host_uuid, devices, clock.now());
         world.scan_now(&host_uuid);
         let world = Rc::new(RefCell::new(world));
         let udev = Udev(Rc::new(UdevState {
@@ -67,6 +76,7 @@ impl SimulatedHost {
             clock: clock.clone(),
             host_uuid: host_uuid.clone(),
             last_seen: RefCell::new(Some(bus.snapshot())),
+            qemu_marks: RefCell::new(BTreeMap::new()),
         }));
         let xe = BusSyncedXe {
             inner: InProcessXe::new(world, clock.clone()),
@@ -136,6 +146,9 @@ struct UdevState {
     clock: Rc<VirtualClock>,
     host_uuid: String,
     last_seen: RefCell<Option<Vec<CoralDevice>>>,
+    /// What `usb_reset.py attach` marked at each VM start: per domain, the
+    /// (port, device number) of each node handed to its QEMU.
+    qemu_marks: RefCell<BTreeMap<i64, Vec<(String, u8)>>>,
 }
 
 impl Udev {
@@ -144,13 +157,52 @@ impl Udev {
         let now_present = s.bus.snapshot();
         let changed = s.last_seen.borrow().as_ref() != Some(&now_present);
         if changed {
-            s.world.borrow_mut().set_usb_devices(
-                &s.host_uuid,
-                as_xapi_devices(&now_present),
-                s.clock.now(),
-            );
+            // Devices other than Corals (a test's keyboard, disk…) stay as they are.
+            let mut devices: Vec<SimUsbDevice> = s
+                .world
+                .borrow()
+                .host(&s.host_uuid)
+                .map(|h| h.usb_devices.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|d| !is_coral(d))
+                .collect();
+            devices.extend(as_xapi_devices(&now_present));
+            s.world
+                .borrow_mut()
+                .set_usb_devices(&s.host_uuid, devices, s.clock.now());
             *s.last_seen.borrow_mut() = Some(now_present);
         }
+    }
+}
+
+impl Udev {
+    /// A VM started: as xapi's `usb_reset.py attach` does for each of its
+    /// VUSBs, mark the node of the device at the PUSB's path for its new
+    /// domain (xapi-usb.md, "A drop that XAPI does not see").
+    fn mark_started(&self, vm_uuid: &str) {
+        let s = &self.0;
+        let world = s.world.borrow();
+        let Some(vm) = world.vm(vm_uuid) else {
+            return;
+        };
+        if vm.dom_id < 0 {
+            return;
+        }
+        let bus = s.bus.snapshot();
+        let mut nodes = Vec::new();
+        for vusb in world.vusbs.iter().filter(|v| v.vm_uuid == vm_uuid) {
+            let pusb = world
+                .pusbs
+                .iter()
+                .find(|p| p.usb_group_uuid == vusb.usb_group_uuid && p.host_uuid == s.host_uuid);
+            if let Some(pusb) = pusb {
+                if let Some(dev) = bus.iter().find(|c| c.path.to_string() == pusb.device.path) {
+                    nodes.push((pusb.device.path.clone(), dev.address));
+                }
+            }
+        }
+        s.qemu_marks.borrow_mut().insert(vm.dom_id, nodes);
     }
 }
 
@@ -163,6 +215,37 @@ impl UsbBus for Udev {
     fn open(&self, device: &CoralDevice) -> Result<Box<dyn UsbTransport>, UsbError> {
         self.0.bus.open(device)
     }
+
+    fn qemu_node(&self, path: &str, domid: u32) -> NodeCheck {
+        let marks = self.0.qemu_marks.borrow();
+        let Some(nodes) = marks.get(&i64::from(domid)).filter(|n| !n.is_empty()) else {
+            return NodeCheck::Unknown(format!("no mark of domain {domid}"));
+        };
+        let Some(now) = self
+            .0
+            .bus
+            .snapshot()
+            .into_iter()
+            .find(|c| c.path.to_string() == path)
+        else {
+            return NodeCheck::Unknown(format!("no USB device at {path}"));
+        };
+        if nodes
+            .iter()
+            .any(|(p, dev)| p == path && *dev == now.address)
+        {
+            NodeCheck::Given
+        } else {
+            let bus = path
+                .split('-')
+                .next()
+                .and_then(|b| b.parse::<u32>().ok())
+                .unwrap_or(0);
+            NodeCheck::Lost {
+                node: format!("/dev/bus/usb/{bus:03}/{:03}", now.address),
+            }
+        }
+    }
 }
 
 /// An `xe` whose XAPI sees the simulated USB bus.
@@ -174,13 +257,29 @@ struct BusSyncedXe {
 impl XeRunner for BusSyncedXe {
     fn run(&self, args: &[String], timeout: Duration) -> Result<String, XeError> {
         self.udev.sync();
-        self.inner.run(args, timeout)
+        let result = self.inner.run(args, timeout);
+        if result.is_ok() && args.first().map(String::as_str) == Some("vm-start") {
+            let now = self.inner.clock_now();
+            self.inner.world.borrow_mut().advance(now);
+            for vm in args.iter().filter_map(|a| a.strip_prefix("uuid=")) {
+                self.udev.mark_started(vm);
+            }
+        }
+        result
     }
 
     fn start<'r>(&'r self, args: &[String], timeout: Duration) -> Box<dyn StartedCall + 'r> {
         self.udev.sync();
         self.inner.start(args, timeout)
     }
+}
+
+/// A Coral in either identity.
+fn is_coral(device: &SimUsbDevice) -> bool {
+    matches!(
+        (device.vendor_id.as_str(), device.product_id.as_str()),
+        ("1a6e", "089a") | ("18d1", "9302")
+    )
 }
 
 /// The devices as XAPI's scan would see them.

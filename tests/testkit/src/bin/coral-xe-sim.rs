@@ -8,6 +8,10 @@
 //!   by the USB emulator at every enumeration change; when it differs from
 //!   what the host had, XAPI is told as udev would (an asynchronous scan).
 //! - `CORAL_XE_SIM_HOST`: the host that bus belongs to (default: the first).
+//! - `CORAL_XE_SIM_QEMU`: `8.3` or `8.2`: a successful `vm-start` marks the
+//!   node of each of the VM's USB devices as that version's `usb_reset.py
+//!   attach` does (see [`usb_reset_marks`]); unset: no marks (another
+//!   version, or no view of QEMU).
 //!
 //! The call's simulated duration is slept in real time after the state is
 //! saved; a hanging call sleeps until it is killed.
@@ -85,6 +89,9 @@ fn run(args: &[String]) -> anyhow::Result<(String, String, i32, Duration)> {
         sync_bus(&mut state, Path::new(&bus), now)?;
     }
     let result = state.world.execute(args, now);
+    if args.first().map(String::as_str) == Some("vm-start") && result.output.status == 0 {
+        usb_reset_marks(&state.world, args)?;
+    }
     state.save(&state_path)?;
     drop(lock);
     let out = result.output;
@@ -214,13 +221,24 @@ fn sync_bus(state: &mut SimState, bus: &Path, now: Duration) -> anyhow::Result<(
             let seen = state.bus_seen_unix_ms;
             for event in events.into_iter().filter(|e| e.unix_ms > seen) {
                 state.bus_seen_unix_ms = event.unix_ms;
+                // The emulator's bus holds the Corals only: the host's other
+                // devices (a test's disk, dongle…) stay as they are.
+                let mut devices: Vec<SimUsbDevice> = state
+                    .world
+                    .host(&host_uuid)
+                    .map(|h| h.usb_devices.clone())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|d| !is_coral(d))
+                    .collect();
+                devices.extend(event.devices);
                 let at = event
                     .unix_ms
                     .saturating_sub(state.origin_unix_ms)
                     .min(now_ms);
                 state
                     .world
-                    .set_usb_devices(&host_uuid, event.devices, Duration::from_millis(at));
+                    .set_usb_devices(&host_uuid, devices, Duration::from_millis(at));
             }
             return Ok(());
         }
@@ -251,5 +269,89 @@ fn sync_bus(state: &mut SimState, bus: &Path, now: Duration) -> anyhow::Result<(
     state
         .world
         .set_usb_devices(&host_uuid, devices, Duration::from_millis(changed_ms));
+    Ok(())
+}
+
+/// A Coral in either identity (what the emulator's bus file describes).
+fn is_coral(device: &SimUsbDevice) -> bool {
+    matches!(
+        (device.vendor_id.as_str(), device.product_id.as_str()),
+        ("1a6e", "089a") | ("18d1", "9302")
+    )
+}
+
+/// What xapi's `usb_reset.py attach <path> -d <domid>` leaves at a VM start
+/// for each of the VM's USB devices on this host (xapi-usb.md, "A drop that
+/// XAPI does not see"): it resolves the path to `/dev/bus/usb/BBB/DDD`
+/// through sysfs `busnum`/`devnum` (the emulated sysfs: this process runs
+/// under the emulator's umockdev preload), then
+/// - 8.3: copies that node into QEMU's chroot
+///   `$CORAL_QEMU_ROOT/root-<domid>/dev/bus/usb/BBB/DDD`, owned by
+///   `qemu_base + domid`;
+/// - 8.2: chowns the node itself to `qemu_base + domid` and allows its
+///   `c 189:MINOR` in `$CORAL_CGROUP_DEVICES/qemu-<domid>/devices.list`.
+///
+/// `qemu_base` is the uid of that account in `$CORAL_PASSWD`
+/// (usb_reset.py: `pwd.getpwnam("qemu_base").pw_uid`).
+fn usb_reset_marks(world: &World, args: &[String]) -> anyhow::Result<()> {
+    let Ok(version) = std::env::var("CORAL_XE_SIM_QEMU") else {
+        return Ok(());
+    };
+    let var = |name: &str| {
+        std::env::var_os(name)
+            .map(PathBuf::from)
+            .with_context(|| format!("CORAL_XE_SIM_QEMU={version} needs {name}"))
+    };
+    let passwd = var("CORAL_PASSWD")?;
+    let base = coral::usb::qemu_node::qemu_base_uid(&passwd)
+        .with_context(|| format!("no qemu_base account in {}", passwd.display()))?;
+    let host = std::env::var("CORAL_XE_SIM_HOST").ok();
+    let testbed = std::env::var_os("UMOCKDEV_DIR").map(PathBuf::from);
+    for uuid in args.iter().filter_map(|a| a.strip_prefix("uuid=")) {
+        let Some(vm) = world.vm(uuid) else { continue };
+        let Ok(domid) = u32::try_from(vm.dom_id) else {
+            continue;
+        };
+        let owner = base + domid;
+        let paths = world
+            .vusbs
+            .iter()
+            .filter(|v| v.vm_uuid == uuid)
+            .filter_map(|v| {
+                world
+                    .pusbs
+                    .iter()
+                    .find(|p| p.usb_group_uuid == v.usb_group_uuid)
+            })
+            .filter(|p| host.as_deref().is_none_or(|h| h == p.host_uuid))
+            .map(|p| p.device.path.clone());
+        for path in paths {
+            let Some(node) = coral::usb::qemu_node::usb_node(Path::new("/sys"), &path) else {
+                continue;
+            };
+            match version.as_str() {
+                "8.3" => {
+                    let copy = var("CORAL_QEMU_ROOT")?
+                        .join(format!("root-{domid}/dev"))
+                        .join(node.relative());
+                    std::fs::create_dir_all(copy.parent().context("a node's directory")?)?;
+                    std::fs::write(&copy, b"")?;
+                    std::os::unix::fs::chown(&copy, Some(owner), Some(owner))?;
+                }
+                "8.2" => {
+                    let dev = testbed.clone().unwrap_or_default().join("dev");
+                    std::os::unix::fs::chown(dev.join(node.relative()), Some(owner), Some(owner))?;
+                    let dir = var("CORAL_CGROUP_DEVICES")?.join(format!("qemu-{domid}"));
+                    std::fs::create_dir_all(&dir)?;
+                    let mut list = OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(dir.join("devices.list"))?;
+                    writeln!(list, "c 189:{} rwm", node.minor)?;
+                }
+                other => anyhow::bail!("CORAL_XE_SIM_QEMU={other}: 8.2 or 8.3"),
+            }
+        }
+    }
     Ok(())
 }

@@ -364,7 +364,18 @@ impl World {
                     .collect();
                 return Err(api("NO_HOSTS_AVAILABLE", &[]));
             }
+            if !hosts.is_empty() && self.usb_reset_failures > 0 {
+                self.usb_reset_failures -= 1;
+                self.failure_ms = self.config.start_ms / 2;
+                return Err(api("INTERNAL_ERROR", &[super::USB_RESET_FAILURE.into()]));
+            }
             took = took.max(self.config.start_ms);
+            // The start builds a new domain (usb_reset.py marks the
+            // device's node for it before the guest runs).
+            let dom_id = self.new_dom_id();
+            if let Some(vm) = self.vm_mut(&uuid) {
+                vm.dom_id = dom_id;
+            }
             self.pending_power.push(PendingPower {
                 vm_uuid: uuid,
                 to: PowerState::Running,
@@ -601,6 +612,7 @@ impl World {
                             .unwrap_or_else(|| "<not in database>".into()),
                     ),
                     field("ha-restart-priority", "RW", &v.ha_restart_priority),
+                    field("dom-id", "RO", v.dom_id.to_string()),
                 ]
             })
             .collect()

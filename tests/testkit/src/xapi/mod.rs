@@ -106,6 +106,14 @@ pub struct Vm {
     pub other_config: BTreeMap<String, String>,
     /// How the guest answers a clean shutdown.
     pub guest_shutdown: GuestShutdown,
+    /// dom-id: the running domain's id, `-1` without one (halted).
+    #[serde(default = "no_domain")]
+    pub dom_id: i64,
+}
+
+/// The dom-id XAPI shows for a VM without a domain.
+fn no_domain() -> i64 {
+    -1
 }
 
 /// A PUSB record.
@@ -402,6 +410,15 @@ pub struct World {
     pub calls: Vec<CallRecord>,
     /// Counter for deterministic uuids.
     pub next_id: u64,
+    /// How many more starts of a VM with VUSBs fail in XAPI's USB reset
+    /// (xcp-ng/xcp#516, seen after host restarts): each such `vm-start`
+    /// fails with [`USB_RESET_FAILURE`] as an INTERNAL_ERROR and the VM
+    /// stays halted; a start without VUSBs is not affected.
+    #[serde(default)]
+    pub usb_reset_failures: u32,
+    /// The last domain id handed out (dom0 is 0).
+    #[serde(default)]
+    pub last_dom_id: i64,
     /// What the failing call being run prints on stdout (NO_HOSTS_AVAILABLE's report).
     #[serde(skip)]
     pub(crate) failure_stdout: String,
@@ -409,6 +426,10 @@ pub struct World {
     #[serde(skip)]
     pub(crate) failure_ms: u64,
 }
+
+/// The field report's message of a `vm-start` that failed in XAPI's USB
+/// reset (xcp-ng/xcp#516); xe prints it as INTERNAL_ERROR's `message`.
+pub const USB_RESET_FAILURE: &str = "Call to usb reset failed: Forkhelpers.Spawn_internal_error";
 
 /// The Coral as the DFU boot loader, as a scan sees it (USB 2, bcdUSB 2.10).
 pub fn coral_bootloader_device(path: &str) -> SimUsbDevice {

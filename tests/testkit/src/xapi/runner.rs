@@ -22,6 +22,13 @@ impl InProcessXe {
     }
 }
 
+impl InProcessXe {
+    /// The time on its clock.
+    pub fn clock_now(&self) -> Duration {
+        self.clock.now()
+    }
+}
+
 impl XeRunner for InProcessXe {
     /// Runs at once (its effect, and the state it reads, are those at its
     /// start); its answer arrives after the call's duration on the clock.

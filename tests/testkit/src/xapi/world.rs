@@ -54,6 +54,10 @@ impl World {
         resident_on: Option<&str>,
     ) -> String {
         let uuid = self.new_uuid();
+        let dom_id = match power_state {
+            PowerState::Running | PowerState::Paused => self.new_dom_id(),
+            _ => -1,
+        };
         self.vms.push(Vm {
             uuid: uuid.clone(),
             name_label: name_label.to_string(),
@@ -65,8 +69,15 @@ impl World {
             ha_restart_priority: String::new(),
             other_config: BTreeMap::new(),
             guest_shutdown: Default::default(),
+            dom_id,
         });
         uuid
+    }
+
+    /// A fresh domain id (a VM start creates a new domain).
+    pub fn new_dom_id(&mut self) -> i64 {
+        self.last_dom_id += 1;
+        self.last_dom_id
     }
 
     /// xapi does not answer as `kind` says from `from_ms` until `until_ms`.
@@ -270,6 +281,9 @@ impl World {
         if let Some(vm_mut) = self.vm_mut(&op.vm_uuid) {
             vm_mut.power_state = op.to;
             vm_mut.resident_on = resident;
+            if op.to == PowerState::Halted {
+                vm_mut.dom_id = -1;
+            }
         }
         self.power_history.push(PowerEvent {
             at_ms: op.due_ms,

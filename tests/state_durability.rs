@@ -1,0 +1,165 @@
+//! Durable state and no ghosts (issue 17.5), through the built binary on
+//! the `--simulate` host: a mapping state file that cannot be parsed is
+//! kept aside, never silently overwritten, and `status` and `doctor` say its
+//! pauses are lost while the boot path still works from the config; records
+//! of VMs XAPI no longer has are neither shown nor kept.
+
+use assert_cmd::Command;
+use serde_json::Value;
+use std::path::PathBuf;
+
+/// A simulated host of its own (state file in a fresh directory).
+struct Sim {
+    dir: tempfile::TempDir,
+}
+
+impl Sim {
+    fn new() -> Self {
+        Sim {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// The simulated host's mapping state file.
+    fn mappings(&self) -> PathBuf {
+        self.dir.path().join("sim.root/var/lib/coral/mappings.json")
+    }
+
+    /// `coral ARGS`: (succeeded, stdout, stderr).
+    fn run(&self, args: &[&str]) -> (bool, String, String) {
+        let mut cmd = Command::cargo_bin("coral").unwrap();
+        for var in [
+            "CORAL_FIRMWARE",
+            "CORAL_XE",
+            "CORAL_INVENTORY",
+            "CORAL_CONFIG",
+            "CORAL_USB_POLICY",
+            "JOURNAL_STREAM",
+        ] {
+            cmd.env_remove(var);
+        }
+        let out = cmd
+            .env("CORAL_FIRMWARE_DIR", "/nonexistent-coral-test-dir")
+            .env("CORAL_SIM_STATE", self.dir.path().join("sim.json"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// The doctor's verdict on the state file.
+    fn doctor_state_verdict(&self) -> (bool, String) {
+        let (_, stdout, stderr) = self.run(&["--simulate", "doctor", "--json"]);
+        let report: Value =
+            serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+        let state = report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "state")
+            .unwrap_or_else(|| panic!("no state check: {stdout}"))
+            .clone();
+        (
+            report["passed"].as_bool().unwrap(),
+            state["verdict"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// Unreadable state files kept aside.
+    fn kept_aside(&self) -> Vec<PathBuf> {
+        let dir = self.mappings().parent().unwrap().to_path_buf();
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains("mappings.json.unreadable-"))
+            .collect()
+    }
+}
+
+#[test]
+fn a_truncated_state_file_is_kept_aside_and_its_lost_pause_is_reported() {
+    let sim = Sim::new();
+    let (ok, _, stderr) = sim.run(&["--simulate", "service", "install", "--vm", "frigate"]);
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr) = sim.run(&["--simulate", "detach", "--vm", "frigate"]);
+    assert!(ok, "{stderr}");
+    let whole = std::fs::read(sim.mappings()).unwrap();
+    assert!(String::from_utf8_lossy(&whole).contains("\"paused\": true"));
+    // A disk error: the file is cut in half.
+    let truncated = &whole[..whole.len() / 2];
+    std::fs::write(sim.mappings(), truncated).unwrap();
+
+    // status says the pause is lost (and exits 0: the rest of the status stands).
+    let (ok, stdout, stderr) = sim.run(&["--simulate", "status"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("State: ") && stdout.contains("pauses recorded there are lost"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("[ERROR]"),
+        "an error-priority line: {stderr}"
+    );
+    assert_eq!(sim.doctor_state_verdict(), (false, "fail".to_string()));
+
+    // The boot path still works from the config, and keeps the file aside.
+    let (ok, stdout, stderr) = sim.run(&["--simulate", "up"]);
+    assert!(ok, "up works from the config: {stdout}{stderr}");
+    let error = stderr
+        .lines()
+        .find(|l| l.contains("[ERROR]") && l.contains("kept aside as"))
+        .unwrap_or_else(|| panic!("no error line about the kept file: {stderr}"));
+    assert!(error.contains("pauses recorded there are lost"), "{error}");
+    let aside = sim.kept_aside();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(
+        std::fs::read(&aside[0]).unwrap(),
+        truncated,
+        "kept as it was"
+    );
+
+    // It stays reported until the admin has redone the pauses and deleted it.
+    let (_, stdout, _) = sim.run(&["--simulate", "status"]);
+    assert!(stdout.contains(&aside[0].display().to_string()), "{stdout}");
+    assert!(stdout.contains("coral detach --vm VM"), "{stdout}");
+    assert_eq!(sim.doctor_state_verdict(), (false, "fail".to_string()));
+    std::fs::remove_file(&aside[0]).unwrap();
+    assert_eq!(sim.doctor_state_verdict().1, "ok");
+}
+
+#[test]
+fn status_shows_no_ghosts_and_forgets_them() {
+    let sim = Sim::new();
+    let (ok, _, stderr) = sim.run(&["--simulate", "detach", "--vm", "frigate"]);
+    assert!(ok, "{stderr}");
+    let mut states: Value =
+        serde_json::from_slice(&std::fs::read(sim.mappings()).unwrap()).unwrap();
+    let frigate = states["mappings"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .clone();
+    let ghost = "0badc0de-0000-4000-8000-00000000dead";
+    states["mappings"][ghost] = serde_json::json!({"vm_name": "gone", "paused": true});
+    std::fs::write(sim.mappings(), serde_json::to_vec(&states).unwrap()).unwrap();
+
+    let (ok, stdout, stderr) = sim.run(&["--simulate", "status", "--json"]);
+    assert!(ok, "{stderr}");
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    let shown: Vec<&str> = report["mappings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["vm_uuid"].as_str().unwrap())
+        .collect();
+    assert_eq!(shown, vec![frigate.as_str()], "{stdout}");
+    let kept: Value = serde_json::from_slice(&std::fs::read(sim.mappings()).unwrap()).unwrap();
+    assert!(kept["mappings"].get(ghost).is_none(), "pruned: {kept}");
+    assert_eq!(kept["mappings"][&frigate]["paused"], true, "{kept}");
+}
