@@ -197,9 +197,10 @@ fn steady_state_changes_nothing_and_touches_no_usb() {
     let world = s.host.world();
     let world = world.borrow();
     let calls = &world.calls[calls_before..];
-    assert!(
-        calls.len() <= 4,
-        "steady state costs at most 4 xe calls: {calls:?}"
+    assert_eq!(
+        calls.len(),
+        3,
+        "steady state with the VM running: the VM (with its dom-id), its VUSBs, the PUSBs: {calls:?}"
     );
     assert!(
         calls

@@ -8,7 +8,7 @@
 //! procedure acts on the outcome.
 
 use super::xapi_common::{
-    check_vm_spec, guest_node, pick_vm, poll_scan, pusb_at, ready_coral, wait_for_pusb, xe_fail,
+    check_vm_spec, guest_node_of, pick_vm, poll_scan, pusb_at, ready_coral, wait_for_pusb, xe_fail,
     Vm, SCAN_FIRST_LOOK,
 };
 use crate::clock::Clock;
@@ -299,7 +299,7 @@ pub fn attach_planned(
         let existing = holders.into_iter().find(|v| v.vm_uuid == vm.uuid());
         if vm.info.power_state == PowerState::Running {
             if let Some(held) = existing.as_ref().filter(|v| v.attached) {
-                let why = lost_why(usb, xe, opts, vm.uuid(), path);
+                let why = lost_why(usb, opts, vm, path);
                 return match why {
                     None => {
                         report.say(format!(
@@ -394,14 +394,9 @@ pub fn attach_planned(
 /// when it has not. QEMU's marks decide when the host has them; without
 /// them only the caller's own sighting of the re-enumeration
 /// (`opts.guest_lost`) counts: an unknown answer alone never restarts.
-fn lost_why(
-    usb: &dyn UsbBus,
-    xe: &XeClient,
-    opts: &AttachOptions,
-    vm_uuid: &str,
-    path: &str,
-) -> Option<String> {
-    match guest_node(usb, xe, vm_uuid, path) {
+fn lost_why(usb: &dyn UsbBus, opts: &AttachOptions, vm: &Vm, path: &str) -> Option<String> {
+    // The dom-id came with the plan's VM record: no call of its own.
+    match guest_node_of(usb, vm.info.dom_id, path) {
         NodeCheck::Lost { node } => Some(format!(
             "the Coral at {path} re-enumerated as {node} after the VM started, and QEMU still holds the old node"
         )),

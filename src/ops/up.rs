@@ -187,7 +187,15 @@ pub fn up_with(
             attach_planned(usb, xe, clock, &opts.attach, &plan, &path, Some(before))?
         }
         // Ready by the time init looked (no reset by this run).
-        None => attach_planned(usb, xe, clock, &opts.attach, &finish(&mut reads)?, &path, None)?,
+        None => attach_planned(
+            usb,
+            xe,
+            clock,
+            &opts.attach,
+            &finish(&mut reads)?,
+            &path,
+            None,
+        )?,
     };
     Ok(report(Some(outcome), attach))
 }

@@ -264,9 +264,16 @@ pub fn wait_for_pusb(
 /// Anything that cannot be read is unknown, never lost.
 pub fn guest_node(usb: &dyn UsbBus, xe: &XeClient, vm_uuid: &str, path: &str) -> NodeCheck {
     match xe.dom_id(vm_uuid) {
-        Ok(Some(domid)) => usb.qemu_node(path, domid),
-        Ok(None) => NodeCheck::Unknown("the VM has no domain".into()),
+        Ok(domid) => guest_node_of(usb, domid, path),
         Err(e) => NodeCheck::Unknown(format!("reading its dom-id: {e}")),
+    }
+}
+
+/// [`guest_node`] for a VM whose `dom-id` was just read (with its record).
+pub fn guest_node_of(usb: &dyn UsbBus, domid: Option<u32>, path: &str) -> NodeCheck {
+    match domid {
+        Some(domid) => usb.qemu_node(path, domid),
+        None => NodeCheck::Unknown("the VM has no domain".into()),
     }
 }
 

@@ -124,6 +124,8 @@ pub struct VmInfo {
     pub ha_restart_priority: String,
     /// Operations xapi runs on it now (`clean_shutdown`, `start` …).
     pub current_operations: Vec<String>,
+    /// dom-id: its running domain (None without one: `-1`).
+    pub dom_id: Option<u32>,
 }
 
 const VM_FIELDS: &[&str] = &[
@@ -132,6 +134,7 @@ const VM_FIELDS: &[&str] = &[
     "current-operations",
     "resident-on",
     "ha-restart-priority",
+    "dom-id",
 ];
 const PUSB_FIELDS: &[&str] = &[
     "uuid",
@@ -528,6 +531,7 @@ fn parse_vms(args: &[String], out: &str) -> Result<Vec<VmInfo>, XeError> {
                 resident_on: looks_like_uuid(&resident).then_some(resident),
                 ha_restart_priority: get(r, "ha-restart-priority"),
                 current_operations: set_items(&get(r, "current-operations")),
+                dom_id: get(r, "dom-id").trim().parse::<u32>().ok(),
             })
         })
         .collect()
