@@ -155,7 +155,7 @@ SCENARIOS = [
 ]
 
 
-def run_once(power, xapi_coral, emu_state, command, naive):
+def run_once(power, xapi_coral, emu_state, command, naive, phase=0.5):
     """One run of coral (naive None) or of the naive sequence, each on a fresh world."""
     with tempfile.TemporaryDirectory() as d:
         state, env, host = setup_world(d, power, xapi_coral)
@@ -164,7 +164,8 @@ def run_once(power, xapi_coral, emu_state, command, naive):
             r = emulate(emulator, [CORAL, "-v", *command, "--firmware", FIRMWARE], env, d)
             wall = r["wall"]
         else:
-            r = emulate(emulator, ["/usr/bin/python3", os.path.abspath(__file__), "naive", naive, host, FIRMWARE], env, d)
+            r = emulate(emulator, ["/usr/bin/python3", os.path.abspath(__file__), "naive", naive, host, FIRMWARE,
+                                     str(phase)], env, d)
             lines = [l for l in r["stdout"].splitlines() if l.startswith("NAIVE ")]
             assert lines, r["stdout"] + r["stderr"]
             wall = float(lines[-1].split()[1])
@@ -177,16 +178,20 @@ def run_once(power, xapi_coral, emu_state, command, naive):
                 "transitions": len(world["power_history"])}
 
 
-READS = {"pusb-list", "usb-group-list", "vusb-list", "vm-list", "host-list", "pool-list"}
+READS = {"pusb-list", "usb-group-list", "vusb-list", "vm-list", "host-list", "pool-list",
+         "pusb-param-get", "usb-group-param-get", "vusb-param-get", "vm-param-get", "host-param-get"}
 
 
-def naive_sequence(kind, host, firmware):
+def naive_sequence(kind, host, firmware, phase):
     """The naive recovery, as a person or a small script would type it: dfu-util,
-    then the fact sheet's manual `xe` steps, polling pusb-list for the ready Coral."""
+    then the fact sheet's manual `xe` steps, polling pusb-list for the ready Coral.
+    `phase` (0..1) shifts its polls against the scan (a script's polls fall anywhere;
+    the shift lands during the re-enumeration, before any poll could find the Coral)."""
     def xe(*args):
         return subprocess.run(["xe", *args], capture_output=True, text=True).stdout.strip()
     t0 = time.monotonic()
     subprocess.run(["dfu-util", "-D", firmware, "-d", "1a6e:089a", "-R"], capture_output=True)
+    time.sleep(float(phase) * (NAIVE_POLL_S + CALL_MS / 1000))
     while True:
         pusb = xe("pusb-list", "host-uuid=" + host, "vendor-id=18d1", "product-id=9302", "--minimal")
         if pusb:
@@ -219,16 +224,18 @@ def calls_text(calls):
 def bench_up():
     print("## coral up vs the naive sequence (%s)\n" % os.path.basename(os.path.dirname(CORAL)))
     print("fake xe %d ms per call; XAPI's scan reads the bus and commits %d ms after each USB change; "
-          "re-enumeration %d ms; VM shutdown %d ms, start %d ms; naive polls pusb-list every %.2f s; "
+          "re-enumeration %d ms; VM shutdown %d ms, start %d ms; naive polls pusb-list every %.2f s "
+          "(its phase spread evenly over the runs); "
           "mean of %d runs each\n" % (CALL_MS, SCAN_MS, REENUMERATE_MS, SHUTDOWN_MS, START_MS, NAIVE_POLL_S, RUNS))
     print("| scenario | coral | xe calls | naive | naive calls | coral / naive | floor | coral / floor |")
     print("|---|---|---|---|---|---|---|---|")
     for name, power, xapi_coral, emu_state, command, naive in SCENARIOS:
         corals, naives = [], []
-        for _ in range(RUNS):
+        for i in range(RUNS):
             corals.append(run_once(power, xapi_coral, emu_state, command, None))
             if naive:
-                naives.append(run_once(power, xapi_coral, emu_state, command, naive))
+                # Its polls' phase against the scan, spread evenly over the runs.
+                naives.append(run_once(power, xapi_coral, emu_state, command, naive, (i + 0.5) / RUNS))
         # Means: where a poll falls against the scan makes the walls bimodal.
         c_wall = statistics.mean(r["wall"] for r in corals)
         c = corals[0]
@@ -251,6 +258,6 @@ if __name__ == "__main__":
     elif sys.argv[1:2] == ["up"]:
         bench_up()
     elif sys.argv[1:2] == ["naive"]:
-        naive_sequence(*sys.argv[2:5])
+        naive_sequence(*sys.argv[2:6])
     else:
         sys.exit(__doc__)
