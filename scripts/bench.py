@@ -155,7 +155,7 @@ SCENARIOS = [
 ]
 
 
-def run_once(power, xapi_coral, emu_state, command, naive, phase=0.5):
+def run_once(power, xapi_coral, emu_state, command, naive, poll_phase=0.5):
     """One run of coral (naive None) or of the naive sequence, each on a fresh world."""
     with tempfile.TemporaryDirectory() as d:
         state, env, host = setup_world(d, power, xapi_coral)
@@ -165,7 +165,7 @@ def run_once(power, xapi_coral, emu_state, command, naive, phase=0.5):
             wall = r["wall"]
         else:
             r = emulate(emulator, ["/usr/bin/python3", os.path.abspath(__file__), "naive", naive, host, FIRMWARE,
-                                     str(phase)], env, d)
+                                     str(poll_phase)], env, d)
             lines = [l for l in r["stdout"].splitlines() if l.startswith("NAIVE ")]
             assert lines, r["stdout"] + r["stderr"]
             wall = float(lines[-1].split()[1])
