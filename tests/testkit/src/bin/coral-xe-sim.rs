@@ -232,6 +232,11 @@ fn sync_bus(state: &mut SimState, bus: &Path, now: Duration) -> anyhow::Result<(
                     .filter(|d| !is_coral(d))
                     .collect();
                 devices.extend(event.devices);
+                // Not a change (the emulator's first event repeats what the
+                // pool already knows): no udev event, no scan.
+                if state.world.host(&host_uuid).map(|h| &h.usb_devices) == Some(&devices) {
+                    continue;
+                }
                 let at = event
                     .unix_ms
                     .saturating_sub(state.origin_unix_ms)
