@@ -42,17 +42,23 @@ summary() {
             }
         }
         END { print p + 0, f + 0, g + 0 }' "$results")
-    skipped=$(( $(grep -c . "$CORAL_SKIP_LOG" || true) ))
+    # One line per skipped test and run ("<test>: <reason>"): cargo counted
+    # each such run as passed; the summary counts each test once and says
+    # each reason once, with how many tests it kept from running.
+    local skipped_runs
+    skipped_runs=$(( $(grep -c '^[^ ]*::' "$CORAL_SKIP_LOG" || true) ))  # cargo tests only
+    skipped=$(cut -d' ' -f1 "$CORAL_SKIP_LOG" | sort -u | grep -c . || true)
     if (( skipped > 0 )); then
         echo
-        echo "skipped:"
-        sed 's/^/  /' "$CORAL_SKIP_LOG"
+        echo "skipped ($CORAL_SKIP_LOG names each test):"
+        sort -u "$CORAL_SKIP_LOG" | sed 's/^[^ ]* //' | sort | uniq -c | sort -rn |
+            awk '{ n = $1; $1 = ""; sub(/^ /, ""); printf "  %d test(s): %s\n", n, $0 }'
     fi
     if (( status != 0 )); then
         echo
         echo "test.sh: failed at: $current (exit $status)"
     fi
-    echo "$(( passed > skipped ? passed - skipped : 0 )) passed, $failed failed, $(( skipped + ignored )) skipped"
+    echo "$(( passed > skipped_runs ? passed - skipped_runs : 0 )) passed, $failed failed, $(( skipped + ignored )) skipped"
     exit "$status"
 }
 trap summary EXIT
@@ -96,6 +102,27 @@ run_tests() {
     return "$status"
 }
 
+# The suite leaves the machine's own coral files as it found them: every run
+# of coral in the tests has its own CORAL_STATE_DIR and CORAL_CONFIG
+# (coral_testkit::e2e::isolated_env). Checked after each cargo test run.
+# What counts is what they hold (type, mode, contents), not when they were
+# last written.
+host_files() {
+    find /var/lib/coral /etc/coral -printf '%p %y %m\n' 2>/dev/null | sort || true
+    find /var/lib/coral /etc/coral -type f -exec sha256sum {} + 2>/dev/null | sort || true
+}
+host_files_before=$(host_files)
+check_host_files() {
+    local now
+    now=$(host_files)
+    if [[ "$now" != "$host_files_before" ]]; then
+        echo "the tests changed /var/lib/coral or /etc/coral on this machine:" >&2
+        diff <(echo "$host_files_before") <(echo "$now") >&2 || true
+        echo "(another coral or test run on this machine at the same time writes there too: rerun alone to tell)" >&2
+        return 1
+    fi
+}
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -104,6 +131,8 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 step "cargo test --workspace (unit, simulators, end-to-end through libusb + umockdev + fake xe)"
 run_tests "$target_dir/test-debug.log" --workspace
+step "the machine's /var/lib/coral and /etc/coral are as the tests found them"
+check_host_files
 if $quick; then exit 0; fi
 
 step "systemd-analyze verify of the generated unit"
@@ -118,3 +147,5 @@ scripts/check-release.sh build/release/coral
 
 step "end-to-end suite against the release binary"
 CORAL_TEST_BIN="$PWD/build/release/coral" run_tests "$target_dir/test-release.log" --test 'e2e_*'
+step "the machine's /var/lib/coral and /etc/coral are as the tests found them"
+check_host_files

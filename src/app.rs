@@ -22,7 +22,9 @@ use coral::ops::init::{init, InitOptions, InitOutcome};
 use coral::ops::status::status;
 use coral::ops::up::{up, UpOptions};
 use coral::ops::{boot, doctor, firmware_cmd, service};
-use coral::simulate::{sim_paths, stand_in_firmware, SimPaths, SimulatedHost};
+use coral::simulate::{
+    sim_paths, stand_in_firmware, SimPaths, SimulatedHost, SIMULATED_USB_POLICY,
+};
 use coral::usb::rusb_backend::RusbBus;
 use coral::usb::{CoralState, UsbBus};
 use coral::xe::client::XeClient;
@@ -41,16 +43,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Man(args) => return man(args, &out),
         _ => {}
     }
-    // The simulation starts from a power loss where the Coral needs firmware,
-    // and from a ready Coral where the command expects one.
-    let simulated_coral = match &cli.command {
-        Command::Attach(_) | Command::Detach(_) | Command::Status(_) => CoralState::Ready,
-        _ => CoralState::Uninitialized,
-    };
-    let env = Environment::new(cli.simulate.then_some(simulated_coral))?;
+    // One story: whatever the first command, a new simulated world starts
+    // from a power loss (the Coral a boot loader at 1-4, needing firmware).
+    let env = Environment::new(cli.simulate, writes_simulated_world(&cli))?;
     let result = run_command(&cli, &env, &out);
     // The simulated world lives on in its state file (not after a dry run,
-    // nor after a command that only reads).
+    // nor after a command that only reads: those write nothing at all).
     if let Environment::Simulated { host, paths, .. } = &env {
         let changes = matches!(
             cli.command,
@@ -61,11 +59,25 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 | Command::Watch(_)
         );
         if changes && !cli.dry_run {
-            paths.prepare()?;
             host.save(&paths.state)?;
         }
     }
     result
+}
+
+/// Whether this run may write into the simulated world: a command that
+/// changes it, not under --dry-run.
+fn writes_simulated_world(cli: &Cli) -> bool {
+    let changes = matches!(
+        cli.command,
+        Command::Init(_)
+            | Command::Attach(_)
+            | Command::Detach(_)
+            | Command::Up(_)
+            | Command::Watch(_)
+            | Command::Service(ServiceCommand::Install(_) | ServiceCommand::Uninstall(_))
+    );
+    changes && !cli.dry_run
 }
 
 fn run_command(cli: &Cli, env: &Environment, out: &Output) -> anyhow::Result<()> {
@@ -77,7 +89,14 @@ fn run_command(cli: &Cli, env: &Environment, out: &Output) -> anyhow::Result<()>
         Command::Up(args) => run_up(cli, env, out, args),
         Command::Watch(args) => run_watch(cli, env, args),
         Command::Firmware(FirmwareCommand::Show(args)) => {
-            out.data(&firmware_cmd::show(&firmware_choice(args))?);
+            let choice = firmware_choice(args);
+            // The simulation shows the image its up and doctor would use.
+            let shown = if env.is_simulated() && firmware::nothing_configured(&choice) {
+                firmware_cmd::describe(&load_firmware(&choice, true)?)
+            } else {
+                firmware_cmd::show(&choice)?
+            };
+            out.data(&shown);
             Ok(())
         }
         Command::Firmware(FirmwareCommand::Install {
@@ -178,7 +197,23 @@ fn render_man_page(command: clap::Command, page: &mut Vec<u8>) -> anyhow::Result
     ));
     page.extend_from_slice(extra.as_bytes());
     man.render_version_section(page)?;
+    one_preamble(page);
     Ok(())
+}
+
+/// clap_mangen starts every section it renders with the same two-line
+/// quote-string preamble (`.ie \n(.g .ds Aq …`); a page needs it once.
+fn one_preamble(page: &mut Vec<u8>) {
+    let text = String::from_utf8_lossy(page).into_owned();
+    let mut seen = std::collections::HashSet::new();
+    let kept: Vec<&str> = text
+        .split_inclusive('\n')
+        .filter(|line| {
+            let preamble = line.starts_with(".ie \\n(.g .ds Aq") || line.starts_with(".el .ds Aq");
+            !preamble || seen.insert(line.to_string())
+        })
+        .collect();
+    *page = kept.concat().into_bytes();
 }
 
 /// Exit codes as README.md documents them.
@@ -333,6 +368,7 @@ fn run_doctor(cli: &Cli, env: &Environment, out: &Output, args: &DoctorArgs) -> 
         root: place.root.clone(),
         systemd: place.systemd(),
         usb_policy,
+        usb_policy_when_absent: cli.simulate.then_some(SIMULATED_USB_POLICY),
         lock_file: cli.lock.lock_file.clone(),
         state: state_store(env),
     });
@@ -377,12 +413,17 @@ enum Environment {
 }
 
 impl Environment {
-    fn new(simulate: Option<CoralState>) -> anyhow::Result<Self> {
-        if let Some(coral) = simulate {
+    /// The host; a simulated one is prepared on disk (its private
+    /// directory, its root's usb-policy.conf) only when the command `writes`:
+    /// a read or a dry run leaves no trace.
+    fn new(simulate: bool, writes: bool) -> anyhow::Result<Self> {
+        if simulate {
             let paths = sim_paths()?;
-            let host = SimulatedHost::load_or_new(&paths.state, coral)?;
-            paths.prepare()?;
-            seed_sim_root(&paths.root)?;
+            let host = SimulatedHost::load_or_new(&paths.state, CoralState::Uninitialized)?;
+            if writes {
+                paths.prepare()?;
+                seed_sim_root(&paths.root)?;
+            }
             log::info!("{} (state: {})", host.describe(), paths.state.display());
             let host: &'static SimulatedHost = Box::leak(Box::new(host));
             Ok(Environment::Simulated {
@@ -451,12 +492,25 @@ fn run_init(cli: &Cli, env: &Environment, out: &Output, args: &InitArgs) -> anyh
     let mut load = || load_firmware(&choice, env.is_simulated());
     if cli.dry_run {
         let image = load()?;
-        log::info!(
-            "dry run: firmware {} verified; no USB writes",
-            image_name(&image)
-        );
-        for coral in env.usb().list_corals()? {
-            out.data(&coral.to_string());
+        let corals = env.usb().list_corals()?;
+        let chosen = corals.iter().filter(|c| {
+            opts.device
+                .as_ref()
+                .is_none_or(|d| c.path.to_string() == *d)
+        });
+        for coral in chosen {
+            out.data(&match coral.state {
+                CoralState::Ready if !opts.force => format!(
+                    "the Coral at {} is already ready (18d1:9302); would do nothing",
+                    coral.path
+                ),
+                _ => format!(
+                    "would upload {} bytes of firmware ({}, verified) to the Coral at {} and wait until it is ready",
+                    image.bytes.len(),
+                    image_name(&image),
+                    coral.path
+                ),
+            });
         }
         return Ok(());
     }
@@ -626,22 +680,14 @@ fn run_up_all(cli: &Cli, env: &Environment, out: &Output, args: &UpArgs) -> anyh
     report.into_result()
 }
 
-/// Give a new simulated host its /etc/xensource/usb-policy.conf (XCP-ng's
-/// defaults as the fact sheet gives them), for `coral --simulate doctor`.
+/// Give a simulated host its /etc/xensource/usb-policy.conf (XCP-ng's
+/// defaults as the fact sheet gives them) when its world is first written.
 fn seed_sim_root(root: &std::path::Path) -> anyhow::Result<()> {
     let policy = root.join(doctor::USB_POLICY.trim_start_matches('/'));
     if policy.exists() {
         return Ok(());
     }
-    coral::config::write_file(
-        &policy,
-        b"# Simulated XCP-ng host: xapi's default rules (see xapi-usb.md).\n\
-          DENY: class=02 # communications\n\
-          DENY: class=0a # CDC data\n\
-          DENY: class=0b # smart card\n\
-          DENY: class=e0 # wireless controller\n\
-          ALLOW: # everything else\n",
-    )
+    coral::config::write_file(&policy, SIMULATED_USB_POLICY.as_bytes())
 }
 
 fn run_watch(cli: &Cli, env: &Environment, args: &WatchArgs) -> anyhow::Result<()> {
@@ -794,7 +840,7 @@ fn set_paused(cli: &Cli, env: &Environment, vm_uuid: &str, vm_name: &str, paused
     let store = state_store(env);
     match store.set_paused(vm_uuid, vm_name, paused) {
         Ok(()) if paused => log::info!(
-            "coral watch leaves VM {vm_name} alone until `coral attach` or `coral up` for it"
+            "coral watch leaves VM '{vm_name}' alone until `coral attach` or `coral up` for it"
         ),
         Ok(()) => {}
         Err(e) => log::warn!("cannot record the pause in {}: {e}", store.path().display()),
@@ -840,10 +886,16 @@ fn firmware_choice(args: &FirmwareArgs) -> FirmwareChoice {
 
 fn load_firmware(choice: &FirmwareChoice, simulated: bool) -> anyhow::Result<FirmwareImage> {
     if simulated && firmware::nothing_configured(choice) {
-        log::warn!(
-            "simulation: no firmware configured, using a stand-in; a real run needs the image: {}",
-            firmware::how_to_get_one(&choice.install_dir)
-        );
+        // Said once per process: the watcher loads the image on every recovery.
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            log::warn!(
+                "simulation: no firmware configured, using a stand-in; a real run needs the image: {}",
+                firmware::how_to_get_one(&choice.install_dir)
+            );
+        } else {
+            log::debug!("simulation: the stand-in firmware again");
+        }
         return Ok(stand_in_firmware());
     }
     let image = firmware::load(choice)?;

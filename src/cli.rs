@@ -9,19 +9,20 @@ use std::path::PathBuf;
 #[command(name = "coral", version, about, long_about = None, after_help = environment_help())]
 pub struct Cli {
     /// Run against the built-in simulated Coral and XCP-ng host (no hardware needed).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = GLOBAL)]
     pub simulate: bool,
 
-    /// Read everything, change nothing: print each mutating `xe` command as it would run.
-    #[arg(long, global = true)]
+    /// Change nothing and write no file: do the reads, print each step as `would …` and each
+    /// mutating `xe` or `systemctl` command the reads already determine as `would run: …`.
+    #[arg(long, global = true, help_heading = GLOBAL)]
     pub dry_run: bool,
 
     /// More detail (-v: debug, -vv: every USB request and xe call).
-    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet", help_heading = GLOBAL)]
     pub verbose: u8,
 
     /// Print nothing on success; only errors.
-    #[arg(short, long, global = true)]
+    #[arg(short, long, global = true, help_heading = GLOBAL)]
     pub quiet: bool,
 
     #[command(flatten)]
@@ -50,7 +51,7 @@ pub enum Command {
     Firmware(FirmwareCommand),
     /// Keep the Coral with its VM: recover it whenever it drops (a long-running service).
     Watch(WatchArgs),
-    /// The boot-time systemd service that runs `coral up`.
+    /// The systemd services: coral-up.service (`coral up` at boot, before VMs auto-start) and coral-watch.service (`coral watch`, while the host runs).
     #[command(subcommand)]
     Service(ServiceCommand),
     /// Check, read-only, everything the boot path depends on; exit 0 only when all pass.
@@ -221,6 +222,9 @@ pub struct UpArgs {
     pub wait_device: f64,
 }
 
+/// The help heading of the options every subcommand accepts.
+const GLOBAL: &str = "Global options";
+
 /// Serializing runs.
 #[derive(Debug, Args, Clone, Default)]
 pub struct LockArgs {
@@ -228,6 +232,7 @@ pub struct LockArgs {
     #[arg(
         long,
         global = true,
+        help_heading = GLOBAL,
         value_name = "FILE",
         env = "CORAL_LOCK",
         default_value = coral::lock::DEFAULT_LOCK_FILE
@@ -235,11 +240,11 @@ pub struct LockArgs {
     pub lock_file: PathBuf,
 
     /// Fail at once if another coral run holds the lock.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = GLOBAL)]
     pub no_wait: bool,
 
     /// Seconds to wait for another coral run to finish (0: do not wait).
-    #[arg(long, global = true, value_name = "SECS", default_value_t = coral::lock::DEFAULT_LOCK_TIMEOUT.as_secs_f64(), value_parser = seconds_or_zero)]
+    #[arg(long, global = true, help_heading = GLOBAL, value_name = "SECS", default_value_t = coral::lock::DEFAULT_LOCK_TIMEOUT.as_secs_f64(), value_parser = seconds_or_zero)]
     pub lock_timeout: f64,
 }
 
@@ -280,7 +285,7 @@ pub enum FirmwareCommand {
 /// `coral service …`
 #[derive(Debug, Subcommand)]
 pub enum ServiceCommand {
-    /// Add or update the VM's entry in the config, write and enable coral-up.service.
+    /// Add or update the VM's entry in /etc/coral/coral.toml, write and enable coral-up.service (boot) and coral-watch.service (watcher), then restart the watcher.
     Install(ServiceInstallArgs),
     /// Print the unit install writes and the config (as install would leave it, with --vm).
     Show(ServiceShowArgs),
@@ -332,7 +337,9 @@ pub struct ServiceRootArgs {
 
 /// Options of `coral service install`.
 #[derive(Debug, Args, Clone, Default)]
-#[command(mut_arg("vm", |a| a.required(true)))]
+#[command(mut_arg("vm", |a| a.required(true).help("The VM the services hand the Coral to: its uuid or exact name-label (its entry in the config is added or updated)")))]
+#[command(mut_arg("start", |a| a.help("Setting for boot and recovery: start the VM if it is halted (kept in the entry)")))]
+#[command(mut_arg("restart", |a| a.help("Setting for boot and recovery: if the VM runs without the Coral, shut it down cleanly and start it again (kept in the entry)")))]
 #[command(mut_arg("force_shutdown", |a| a.hide(true)))]
 pub struct ServiceInstallArgs {
     /// The VM the service hands the Coral to, its policy and deadlines (kept

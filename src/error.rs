@@ -207,16 +207,36 @@ pub enum NextStep {
     RetryInit,
     /// Run again, logging every USB request.
     RerunVerbose,
-    /// No firmware image anywhere: fetch the pinned one or install a file.
-    GetFirmware,
+    /// No firmware image anywhere: fetch the pinned one or install a file
+    /// into `dir` (where installed images are looked for).
+    GetFirmware {
+        /// The install directory, as the user would type it.
+        dir: String,
+    },
+    /// The image file named cannot be read: get the image, or name a copy.
+    FetchOrNameCopy,
+    /// The file is not the size of a Coral image: name the real image.
+    NameRealImage,
+    /// The download is not the pinned image: retry, or fetch `url` elsewhere.
+    RetryFetchOrElsewhere {
+        /// Where the image is.
+        url: String,
+    },
+    /// The install directory cannot be written: run as root or choose another.
+    RootOrOtherDir,
+    /// The manifest compiled in is empty: the build is broken.
+    RebuildWithManifest,
+    /// A VM name not found: how to see the names there are.
+    ListVms,
     /// An image the manifest does not know: use the known one or allow it.
     KnownFirmwareOrAllow,
-    /// The download failed: fetch the image elsewhere and install the file.
-    FetchElsewhere,
-    /// No downloader: download `url` elsewhere and install the file.
+    /// The download failed, or there is no downloader: download `url` on a
+    /// machine that can, and install the file into `dir`.
     DownloadElsewhere {
         /// Where the image is.
         url: String,
+        /// Where it is to be installed.
+        dir: String,
     },
     /// The lock file cannot be opened: run as root or use another lock file.
     RootOrLockFile,

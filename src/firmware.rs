@@ -2,7 +2,7 @@
 //! image to upload comes from, and verification before any USB traffic.
 //!
 
-use crate::error::{fail, fail_then, FailureKind, Flag, NextStep};
+use crate::error::{fail_then, FailureKind, Flag, NextStep};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -117,7 +117,14 @@ fn embedded() -> Option<&'static [u8]> {
 /// What to say when no image is found anywhere: where it was looked for,
 /// then how to get one.
 pub fn how_to_get_one(install_dir: &Path) -> String {
-    format!("{}; {}", not_found(install_dir), NextStep::GetFirmware)
+    format!("{}; {}", not_found(install_dir), get_firmware(install_dir))
+}
+
+/// The next step when no image is found: fetch one, or install a copy into `install_dir`.
+pub fn get_firmware(install_dir: &Path) -> NextStep {
+    NextStep::GetFirmware {
+        dir: install_dir.display().to_string(),
+    }
 }
 
 /// Where an image was looked for, in vain.
@@ -174,7 +181,7 @@ pub fn load(choice: &FirmwareChoice) -> anyhow::Result<FirmwareImage> {
     Err(fail_then(
         FailureKind::Firmware,
         not_found(&choice.install_dir),
-        NextStep::GetFirmware,
+        get_firmware(&choice.install_dir),
     ))
 }
 
@@ -195,29 +202,25 @@ pub fn read_verified(
     source: FirmwareSource,
     allow_unknown: bool,
 ) -> anyhow::Result<FirmwareImage> {
-    let size = std::fs::metadata(path)
-        .map_err(|e| {
-            fail(
-                FailureKind::Firmware,
-                format!("cannot read firmware {}: {e}", path.display()),
-            )
-        })?
-        .len();
-    if size == 0 || size > MAX_IMAGE_BYTES {
-        return Err(fail(
-            FailureKind::Firmware,
-            format!(
-                "firmware {} has {size} bytes; a Coral image has about 11 KB: check the file",
-                path.display()
-            ),
-        ));
-    }
-    let bytes = std::fs::read(path).map_err(|e| {
-        fail(
+    let unreadable = |e: std::io::Error| {
+        fail_then(
             FailureKind::Firmware,
             format!("cannot read firmware {}: {e}", path.display()),
+            NextStep::FetchOrNameCopy,
         )
-    })?;
+    };
+    let size = std::fs::metadata(path).map_err(unreadable)?.len();
+    if size == 0 || size > MAX_IMAGE_BYTES {
+        return Err(fail_then(
+            FailureKind::Firmware,
+            format!(
+                "firmware {} has {size} bytes, a Coral image about 11 KB",
+                path.display()
+            ),
+            NextStep::NameRealImage,
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(unreadable)?;
     verify(bytes, source, &path.display().to_string(), allow_unknown)
 }
 

@@ -16,6 +16,7 @@ fn main() -> ExitCode {
     // Bad values (`--timeout 0`, `--vm ""`) end here with exit 2, before any
     // USB request or `xe` call.
     let cli = cli::Cli::parse();
+    wording::set_simulated(cli.simulate);
     logging::init(cli.quiet, cli.verbose);
     match app::run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -148,13 +148,19 @@ impl Wakeups for SimulatedWakeups<'_> {
         if !self.dropped.get() && clock.now() + timeout >= SIMULATED_DROP_AT {
             clock.sleep(SIMULATED_DROP_AT.saturating_sub(clock.now()));
             self.dropped.set(true);
-            log::warn!("simulation: the Coral browns out and comes back as its boot loader");
+            log::warn!(
+                "simulation, at {:.1} s of virtual time: the Coral browns out and comes back as its boot loader",
+                clock.now().as_secs_f64()
+            );
             self.host.brownout(0);
             return Wake::UsbChanged;
         }
         if clock.now() + timeout >= SIMULATED_END_AT {
             clock.sleep(SIMULATED_END_AT.saturating_sub(clock.now()));
-            log::info!("simulation: ending the watch at 2 minutes of virtual time");
+            log::info!(
+                "simulation, at {:.1} s of virtual time: ending the watch",
+                clock.now().as_secs_f64()
+            );
             return Wake::Stop;
         }
         clock.sleep(timeout);

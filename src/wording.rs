@@ -3,6 +3,20 @@
 //! `coral` commands in a message; installed by `main` before anything runs.
 
 use coral::error::{Flag, NextStep, Wording};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Whether this run is `--simulate`: next steps then name what the
+/// simulated host has, not commands it lacks (`xe`).
+static SIMULATED: AtomicBool = AtomicBool::new(false);
+
+/// Word the next steps for the simulated host (`--simulate`), once parsed.
+pub fn set_simulated(simulated: bool) {
+    SIMULATED.store(simulated, Ordering::Relaxed);
+}
+
+fn simulated() -> bool {
+    SIMULATED.load(Ordering::Relaxed)
+}
 
 /// The `coral` command line's wording.
 pub struct CliWording;
@@ -72,12 +86,25 @@ impl Wording for CliWording {
                 "rerun `coral init` (replug the Coral if it keeps failing)".into()
             }
             NextStep::RerunVerbose => "rerun with -vv for every USB request".into(),
-            NextStep::GetFirmware => "get one with `coral firmware fetch` (downloads the pinned image), or copy apex_latest_single_ep.bin here and run `coral firmware install FILE`".into(),
+            NextStep::GetFirmware { dir } => format!("get one with `coral firmware fetch` (downloads the pinned image into {dir}), or bring a copy of apex_latest_single_ep.bin and run `coral firmware install FILE` (copies it into {dir}), or pass it with --firmware FILE"),
+            NextStep::FetchOrNameCopy => "get the image with `coral firmware fetch`, or pass the path of a copy of apex_latest_single_ep.bin with --firmware".into(),
+            NextStep::NameRealImage => "pass apex_latest_single_ep.bin (10783 bytes; `coral firmware fetch` downloads it)".into(),
+            NextStep::RetryFetchOrElsewhere { url } => format!("rerun `coral firmware fetch`; if it fails again, download {url} elsewhere and run `coral firmware install FILE`"),
+            NextStep::RootOrOtherDir => "run as root, or choose another directory with --dir".into(),
+            NextStep::RebuildWithManifest => "rebuild coral from an unmodified firmware/manifest.txt".into(),
+            NextStep::ListVms if simulated() => format!(
+                "the simulated pool has {} (`coral --simulate status` shows it)",
+                coral::simulate::SIMULATED_VMS
+                    .iter()
+                    .map(|name| format!("VM '{name}'"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            NextStep::ListVms => "`xe vm-list params=uuid,name-label` shows the names (exact match, templates and snapshots excluded)".into(),
             NextStep::KnownFirmwareOrAllow => "use libedgetpu's apex_latest_single_ep.bin (`coral firmware fetch`) or pass --allow-unknown-firmware".into(),
-            NextStep::FetchElsewhere => "on a host without internet, fetch it elsewhere and run `coral firmware install FILE`".into(),
-            NextStep::DownloadElsewhere { url } => {
-                format!("download {url} elsewhere and run `coral firmware install FILE`")
-            }
+            NextStep::DownloadElsewhere { url, dir } => format!(
+                "download {url} on a machine that can, then `coral firmware install FILE --dir {dir}` (or copy it into {dir})"
+            ),
             NextStep::RootOrLockFile => "run as root or set --lock-file".into(),
             NextStep::RerunLater { waited: false } => "rerun later or without --no-wait".into(),
             NextStep::RerunLater { waited: true } => "rerun later or raise --lock-timeout".into(),

@@ -11,6 +11,7 @@ use std::fs::File;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+mod support;
 
 const VARS_FROM_HOST: [&str; 6] = [
     "CORAL_FIRMWARE",
@@ -36,12 +37,26 @@ fn fresh_sim_state() -> PathBuf {
         .join(format!("sim-{}.json", NEXT.fetch_add(1, Ordering::SeqCst)))
 }
 
+/// A fresh `--simulate` state after `coral --simulate init`: the Coral is
+/// ready at 2-4, not yet passed through (for the commands that expect one).
+fn ready_sim_state() -> PathBuf {
+    let state = fresh_sim_state();
+    let out = coral()
+        .env("CORAL_SIM_STATE", &state)
+        .args(["--simulate", "init"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    state
+}
+
 /// The binary with the host's coral settings removed.
 fn coral() -> Command {
     let mut cmd = Command::new(bin());
     for var in VARS_FROM_HOST {
         cmd.env_remove(var);
     }
+    cmd.envs(support::isolated_env());
     cmd.env("CORAL_FIRMWARE_DIR", "/nonexistent-coral-test-dir");
     cmd.env("CORAL_SIM_STATE", fresh_sim_state());
     cmd
@@ -53,6 +68,7 @@ fn coral_std() -> std::process::Command {
     for var in VARS_FROM_HOST {
         cmd.env_remove(var);
     }
+    cmd.envs(support::isolated_env());
     cmd.env("CORAL_FIRMWARE_DIR", "/nonexistent-coral-test-dir");
     cmd.env("CORAL_SIM_STATE", fresh_sim_state());
     cmd
@@ -64,12 +80,19 @@ fn text(bytes: &[u8]) -> String {
 
 #[test]
 fn quiet_prints_nothing_on_success() {
-    for args in [
-        &["-q", "--simulate", "up", "--vm", "frigate", "--restart"][..],
-        &["--simulate", "attach", "--vm", "frigate", "-q"][..],
-        &["--simulate", "init", "--quiet"][..],
+    for (args, ready) in [
+        (
+            &["-q", "--simulate", "up", "--vm", "frigate", "--restart"][..],
+            false,
+        ),
+        (&["--simulate", "attach", "--vm", "frigate", "-q"][..], true),
+        (&["--simulate", "init", "--quiet"][..], false),
     ] {
-        let out = coral().args(args).output().unwrap();
+        let mut cmd = coral();
+        if ready {
+            cmd.env("CORAL_SIM_STATE", ready_sim_state());
+        }
+        let out = cmd.args(args).output().unwrap();
         assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
         assert_eq!(text(&out.stdout), "", "{args:?} printed on stdout");
         assert_eq!(text(&out.stderr), "", "{args:?} printed on stderr");
@@ -84,7 +107,9 @@ fn quiet_still_prints_what_was_asked_for() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    assert_eq!(json["corals"][0]["path"], "2-4");
+    // A fresh simulation starts from the power loss: the boot loader at 1-4.
+    assert_eq!(json["corals"][0]["path"], "1-4");
+    assert_eq!(json["corals"][0]["usb_state"], "uninitialized");
 }
 
 /// Run with stdout and stderr on one file, as on a terminal or in the journal.
@@ -136,12 +161,17 @@ fn no_line_appears_twice_on_one_output() {
         &["--simulate", "detach", "--vm", "frigate"][..],
         &["--simulate", "init"][..],
     ] {
-        let (code, output) = run_on_one_file(args, &[]);
+        let ready = ready_sim_state();
+        let (code, output) = run_on_one_file(args, &[("CORAL_SIM_STATE", ready.to_str().unwrap())]);
         assert!(code.is_some(), "{args:?}");
         assert_no_line_twice(&output);
     }
     // The attach report is in there once.
-    let (code, output) = run_on_one_file(&["--simulate", "attach", "--vm", "frigate"], &[]);
+    let ready = ready_sim_state();
+    let (code, output) = run_on_one_file(
+        &["--simulate", "attach", "--vm", "frigate"],
+        &[("CORAL_SIM_STATE", ready.to_str().unwrap())],
+    );
     assert_eq!(code, Some(0), "{output}");
     assert_eq!(
         output.matches("created VUSB").count(),
@@ -153,6 +183,7 @@ fn no_line_appears_twice_on_one_output() {
 #[test]
 fn results_still_reach_stdout_when_it_is_a_pipe_of_its_own() {
     let out = coral()
+        .env("CORAL_SIM_STATE", ready_sim_state())
         .args(["--simulate", "attach", "--vm", "frigate"])
         .output()
         .unwrap();
@@ -400,6 +431,8 @@ fn man_page_documents_commands_environment_and_exit_codes() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let page = text(&out.stdout);
     assert!(page.contains(".TH coral 1"), "{page}");
+    // One roff preamble, not one per section.
+    assert_eq!(page.matches(".ie \\n(.g .ds Aq").count(), 1, "{page}");
     for section in [
         ".SH SYNOPSIS",
         ".SH OPTIONS",
@@ -517,7 +550,7 @@ fn log_lines_carry_journald_priorities_when_stderr_is_the_journal() {
         "{log}"
     );
 
-    let (code, log) = run_with_journal(&["--simulate", "attach", "--vm", "no such vm"], true);
+    let (code, log) = run_with_journal(&["--simulate", "up", "--vm", "no such vm"], true);
     assert_eq!(code, Some(8), "{log}");
     let last = log.lines().last().unwrap_or_default();
     assert!(last.starts_with("<3>coral: "), "{log}");
@@ -552,27 +585,35 @@ fn readme_try_it_commands() -> Vec<String> {
     commands
 }
 
-#[test]
-fn readme_try_it_works_on_a_fresh_clone_without_shared() {
-    let commands = readme_try_it_commands();
-    assert!(commands.len() >= 2, "two steps: {commands:?}");
-    assert!(!commands[0].contains("--firmware"), "{}", commands[0]);
-    assert!(commands[1].contains("--firmware"), "{}", commands[1]);
-    let args: Vec<&str> = commands[0]
+/// `cargo run --release -- ARGS` as ARGS.
+fn cargo_run_args(command: &str) -> Vec<&str> {
+    command
         .split_once(" -- ")
         .expect("cargo run --release -- ARGS")
         .1
         .split_whitespace()
-        .collect();
+        .collect()
+}
+
+#[test]
+fn readme_try_it_works_on_a_fresh_clone_without_shared() {
+    let commands = readme_try_it_commands();
+    assert!(commands.len() >= 3, "three steps: {commands:?}");
+    assert!(!commands[0].contains("--firmware"), "{}", commands[0]);
     // A fresh clone: no ../shared beside the working directory.
     let fresh = tempfile::tempdir().unwrap();
     let out = coral()
         .current_dir(fresh.path())
-        .args(&args)
+        .args(cargo_run_args(&commands[0]))
         .output()
         .unwrap();
     let stdout = text(&out.stdout);
-    assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        commands[0],
+        text(&out.stderr)
+    );
     assert!(
         stdout
             .lines()
@@ -580,5 +621,280 @@ fn readme_try_it_works_on_a_fresh_clone_without_shared() {
             .unwrap_or_default()
             .starts_with("up: firmware uploaded, Coral ready at 2-4"),
         "{stdout}"
+    );
+
+    // Step 2: the fetch supplies the image the run then names.
+    let fetch = commands
+        .iter()
+        .find(|c| c.contains(" firmware fetch"))
+        .expect("step 2 fetches the image");
+    let with_image = commands
+        .iter()
+        .find(|c| c.contains("--firmware"))
+        .expect("step 2 runs with the image");
+    let fetch_args = cargo_run_args(fetch);
+    let dir = fetch_args[fetch_args.iter().position(|a| *a == "--dir").unwrap() + 1];
+    let run_args = cargo_run_args(with_image);
+    let image = run_args[run_args.iter().position(|a| *a == "--firmware").unwrap() + 1];
+    assert_eq!(
+        Path::new(image).parent().unwrap(),
+        Path::new(dir),
+        "the run names the file the fetch writes"
+    );
+    // Before the fetch, the run says what to do (exit 4, the next step).
+    let out = coral()
+        .current_dir(fresh.path())
+        .args(&run_args)
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(
+        error_line(&stderr).contains("`coral firmware fetch`"),
+        "{stderr}"
+    );
+    // The fetch itself, from a local copy of the pinned image when there is one.
+    let Some(real) = support::shared_firmware("apex_latest_single_ep.bin") else {
+        return;
+    };
+    let base = format!("file://{}", real.parent().unwrap().display());
+    let out = coral()
+        .current_dir(fresh.path())
+        .env("CORAL_FIRMWARE_URL_BASE", base)
+        .args(&fetch_args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{fetch}: {}", text(&out.stderr));
+    let out = coral()
+        .current_dir(fresh.path())
+        .args(&run_args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{with_image}: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .starts_with("up: firmware uploaded, Coral ready at 2-4"),
+        "{stdout}"
+    );
+    assert!(
+        !text(&out.stderr).contains("stand-in"),
+        "the real image, not the stand-in: {}",
+        text(&out.stderr)
+    );
+}
+
+/// The last `coral: …` line of a run's stderr.
+fn error_line(stderr: &str) -> String {
+    stderr
+        .lines()
+        .rfind(|l| l.starts_with("coral: "))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// (case, args, extra environment, words of the next step)
+type FirmwareCase<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, String)>, &'a [&'a str]);
+
+#[test]
+fn every_firmware_error_names_its_next_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let installed = d.join("installed");
+    std::fs::write(d.join("empty.bin"), b"").unwrap();
+    std::fs::write(d.join("bad.bin"), vec![0x55u8; 10_783]).unwrap();
+    std::fs::create_dir(d.join("server")).unwrap();
+    std::fs::write(
+        d.join("server/apex_latest_single_ep.bin"),
+        vec![0x55u8; 10_783],
+    )
+    .unwrap();
+    let s = |p: &Path| p.display().to_string();
+    let bad = s(&d.join("bad.bin"));
+    let empty = s(&d.join("empty.bin"));
+    let missing = s(&d.join("missing.bin"));
+    let server = format!("file://{}", s(&d.join("server")));
+    let nowhere = format!("file://{}", s(&d.join("nowhere")));
+    let cases: Vec<FirmwareCase> = vec![
+        (
+            "nothing configured",
+            vec!["firmware", "show"],
+            vec![],
+            &["coral firmware fetch", "into ", "--firmware FILE"],
+        ),
+        (
+            "$CORAL_FIRMWARE unreadable",
+            vec!["firmware", "show"],
+            vec![("CORAL_FIRMWARE", missing.clone())],
+            &["coral firmware fetch", "--firmware"],
+        ),
+        (
+            "--firmware missing (README step 2 on a plain clone)",
+            vec![
+                "--simulate",
+                "up",
+                "--vm",
+                "frigate",
+                "--restart",
+                "--firmware",
+                "target/firmware/apex_latest_single_ep.bin",
+            ],
+            vec![],
+            &["coral firmware fetch", "--firmware"],
+        ),
+        (
+            "install: file missing",
+            vec!["firmware", "install", &missing],
+            vec![],
+            &["coral firmware fetch"],
+        ),
+        (
+            "install: empty file",
+            vec!["firmware", "install", &empty],
+            vec![],
+            &["apex_latest_single_ep.bin", "coral firmware fetch"],
+        ),
+        (
+            "install: unknown image",
+            vec!["firmware", "install", &bad],
+            vec![],
+            &["coral firmware fetch", "--allow-unknown-firmware"],
+        ),
+        (
+            "install: directory not writable",
+            vec![
+                "firmware",
+                "install",
+                "--allow-unknown-firmware",
+                &bad,
+                "--dir",
+                "/dev/null/coral",
+            ],
+            vec![],
+            &["--dir"],
+        ),
+        (
+            "fetch: download fails",
+            vec!["firmware", "fetch"],
+            vec![("CORAL_FIRMWARE_URL_BASE", nowhere)],
+            &["on a machine that can", "coral firmware install FILE --dir"],
+        ),
+        (
+            "fetch: the host does not resolve (curl retries: one line still)",
+            vec!["firmware", "fetch"],
+            vec![(
+                "CORAL_FIRMWARE_URL_BASE",
+                "https://coral-test.invalid".to_string(),
+            )],
+            &["on a machine that can", "coral firmware install FILE --dir"],
+        ),
+        (
+            "fetch: not the pinned image",
+            vec!["firmware", "fetch"],
+            vec![("CORAL_FIRMWARE_URL_BASE", server)],
+            &[
+                "rerun `coral firmware fetch`",
+                "coral firmware install FILE",
+            ],
+        ),
+        (
+            "fetch: no curl",
+            vec!["firmware", "fetch"],
+            vec![("PATH", s(&d.join("empty-path")))],
+            &["on a machine that can", "coral firmware install FILE --dir"],
+        ),
+    ];
+    for (case, args, env, words) in cases {
+        let out = coral()
+            .current_dir(d)
+            .env("CORAL_FIRMWARE_DIR", &installed)
+            .envs(env)
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "{case}: {stderr}");
+        let line = error_line(&stderr);
+        assert_eq!(
+            stderr.trim_end().lines().last(),
+            Some(line.as_str()),
+            "{case}: the failure is one line, the last: {stderr}"
+        );
+        let (_, next) = line
+            .split_once("; ")
+            .unwrap_or_else(|| panic!("{case}: no next step: {line}"));
+        for word in words {
+            assert!(next.contains(word), "{case}: {word:?} missing: {line}");
+        }
+    }
+    let left: Vec<_> = std::fs::read_dir(&installed)
+        .map(|dir| dir.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "a failure left files behind: {left:?}");
+}
+
+/// `coral ARGS --help`, stdout.
+fn help(args: &[&str]) -> String {
+    let out = coral().args(args).arg("--help").output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// The help line of `flag` (its first line).
+fn help_line<'a>(help: &'a str, flag: &str) -> &'a str {
+    help.lines()
+        .find(|l| l.trim_start().starts_with(flag))
+        .unwrap_or_else(|| panic!("{flag} missing: {help}"))
+}
+
+#[test]
+fn help_says_what_happens() {
+    let install = help(&["service", "install"]);
+    for unit in ["coral-up.service", "coral-watch.service"] {
+        assert!(install.contains(unit), "{unit}: {install}");
+    }
+    assert!(
+        install.contains("Usage: coral service install [OPTIONS] --vm <UUID|NAME>"),
+        "--vm is required: {install}"
+    );
+    let vm = help_line(&install, "--vm");
+    assert!(!vm.contains("without it"), "{vm}");
+    for flag in ["--start", "--restart"] {
+        let line = help_line(&install, flag);
+        assert!(line.contains("boot") && line.contains("entry"), "{line}");
+    }
+    let service = help(&["service"]);
+    assert!(
+        service.contains("coral-watch.service") && service.contains("coral watch"),
+        "{service}"
+    );
+    // Global options under their own heading, after the command's own.
+    for args in [&[][..], &["up"][..], &["service", "install"][..]] {
+        let text = help(args);
+        let (own, global) = text
+            .split_once("Global options:")
+            .unwrap_or_else(|| panic!("{args:?}: no global heading: {text}"));
+        for flag in [
+            "--simulate",
+            "--dry-run",
+            "--quiet",
+            "--lock-file",
+            "--no-wait",
+        ] {
+            assert!(global.contains(flag), "{args:?}: {flag} not global: {text}");
+            assert!(
+                !own.contains(flag),
+                "{args:?}: {flag} among own options: {text}"
+            );
+        }
+    }
+    let top = help(&[]);
+    let dry_run = help_line(&top, "--dry-run");
+    assert!(
+        dry_run.contains("write no file") && dry_run.contains("would"),
+        "{dry_run}"
     );
 }

@@ -37,7 +37,8 @@ impl Host {
 
     fn coral(&self) -> Command {
         let mut cmd = Command::cargo_bin("coral").unwrap();
-        cmd.env_remove("CORAL_CONFIG")
+        cmd.envs(support::isolated_env())
+            .env_remove("CORAL_CONFIG")
             .env_remove("CORAL_SIM_STATE")
             .envs(self.xapi.env());
         cmd

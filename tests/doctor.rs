@@ -46,7 +46,8 @@ fn setup(edit: impl FnOnce(&mut World, &str)) -> Setup {
 impl Setup {
     fn coral(&self) -> Command {
         let mut cmd = Command::cargo_bin("coral").unwrap();
-        cmd.env_remove("CORAL_CONFIG")
+        cmd.envs(support::isolated_env())
+            .env_remove("CORAL_CONFIG")
             .env_remove("CORAL_FIRMWARE")
             .env("CORAL_FIRMWARE_DIR", "/nonexistent-coral-test-dir")
             .env("CORAL_USB_POLICY", self.xapi.dir().join("usb-policy.conf"))

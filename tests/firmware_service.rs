@@ -10,7 +10,8 @@ use support::{assert_succeeded, shared_firmware};
 
 fn coral() -> Command {
     let mut cmd = Command::cargo_bin("coral").unwrap();
-    cmd.env_remove("CORAL_FIRMWARE")
+    cmd.envs(support::isolated_env())
+        .env_remove("CORAL_FIRMWARE")
         .env_remove("CORAL_FIRMWARE_DIR");
     cmd
 }

@@ -11,7 +11,6 @@ use coral::firmware::{FirmwareImage, FirmwareSource};
 use coral::ops::init::{init, wait_for_coral, InitOptions, InitOutcome};
 use coral::usb::{CoralState, PortPath, UsbBus, UsbError};
 use coral_testkit::device::{SimBus, SimCoralConfig, SimFaults};
-use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -29,16 +28,10 @@ fn synthetic(len: usize) -> FirmwareImage {
 }
 
 fn shared_image(name: &str) -> Option<FirmwareImage> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/firmware")
-        .join(name);
-    match std::fs::read(&path) {
-        Ok(bytes) => Some(image_of(bytes)),
-        Err(_) => {
-            support::skip(&format!("{} is absent", path.display()));
-            None
-        }
-    }
+    let path = support::shared_firmware(name)?;
+    Some(image_of(
+        std::fs::read(path).expect("read the shared image"),
+    ))
 }
 
 struct Rig {

@@ -65,6 +65,8 @@ fn victim(dir: &Path) -> PathBuf {
 /// The built coral, as root, with the host's settings kept out.
 fn coral(args: &[&str], env: &[(&str, &Path)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_coral"));
+    // Its own state directory; the simulation's paths are what is tested here.
+    cmd.envs(support::isolated_env());
     for var in [
         "CORAL_FIRMWARE",
         "CORAL_XE",
@@ -213,10 +215,7 @@ fn a_symlink_planted_at_a_temporary_path_is_never_written_through() {
         );
         assert!(planted.status.success(), "{}", text(&planted.stderr));
     }
-    let out = coral(
-        &["--simulate", "detach", "--vm", "frigate"],
-        &[("CORAL_SIM_STATE", &state)],
-    );
+    let out = coral(&["--simulate", "init"], &[("CORAL_SIM_STATE", &state)]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(
         std::fs::read(&victim).unwrap(),
@@ -285,9 +284,16 @@ fn a_planted_simulation_directory_is_refused() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("writable by group or others"));
 
-    // Absent: created private, and the simulation runs.
+    // Absent: a read leaves it absent; a command that changes the simulated
+    // world creates it private.
     std::fs::remove_dir(&sim_dir).unwrap();
     let out = run();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        std::fs::symlink_metadata(&sim_dir).is_err(),
+        "status wrote nothing"
+    );
+    let out = coral(&["--simulate", "init"], &[("TMPDIR", tmp.path())]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let meta = std::fs::symlink_metadata(&sim_dir).unwrap();
     assert!(

@@ -7,6 +7,7 @@
 use assert_cmd::Command;
 use serde_json::Value;
 use std::path::PathBuf;
+mod support;
 
 /// A simulated host of its own (state file in a fresh directory).
 struct Sim {
@@ -39,6 +40,7 @@ impl Sim {
             cmd.env_remove(var);
         }
         let out = cmd
+            .envs(support::isolated_env())
             .env("CORAL_FIRMWARE_DIR", "/nonexistent-coral-test-dir")
             .env("CORAL_SIM_STATE", self.dir.path().join("sim.json"))
             .args(args)
@@ -84,6 +86,9 @@ impl Sim {
 fn a_truncated_state_file_is_kept_aside_and_its_lost_pause_is_reported() {
     let sim = Sim::new();
     let (ok, _, stderr) = sim.run(&["--simulate", "service", "install", "--vm", "frigate"]);
+    assert!(ok, "{stderr}");
+    // The simulation starts from the power loss: the Coral needs its firmware first.
+    let (ok, _, stderr) = sim.run(&["--simulate", "init"]);
     assert!(ok, "{stderr}");
     let (ok, _, stderr) = sim.run(&["--simulate", "detach", "--vm", "frigate"]);
     assert!(ok, "{stderr}");
@@ -134,6 +139,8 @@ fn a_truncated_state_file_is_kept_aside_and_its_lost_pause_is_reported() {
 #[test]
 fn status_shows_no_ghosts_and_forgets_them() {
     let sim = Sim::new();
+    let (ok, _, stderr) = sim.run(&["--simulate", "init"]);
+    assert!(ok, "{stderr}");
     let (ok, _, stderr) = sim.run(&["--simulate", "detach", "--vm", "frigate"]);
     assert!(ok, "{stderr}");
     let mut states: Value =

@@ -220,11 +220,18 @@ fn dry_run_verifies_the_firmware_and_changes_nothing() {
     let report = run_up(&s, &options(true, true), &mut loads).unwrap();
 
     assert_eq!(loads, 1, "the image is checked");
+    let summary = report.to_string();
+    assert!(
+        summary.starts_with(
+            "up: would upload the firmware to the Coral at 1-4; would pass it through"
+        ),
+        "{summary}"
+    );
     let planned = report
         .attach
         .expect("the VM and XAPI were checked")
         .to_string();
-    assert!(planned.starts_with("dry run:"), "{planned}");
+    assert!(planned.starts_with("would upload"), "{planned}");
     let corals = s.host.bus().list_corals().unwrap();
     assert_eq!(corals[0].state, CoralState::Uninitialized);
     let world = s.host.world();

@@ -272,7 +272,7 @@ pub fn attach_planned(
                     Some(pusb) => pusb,
                     None => {
                         report.say(format!(
-                            "dry run: would wait for XAPI to list the Coral at {path}, then attach it to {label}"
+                            "would wait for XAPI to list the Coral at {path}, then attach it to {label}"
                         ));
                         return Ok(report);
                     }
@@ -646,7 +646,8 @@ fn shut_down(
     opts: &AttachOptions,
 ) -> anyhow::Result<Result<(), NotDown>> {
     log::info!(
-        "shutting {} down cleanly (up to {} s)",
+        "{} {} down cleanly (up to {} s)",
+        verb(xe, "shutting", "would shut"),
         vm.label,
         opts.shutdown_timeout.as_secs()
     );

@@ -56,14 +56,23 @@ pub fn detach(
     if vusb.attached {
         xe.vusb_unplug(&vusb.uuid)
             .map_err(|e| xe_fail("unplugging the VUSB", e))?;
-        log::info!("unplugged the Coral from running {label}");
+        if !xe.dry_run() {
+            log::info!("unplugged the Coral from running {label}");
+        }
     }
     xe.vusb_destroy(&vusb.uuid)
         .map_err(|e| xe_fail("destroying the VUSB", e))?;
-    let line = format!(
-        "removed VUSB {} : the Coral at {path} is no longer passed through to {label}",
-        short(&vusb.uuid),
-    );
+    let line = if xe.dry_run() {
+        format!(
+            "would remove VUSB {}: the Coral at {path} would no longer be passed through to {label}",
+            short(&vusb.uuid),
+        )
+    } else {
+        format!(
+            "removed VUSB {}: the Coral at {path} is no longer passed through to {label}",
+            short(&vusb.uuid),
+        )
+    };
     log::info!("{line}");
     Ok(report(line))
 }

@@ -102,6 +102,9 @@ pub struct DoctorInputs<'a> {
     pub systemd: Box<dyn Systemd>,
     /// `/etc/xensource/usb-policy.conf` (or its stand-in).
     pub usb_policy: PathBuf,
+    /// What that file holds while it does not exist yet (a simulated host
+    /// that nothing has written to has xapi's defaults); None: a real host.
+    pub usb_policy_when_absent: Option<&'static str>,
     /// The lock file.
     pub lock_file: PathBuf,
     /// What coral remembers per mapping (pauses, the watcher's last action).
@@ -160,7 +163,11 @@ pub fn doctor(inputs: DoctorInputs<'_>) -> DoctorReport {
         .and_then(|(runner, client)| pusb_speeds(*runner, client.host_uuid()).ok())
         .unwrap_or_default();
     check_corals(&mut checks, inputs.usb, config.as_ref(), &speeds);
-    check_usb_policy(&mut checks, &inputs.usb_policy);
+    check_usb_policy(
+        &mut checks,
+        &inputs.usb_policy,
+        inputs.usb_policy_when_absent,
+    );
 
     match (&inputs.xapi, &xe) {
         (Ok((runner, host)), Some((_, client))) => {
@@ -477,9 +484,12 @@ fn denied_by(rule: Option<String>) -> String {
     }
 }
 
-fn check_usb_policy(checks: &mut Checks, path: &Path) {
+fn check_usb_policy(checks: &mut Checks, path: &Path, when_absent: Option<&str>) {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && when_absent.is_some() => {
+            when_absent.unwrap_or_default().to_string()
+        }
         Err(e) => {
             checks.warn(
                 "usb-policy",

@@ -1,7 +1,7 @@
 //! `coral firmware show|install|fetch`. Each returns the text to print.
 
-use crate::error::{fail, fail_then, FailureKind, NextStep};
-use crate::firmware::{self, FirmwareChoice, FirmwareSource};
+use crate::error::{fail_then, FailureKind, NextStep};
+use crate::firmware::{self, FirmwareChoice, FirmwareImage, FirmwareSource};
 use std::path::Path;
 use std::process::Command;
 
@@ -10,8 +10,12 @@ pub const URL_BASE_ENV: &str = "CORAL_FIRMWARE_URL_BASE";
 
 /// Which image would be used, from where, and its checksum.
 pub fn show(choice: &FirmwareChoice) -> anyhow::Result<String> {
-    let image = firmware::load(choice)?;
-    Ok(format!(
+    Ok(describe(&firmware::load(choice)?))
+}
+
+/// An image as `show` prints it: name, source, size, checksum.
+pub fn describe(image: &FirmwareImage) -> String {
+    format!(
         "image:  {}\nfrom:   {}\nsize:   {} bytes\nsha256: {}",
         image
             .known_name
@@ -20,7 +24,7 @@ pub fn show(choice: &FirmwareChoice) -> anyhow::Result<String> {
         image.source,
         image.bytes.len(),
         image.sha256
-    ))
+    )
 }
 
 /// Verify `file` and install it atomically under `dir`; with `dry_run`
@@ -64,9 +68,13 @@ pub fn install(
 /// Download the pinned default image with `curl`, verify, install under
 /// `dir`; with `dry_run` only say what would be downloaded and written.
 pub fn fetch(dir: &Path, dry_run: bool) -> anyhow::Result<String> {
-    let entry = firmware::manifest()
-        .first()
-        .ok_or_else(|| fail(FailureKind::Firmware, "the firmware manifest is empty"))?;
+    let entry = firmware::manifest().first().ok_or_else(|| {
+        fail_then(
+            FailureKind::Firmware,
+            "the firmware manifest built into coral is empty",
+            NextStep::RebuildWithManifest,
+        )
+    })?;
     let url = match std::env::var(URL_BASE_ENV) {
         Ok(base) => format!("{}/{}", base.trim_end_matches('/'), entry.name),
         Err(_) => entry.url.clone(),
@@ -95,9 +103,17 @@ pub fn fetch(dir: &Path, dry_run: bool) -> anyhow::Result<String> {
                 FailureKind::Firmware,
                 format!(
                     "downloading {url} failed ({})",
-                    String::from_utf8_lossy(&out.stderr).trim()
+                    // curl says it once per try: the last is the line.
+                    String::from_utf8_lossy(&out.stderr)
+                        .lines()
+                        .rfind(|l| !l.trim().is_empty())
+                        .unwrap_or("no reason given")
+                        .trim()
                 ),
-                NextStep::FetchElsewhere,
+                NextStep::DownloadElsewhere {
+                    url: url.clone(),
+                    dir: dir.display().to_string(),
+                },
             ));
         }
         Err(e) => {
@@ -105,7 +121,10 @@ pub fn fetch(dir: &Path, dry_run: bool) -> anyhow::Result<String> {
             return Err(fail_then(
                 FailureKind::Firmware,
                 format!("cannot run curl ({e})"),
-                NextStep::DownloadElsewhere { url: url.clone() },
+                NextStep::DownloadElsewhere {
+                    url: url.clone(),
+                    dir: dir.display().to_string(),
+                },
             ));
         }
     };
@@ -113,7 +132,7 @@ pub fn fetch(dir: &Path, dry_run: bool) -> anyhow::Result<String> {
     let bytes = downloaded.unwrap_or_default();
     let sha256 = firmware::sha256_hex(&bytes);
     if bytes.len() != entry.size || sha256 != entry.sha256 {
-        return Err(fail(
+        return Err(fail_then(
             FailureKind::Firmware,
             format!(
                 "the download from {url} is not the pinned image ({} bytes, sha256 {sha256}; expected {} bytes, {}); nothing was installed",
@@ -121,6 +140,7 @@ pub fn fetch(dir: &Path, dry_run: bool) -> anyhow::Result<String> {
                 entry.size,
                 entry.sha256
             ),
+            NextStep::RetryFetchOrElsewhere { url: url.clone() },
         ));
     }
     let target = dir.join(&entry.name);
@@ -134,9 +154,10 @@ pub fn fetch(dir: &Path, dry_run: bool) -> anyhow::Result<String> {
 
 fn create_dir(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| {
-        fail(
+        fail_then(
             FailureKind::Firmware,
             format!("cannot create {}: {e}", dir.display()),
+            NextStep::RootOrOtherDir,
         )
     })
 }
@@ -149,9 +170,10 @@ const IMAGE_MODE: u32 = 0o644;
 fn write_atomically(dir: &Path, target: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     create_dir(dir)?;
     crate::atomic_file::write(target, bytes, IMAGE_MODE).map_err(|e| {
-        fail(
+        fail_then(
             FailureKind::Firmware,
             format!("cannot install {}: {e}", target.display()),
+            NextStep::RootOrOtherDir,
         )
     })
 }

@@ -361,7 +361,7 @@ pub fn install(
     let label = entry.label();
     let start = entry.start;
     let upserted = config.upsert(entry)?;
-    let mut out = Output::new(place.dry_run);
+    let mut out = Output::new(place);
     match upserted {
         Upserted::Added => out.line(format!("{label}: new entry")),
         Upserted::Updated => out.line(format!("{label}: entry updated")),
@@ -451,7 +451,7 @@ pub fn show(
 /// entry, the config and the units. Removing the last entry removes the
 /// units too: a boot unit without entries would only fail.
 pub fn uninstall(place: &Place, vm: Option<&str>) -> anyhow::Result<String> {
-    let mut out = Output::new(place.dry_run);
+    let mut out = Output::new(place);
     let mut config = load_config(place)?;
     if let Some(vm) = vm {
         let gone = config.remove_vm(vm);
@@ -525,13 +525,17 @@ fn check_exe(spec: &UnitSpec) -> anyhow::Result<()> {
 /// Lines for the user; in a dry run every change is described, not made.
 struct Output {
     dry_run: bool,
+    /// Under another root (--root, --simulate) systemctl is not run: each
+    /// command is still named, as the real host would run it.
+    rooted: bool,
     lines: Vec<String>,
 }
 
 impl Output {
-    fn new(dry_run: bool) -> Self {
+    fn new(place: &Place) -> Self {
         Output {
-            dry_run,
+            dry_run: place.dry_run,
+            rooted: place.root.is_some(),
             lines: Vec::new(),
         }
     }
@@ -576,7 +580,11 @@ impl Output {
             self.line(format!("would run: {what}"));
             return Ok(());
         }
-        f()
+        f()?;
+        if self.rooted {
+            self.line(format!("would run on a real host: {what}"));
+        }
+        Ok(())
     }
 
     fn text(&self) -> String {

@@ -95,11 +95,11 @@ impl MappingStatus {
         let name = if self.vm_name.is_empty() {
             short(&self.vm_uuid).to_string()
         } else {
-            format!("{} ({})", self.vm_name, short(&self.vm_uuid))
+            format!("'{}' ({})", self.vm_name, short(&self.vm_uuid))
         };
         let device = self.device.as_deref().unwrap_or("the only Coral");
         let paused = if self.paused {
-            " [paused by a deliberate detach]"
+            " [paused by coral detach]"
         } else {
             ""
         };
@@ -240,7 +240,7 @@ impl StatusReport {
                 };
                 let _ = writeln!(
                     out,
-                    "  VUSB {} -> VM {name} ({}, {power}): {state}",
+                    "  VUSB {} -> VM '{name}' ({}, {power}): {state}",
                     short(vusb),
                     short(vm)
                 );

@@ -35,11 +35,18 @@ pub struct UpReport {
     pub attach: Option<AttachReport>,
     /// Whole run.
     pub elapsed: Duration,
+    /// A dry run: the report says what would be done.
+    pub dry_run: bool,
+    /// In a dry run, the port of the Coral the firmware would be uploaded to.
+    pub would_upload_to: Option<String>,
 }
 
 impl fmt::Display for UpReport {
     /// The one summary line.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.dry_run {
+            return self.fmt_dry_run(f);
+        }
         let mut done = Vec::new();
         if let Some(InitOutcome::Initialized { after, .. }) = &self.init {
             done.push(format!("firmware uploaded, Coral ready at {}", after.path));
@@ -50,11 +57,7 @@ impl fmt::Display for UpReport {
                 Flag::Restart
             )),
             Some(report) if report.changed => done.push("passed through to the VM".to_string()),
-            Some(report) if report.lines.iter().any(|l| l.starts_with("dry run:")) => {
-                done.push("dry run: the VM and XAPI were checked, nothing was changed".to_string())
-            }
-            Some(_) => {}
-            None => done.push("dry run stopped before attach (the Coral is not ready)".to_string()),
+            Some(_) | None => {}
         }
         if done.is_empty() {
             write!(
@@ -70,6 +73,45 @@ impl fmt::Display for UpReport {
                 self.elapsed.as_secs_f64()
             )
         }
+    }
+}
+
+impl UpReport {
+    /// The summary of a dry run: what would be done, never what was.
+    fn fmt_dry_run(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let planned = |prefix: &str| {
+            (self.attach.iter())
+                .flat_map(|r| r.lines.iter())
+                .any(|l| l.starts_with(prefix))
+        };
+        let mut would = Vec::new();
+        if let Some(path) = &self.would_upload_to {
+            would.push(format!("would upload the firmware to the Coral at {path}"));
+            would.push("would pass it through to the VM once XAPI lists it".to_string());
+        } else if let Some(report) = &self.attach {
+            if report.changed {
+                would.push("would pass it through to the VM".to_string());
+            }
+            if planned("would restart") {
+                would.push("would restart the VM once (clean shutdown, start)".to_string());
+            } else if planned("would start") {
+                would.push("would start the VM".to_string());
+            } else if report.pending_restart {
+                would.push(format!(
+                    "the running VM would get the Coral at its next start ({} does it now)",
+                    Flag::Restart
+                ));
+            }
+        }
+        if would.is_empty() {
+            would.push("nothing to do, Coral ready and attached".to_string());
+        }
+        write!(
+            f,
+            "up: {} (dry run, {:.1} s)",
+            would.join("; "),
+            self.elapsed.as_secs_f64()
+        )
     }
 }
 
@@ -116,6 +158,8 @@ pub fn up_with(
         init,
         attach: Some(attach),
         elapsed: clock.now() - started,
+        dry_run: opts.dry_run,
+        would_upload_to: None,
     };
 
     if coral.state == CoralState::Ready {
@@ -130,15 +174,15 @@ pub fn up_with(
         let stale = stale_records(xe, &plan, &corals);
         let image = load_firmware()?;
         log::info!(
-            "dry run: would upload {} bytes of firmware to the Coral at {}, then attach it",
+            "would upload {} bytes of firmware to the Coral at {}, then attach it",
             image.bytes.len(),
             coral.path
         );
         let mut attach = AttachReport::default();
         attach.lines.push(format!(
-            "dry run: {} checked; would upload the firmware to the Coral at {}, wait for XAPI to list it, and attach it{}",
-            plan.vm.label,
+            "would upload the firmware to the Coral at {}, wait for XAPI to list it, and attach it to {} (checked){}",
             coral.path,
+            plan.vm.label,
             if stale.is_empty() {
                 String::new()
             } else {
@@ -148,7 +192,10 @@ pub fn up_with(
                 )
             }
         ));
-        return Ok(report(None, attach));
+        return Ok(UpReport {
+            would_upload_to: Some(coral.path.to_string()),
+            ..report(None, attach)
+        });
     }
 
     let init_opts = InitOptions {

@@ -531,7 +531,12 @@ impl Watcher {
         if env.state.is_paused(&vm_uuid) {
             return;
         }
-        log::warn!("watch: {reason}; recovering {vm_name}");
+        let recovering = if self.recovery.dry_run {
+            "would recover"
+        } else {
+            "recovering"
+        };
+        log::warn!("watch: {reason}; {recovering} {vm_name}");
         let mapping = &self.tracked[index].mapping;
         let own = Deadlines::or;
         let opts = UpOptions {

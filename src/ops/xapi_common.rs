@@ -144,9 +144,10 @@ pub fn resolve_vm(xe: &XeClient, spec: &str) -> anyhow::Result<Vm> {
 /// The one VM among `vms` (the answer of a lookup of `spec`), or why not.
 pub fn pick_vm(spec: &str, mut vms: Vec<VmInfo>) -> anyhow::Result<Vm> {
     match vms.len() {
-        0 => Err(fail(
+        0 => Err(fail_then(
             FailureKind::Vm,
-            format!("VM '{spec}' not found on this pool; `xe vm-list params=uuid,name-label` shows the names (exact match, templates and snapshots excluded)"),
+            format!("VM '{spec}' not found on this pool"),
+            NextStep::ListVms,
         )),
         1 => {
             let info = vms.remove(0);
@@ -165,7 +166,10 @@ pub fn pick_vm(spec: &str, mut vms: Vec<VmInfo>) -> anyhow::Result<Vm> {
             FailureKind::Vm,
             format!(
                 "{n} VMs are named '{spec}' ({})",
-                vms.iter().map(|v| v.uuid.as_str()).collect::<Vec<_>>().join(", ")
+                vms.iter()
+                    .map(|v| v.uuid.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             NextStep::PassVmUuid,
         )),

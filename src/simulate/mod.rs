@@ -25,6 +25,20 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Duration;
 
+/// The VMs of the simulated pool (one host, each running at first).
+pub const SIMULATED_VMS: &[&str] = &["frigate"];
+
+/// The simulated host's /etc/xensource/usb-policy.conf: xapi's default
+/// rules (see xapi-usb.md).
+pub const SIMULATED_USB_POLICY: &str =
+    "# Simulated XCP-ng host: xapi's default rules (see xapi-usb.md).
+DENY: class=02 # communications
+DENY: class=0a # CDC data
+DENY: class=0b # smart card
+DENY: class=e0 # wireless controller
+ALLOW: # everything else
+";
+
 /// Env var naming the file that keeps the `--simulate` host between runs.
 pub const SIM_STATE_ENV: &str = "CORAL_SIM_STATE";
 
@@ -178,7 +192,11 @@ impl SimulatedHost {
     pub fn new(coral: CoralState) -> Self {
         let clock = Rc::new(VirtualClock::new());
         let bus = SimBus::new(clock.clone(), &[coral]);
-        let pool = Pool::new("xcp-ng-sim", &["frigate"], as_xapi_devices(&bus.snapshot()));
+        let pool = Pool::new(
+            "xcp-ng-sim",
+            SIMULATED_VMS,
+            as_xapi_devices(&bus.snapshot()),
+        );
         Self::from_parts(clock, bus, pool)
     }
 

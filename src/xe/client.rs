@@ -454,7 +454,7 @@ impl<'a> XeClient<'a> {
     fn write(&self, args: &[String], timeout: Duration) -> Result<Option<String>, XeError> {
         if self.dry_run {
             let line = format!("xe {}", display_args(args));
-            log::info!("dry run: would run {line}");
+            log::info!("would run: {line}");
             self.planned.borrow_mut().push(line);
             return Ok(None);
         }

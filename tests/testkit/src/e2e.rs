@@ -137,6 +137,27 @@ pub fn skip_with(ci: bool, log: Option<&Path>, test: &str, reason: &str) {
     }
 }
 
+/// Where one run of the binary keeps what it would otherwise keep on the
+/// machine: `CORAL_STATE_DIR`, `CORAL_CONFIG`, `CORAL_SIM_STATE`, each in a
+/// fresh directory of this test process (removed when it exits). Every test
+/// that runs `coral` sets these first; a test that needs a config under
+/// `--root` removes `CORAL_CONFIG` after.
+pub fn isolated_env() -> Vec<(String, String)> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static DIR: OnceLock<TempDir> = OnceLock::new();
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let base = DIR.get_or_init(|| tempfile::tempdir().expect("tempdir"));
+    let run = base
+        .path()
+        .join(format!("run-{}", NEXT.fetch_add(1, Ordering::SeqCst)));
+    let at = |name: &str| run.join(name).display().to_string();
+    vec![
+        ("CORAL_STATE_DIR".into(), at("state")),
+        ("CORAL_CONFIG".into(), at("coral.toml")),
+        ("CORAL_SIM_STATE".into(), at("coral-sim.json")),
+    ]
+}
+
 /// Assert that a run of the binary succeeded, showing its stderr if not.
 pub fn assert_succeeded(out: &Output) {
     assert!(
@@ -146,18 +167,56 @@ pub fn assert_succeeded(out: &Output) {
     );
 }
 
-/// A firmware image from ../shared/firmware (`$CORAL_TEST_FIRMWARE_DIR`
-/// instead when set, e.g. for a worktree elsewhere), or None (a [`skip`]).
+/// Where the tests look for the real firmware images:
+/// `$CORAL_TEST_FIRMWARE_DIR`, else `../shared/firmware` beside the
+/// repository (a plain clone has none; the images are never committed).
+pub fn shared_firmware_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CORAL_TEST_FIRMWARE_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    let root = repo_root();
+    let root = root.canonicalize().unwrap_or(root);
+    root.parent().unwrap_or(&root).join("shared/firmware")
+}
+
+/// A firmware image from [`shared_firmware_dir`], or None (a [`skip`] whose
+/// reason says the image is absent and the command that supplies it).
 pub fn shared_firmware(name: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("CORAL_TEST_FIRMWARE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("../shared/firmware"));
+    let dir = shared_firmware_dir();
     let path = dir.join(name);
     if path.exists() {
-        Some(path)
-    } else {
-        skip(&format!("{} is absent", path.display()));
-        None
+        return Some(path);
+    }
+    skip(&format!(
+        "the firmware image {name} is absent from {}; {}",
+        dir.display(),
+        how_to_supply(name, &dir)
+    ));
+    None
+}
+
+/// The command that puts the image `name` into `dir` (its URL from the
+/// manifest; the default image through `coral firmware fetch`).
+fn how_to_supply(name: &str, dir: &Path) -> String {
+    let manifest = include_str!("../../../firmware/manifest.txt");
+    let mut entries = manifest
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>());
+    let first = entries.next();
+    if first.as_ref().is_some_and(|e| e.first() == Some(&name)) {
+        return format!(
+            "`cargo run -- firmware fetch --dir {}` supplies it",
+            dir.display()
+        );
+    }
+    match (first.into_iter().chain(entries)).find(|e| e.first() == Some(&name)) {
+        Some(entry) if entry.len() >= 4 => format!(
+            "`curl -fsSL --create-dirs -o {} {}` supplies it",
+            dir.join(name).display(),
+            entry[3]
+        ),
+        _ => format!("copy {name} into {}", dir.display()),
     }
 }
 
@@ -341,7 +400,9 @@ fn emulate_once(emulator_args: &[String], command: &[String], env: &[(String, St
             "CORAL_FIRMWARE_DIR",
             dir.path().join("no-installed-firmware"),
         )
-        .env("CORAL_LOCK", dir.path().join("coral.lock"));
+        .env("CORAL_LOCK", dir.path().join("coral.lock"))
+        // Never the machine's /var/lib/coral or /etc/coral/coral.toml.
+        .envs(isolated_env());
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -410,6 +471,11 @@ impl FakeXapi {
         );
         vec![
             ("PATH".into(), path),
+            // The host's own state directory (kept across runs, as on a host).
+            (
+                "CORAL_STATE_DIR".into(),
+                self.dir.path().join("state").display().to_string(),
+            ),
             (
                 "CORAL_XE_SIM_STATE".into(),
                 self.state.display().to_string(),
