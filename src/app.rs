@@ -13,7 +13,7 @@ use anyhow::Context;
 use coral::clock::{Clock, SystemClock};
 use coral::config::ConfigPath;
 use coral::error::{fail, FailureKind};
-use coral::firmware::{self, FirmwareChoice, FirmwareImage, FirmwareSource, DEFAULT_INSTALL_DIR};
+use coral::firmware::{self, FirmwareChoice, FirmwareImage, FirmwareSource};
 use coral::lock::{self, LockGuard, LockWait};
 use coral::mapping_state::StateStore;
 use coral::ops::attach::{attach, AttachOptions};
@@ -31,6 +31,7 @@ use coral::xe::client::XeClient;
 use coral::xe::command::XeCommand;
 use coral::xe::inventory::{this_host_uuid, DEFAULT_INVENTORY};
 use coral::xe::XeRunner;
+use coral::DATA_DIR;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -192,7 +193,7 @@ fn render_man_page(command: clap::Command, page: &mut Vec<u8>) -> anyhow::Result
     }
     extra.push_str(&format!(
         ".SH FILES\n.TP\n{}/\nInstalled firmware images.\n.TP\n{}\nThe lock that serializes runs.\n.TP\n/etc/systemd/system/coral\\-up.service\nThe boot unit written by \\fBcoral service install\\fR.\n",
-        roff(DEFAULT_INSTALL_DIR),
+        roff(DATA_DIR),
         roff(coral::lock::DEFAULT_LOCK_FILE)
     ));
     page.extend_from_slice(extra.as_bytes());
@@ -303,6 +304,7 @@ fn run_service(
                 start: args.vm.start,
                 restart: args.vm.restart,
                 deadlines: entry_deadlines(&args.vm, &args.replug),
+                replace: args.replace,
             };
             out.result(&service::install(&xe, &place, &spec, &request)?);
             Ok(())
@@ -316,6 +318,7 @@ fn run_service(
                 start: args.start,
                 restart: args.restart,
                 deadlines: Default::default(),
+                replace: args.replace,
             });
             let xapi = request.as_ref().and_then(|_| env.xapi().ok());
             let xe = xapi
@@ -819,13 +822,10 @@ impl Clock for ClockRef<'_> {
 }
 
 /// Where each mapping's state lives: `$CORAL_STATE_DIR` (default
-/// /var/lib/coral), or under --simulate the simulated host's own root.
+/// [`DATA_DIR`]), or under --simulate the simulated host's own root.
 fn state_store(env: &Environment) -> StateStore {
     if let Some(sim) = env.sim_paths() {
-        StateStore::in_dir(
-            &sim.root
-                .join(coral::mapping_state::DEFAULT_STATE_DIR.trim_start_matches('/')),
-        )
+        StateStore::in_dir(&sim.root.join(DATA_DIR.trim_start_matches('/')))
     } else {
         StateStore::from_env()
     }
@@ -880,7 +880,7 @@ fn firmware_choice(args: &FirmwareArgs) -> FirmwareChoice {
         allow_unknown: args.allow_unknown_firmware,
         install_dir: std::env::var_os("CORAL_FIRMWARE_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_INSTALL_DIR)),
+            .unwrap_or_else(|| PathBuf::from(DATA_DIR)),
     }
 }
 

@@ -100,7 +100,7 @@ pub struct DeviceArgs {
 /// Where the firmware comes from and how it is checked.
 #[derive(Debug, Args, Clone, Default)]
 pub struct FirmwareArgs {
-    /// Firmware image to upload (default: $CORAL_FIRMWARE, /var/lib/coral/, or the embedded one).
+    /// Firmware image to upload (default: $CORAL_FIRMWARE, the installed copy, or the embedded one).
     #[arg(long, value_name = "FILE")]
     pub firmware: Option<PathBuf>,
 
@@ -253,30 +253,30 @@ pub struct LockArgs {
 pub enum FirmwareCommand {
     /// Which image would be used, from where, and its checksum.
     Show(FirmwareArgs),
-    /// Verify FILE against the manifest and install it as /var/lib/coral/<name>.
+    /// Verify FILE against the manifest and install it (as --dir/<name>).
     Install {
         /// The image to install.
         file: PathBuf,
         /// Install an image whose SHA-256 is not in the manifest.
         #[arg(long)]
         allow_unknown_firmware: bool,
-        /// Install under this directory instead of /var/lib/coral.
+        /// Install under this directory.
         #[arg(
             long,
             value_name = "DIR",
             env = "CORAL_FIRMWARE_DIR",
-            default_value = coral::firmware::DEFAULT_INSTALL_DIR
+            default_value = coral::DATA_DIR
         )]
         dir: PathBuf,
     },
     /// Download the pinned image with curl, verify it and install it.
     Fetch {
-        /// Install under this directory instead of /var/lib/coral.
+        /// Install under this directory.
         #[arg(
             long,
             value_name = "DIR",
             env = "CORAL_FIRMWARE_DIR",
-            default_value = coral::firmware::DEFAULT_INSTALL_DIR
+            default_value = coral::DATA_DIR
         )]
         dir: PathBuf,
     },
@@ -311,6 +311,10 @@ pub struct ServiceShowArgs {
     /// As for install.
     #[arg(long, value_name = "PATH", requires = "vm")]
     pub device: Option<String>,
+
+    /// As for install.
+    #[arg(long, requires = "device")]
+    pub replace: bool,
 
     #[command(flatten)]
     pub root: ServiceRootArgs,
@@ -349,6 +353,11 @@ pub struct ServiceInstallArgs {
 
     #[command(flatten)]
     pub device: DeviceArgs,
+
+    /// Move the VM to the Coral at --device: replaces the VM's entries for
+    /// other Corals (without it, a new --device adds a second Coral).
+    #[arg(long, requires = "device")]
+    pub replace: bool,
 
     #[command(flatten)]
     pub replug: ReplugArgs,
@@ -393,7 +402,11 @@ pub const ENVIRONMENT: &[(&str, &str)] = &[
     ),
     (
         "CORAL_FIRMWARE_DIR",
-        "where installed firmware images live (default /var/lib/coral)",
+        concat!(
+            "where installed firmware images live (default ",
+            coral::data_dir!(),
+            ")"
+        ),
     ),
     (
         "CORAL_FIRMWARE_URL_BASE",
@@ -417,7 +430,11 @@ pub const ENVIRONMENT: &[(&str, &str)] = &[
     ),
     (
         "CORAL_STATE_DIR",
-        "where each mapping's state is kept, mappings.json (default /var/lib/coral)",
+        concat!(
+            "where each mapping's state is kept, mappings.json (default ",
+            coral::data_dir!(),
+            ")"
+        ),
     ),
     (
         "CORAL_SIM_STATE",

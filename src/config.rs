@@ -330,6 +330,31 @@ impl Config {
         Ok(outcome)
     }
 
+    /// Move `entry`'s VM to `entry`'s Coral (`service install --replace`):
+    /// the VM's entries for other Corals are dropped, then `entry` is
+    /// upserted. Returns what the upsert did and the entries dropped. Refused,
+    /// with nothing changed, as [`Config::upsert`] refuses.
+    pub fn replace_vm(&mut self, entry: Entry) -> anyhow::Result<(Upserted, Vec<Entry>)> {
+        let mut next = self.clone();
+        let (dropped, kept) = next
+            .entries
+            .drain(..)
+            .partition(|e| e.vm_uuid == entry.vm_uuid && !e.same_device(&entry));
+        next.entries = kept;
+        let upserted = next.upsert(entry)?;
+        *self = next;
+        Ok((upserted, dropped))
+    }
+
+    /// The VM's entries for other Corals than `entry`'s (what a second
+    /// `service install --device` keeps beside it).
+    pub fn other_devices_of(&self, entry: &Entry) -> Vec<&Entry> {
+        self.entries
+            .iter()
+            .filter(|e| e.vm_uuid == entry.vm_uuid && !e.same_device(entry))
+            .collect()
+    }
+
     /// Remove the entries whose VM uuid or recorded name is `vm`; returns them.
     pub fn remove_vm(&mut self, vm: &str) -> Vec<Entry> {
         let (gone, kept) = self.entries.drain(..).partition(|e| {
@@ -544,5 +569,39 @@ mod tests {
         );
         assert_eq!(config.remove_vm(UUID_A).len(), 1);
         assert_eq!(config.entries.len(), 1);
+    }
+
+    #[test]
+    fn replace_moves_the_vm_to_its_new_coral_and_keeps_the_others() {
+        let mut config = Config {
+            entries: vec![entry(UUID_A, Some("2-4")), entry(UUID_B, Some("2-1.3"))],
+        };
+        // Without --replace: a second Coral for the VM.
+        let mut plain = config.clone();
+        assert_eq!(
+            plain.upsert(entry(UUID_A, Some("3-2"))).unwrap(),
+            Upserted::Added
+        );
+        assert_eq!(plain.entries.len(), 3);
+        assert_eq!(plain.other_devices_of(&entry(UUID_A, Some("3-2"))).len(), 1);
+        // With it: the VM's entry moves; the other VM's stays.
+        let (upserted, dropped) = config.replace_vm(entry(UUID_A, Some("3-2"))).unwrap();
+        assert_eq!(upserted, Upserted::Added);
+        assert_eq!(dropped, vec![entry(UUID_A, Some("2-4"))]);
+        assert_eq!(
+            config.entries,
+            vec![entry(UUID_B, Some("2-1.3")), entry(UUID_A, Some("3-2"))]
+        );
+        // A Coral mapped to another VM is refused, and nothing changes.
+        let before = config.clone();
+        assert!(config.replace_vm(entry(UUID_A, Some("1-1.3"))).is_err());
+        assert_eq!(config, before);
+        // The one entry without a device (the only Coral) gets one.
+        let mut single = Config {
+            entries: vec![entry(UUID_A, None)],
+        };
+        let (_, dropped) = single.replace_vm(entry(UUID_A, Some("2-4"))).unwrap();
+        assert_eq!(dropped, vec![entry(UUID_A, None)]);
+        assert_eq!(single.entries, vec![entry(UUID_A, Some("2-4"))]);
     }
 }

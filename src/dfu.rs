@@ -168,6 +168,20 @@ pub struct DfuStatus {
     pub state: u8,
 }
 
+impl DfuStatus {
+    /// A GETSTATUS reply's fields; None when it is shorter than 6 bytes.
+    pub fn parse(reply: &[u8]) -> Option<DfuStatus> {
+        match reply {
+            [status, p0, p1, p2, state, _, ..] => Some(DfuStatus {
+                status: *status,
+                poll_timeout_ms: u32::from_le_bytes([*p0, *p1, *p2, 0]),
+                state: *state,
+            }),
+            _ => None,
+        }
+    }
+}
+
 impl fmt::Display for DfuStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -533,16 +547,14 @@ impl<'a> Download<'a> {
             let mut buf = vec![0u8; size];
             let step = format!("UPLOAD block {block} (read-back)");
             self.check_deadline(&step)?;
-            let n = self
-                .transport
-                .control_in(
-                    REQUEST_IN,
-                    DFU_UPLOAD,
-                    block,
-                    self.interface.number.into(),
-                    &mut buf,
-                )
-                .map_err(|error| DfuError::Usb { step, error })?;
+            let n = receive(
+                &mut *self.transport,
+                DFU_UPLOAD,
+                block,
+                self.interface.number.into(),
+                &mut buf,
+            )
+            .map_err(|error| DfuError::Usb { step, error })?;
             self.summary.upload_requests += 1;
             read.extend_from_slice(&buf[..n.min(size)]);
             if n < size {
@@ -573,47 +585,35 @@ impl<'a> Download<'a> {
     fn get_status(&mut self, step: &str) -> Result<DfuStatus, DfuError> {
         self.check_deadline(step)?;
         let mut buf = [0u8; 6];
-        let n = self
-            .transport
-            .control_in(
-                REQUEST_IN,
-                DFU_GETSTATUS,
-                0,
-                self.interface.number.into(),
-                &mut buf,
-            )
-            .map_err(|error| DfuError::Usb {
-                step: format!("{step} (GETSTATUS)"),
-                error,
-            })?;
+        let n = receive(
+            &mut *self.transport,
+            DFU_GETSTATUS,
+            0,
+            self.interface.number.into(),
+            &mut buf,
+        )
+        .map_err(|error| DfuError::Usb {
+            step: format!("{step} (GETSTATUS)"),
+            error,
+        })?;
         self.summary.getstatus_requests += 1;
-        if n < 6 {
-            return Err(DfuError::ShortStatus { step: step.into() });
-        }
-        let status = DfuStatus {
-            status: buf[0],
-            poll_timeout_ms: u32::from_le_bytes([buf[1], buf[2], buf[3], 0]),
-            state: buf[4],
-        };
-        log::trace!("GETSTATUS: {status}, poll {} ms", status.poll_timeout_ms);
-        Ok(status)
+        DfuStatus::parse(&buf[..n.min(buf.len())])
+            .ok_or_else(|| DfuError::ShortStatus { step: step.into() })
     }
 
     fn out(&mut self, request: u8, value: u16, data: &[u8], step: &str) -> Result<(), DfuError> {
         self.check_deadline(step)?;
-        let sent = self
-            .transport
-            .control_out(
-                REQUEST_OUT,
-                request,
-                value,
-                self.interface.number.into(),
-                data,
-            )
-            .map_err(|error| DfuError::Usb {
-                step: step.to_string(),
-                error,
-            })?;
+        let sent = send(
+            &mut *self.transport,
+            request,
+            value,
+            self.interface.number.into(),
+            data,
+        )
+        .map_err(|error| DfuError::Usb {
+            step: step.to_string(),
+            error,
+        })?;
         if sent != data.len() {
             return Err(DfuError::ShortWrite {
                 step: step.to_string(),
@@ -637,10 +637,150 @@ impl<'a> Download<'a> {
 pub fn detach(transport: &mut dyn UsbTransport) -> Result<(), DfuError> {
     transport
         .claim_interface(0)
-        .and_then(|_| transport.control_out(REQUEST_OUT, DFU_DETACH, DETACH_TIMEOUT_MS, 0, &[]))
+        .and_then(|_| send(transport, DFU_DETACH, DETACH_TIMEOUT_MS, 0, &[]))
         .map(|_| ())
         .map_err(|error| DfuError::Usb {
             step: "DFU_DETACH".into(),
             error,
         })
+}
+
+/// A DFU class request to the interface `index` (host → device), traced at
+/// `-vv` as dfu-util's users read it ([`describe_out`]).
+fn send(
+    transport: &mut dyn UsbTransport,
+    request: u8,
+    value: u16,
+    index: u16,
+    data: &[u8],
+) -> Result<usize, UsbError> {
+    let result = transport.control_out(REQUEST_OUT, request, value, index, data);
+    match &result {
+        Ok(sent) => log::trace!("{}", describe_out(request, value, *sent)),
+        Err(error) => log::trace!("{} failed: {error}", request_name(request, value)),
+    }
+    result
+}
+
+/// A DFU class request from the interface `index` (device → host), traced
+/// at `-vv` with what the device answered ([`describe_in`]).
+fn receive(
+    transport: &mut dyn UsbTransport,
+    request: u8,
+    value: u16,
+    index: u16,
+    buf: &mut [u8],
+) -> Result<usize, UsbError> {
+    let result = transport.control_in(REQUEST_IN, request, value, index, buf);
+    match &result {
+        Ok(n) => log::trace!(
+            "{}",
+            describe_in(request, value, &buf[..(*n).min(buf.len())])
+        ),
+        Err(error) => log::trace!("{} failed: {error}", request_name(request, value)),
+    }
+    result
+}
+
+/// A DFU class request by its name in DFU 1.1 (`DNLOAD block 3`,
+/// `GETSTATUS`, …); an unknown one by its number.
+pub fn request_name(request: u8, value: u16) -> String {
+    match request {
+        DFU_DETACH => "DETACH".into(),
+        DFU_DNLOAD => format!("DNLOAD block {value}"),
+        DFU_UPLOAD => format!("UPLOAD block {value}"),
+        DFU_GETSTATUS => "GETSTATUS".into(),
+        DFU_CLRSTATUS => "CLRSTATUS".into(),
+        DFU_GETSTATE => "GETSTATE".into(),
+        DFU_ABORT => "ABORT".into(),
+        other => format!("DFU request {other} value {value}"),
+    }
+}
+
+/// The `-vv` line of a request sent: `DNLOAD block 3: 256 bytes`,
+/// `DETACH (wTimeout 100 ms)`, `CLRSTATUS`, `ABORT`.
+pub fn describe_out(request: u8, value: u16, sent: usize) -> String {
+    match request {
+        DFU_DNLOAD => format!("{}: {sent} bytes", request_name(request, value)),
+        DFU_DETACH => format!("DETACH (wTimeout {value} ms)"),
+        DFU_CLRSTATUS | DFU_ABORT => request_name(request, value),
+        _ => format!("{}: {sent} bytes sent", request_name(request, value)),
+    }
+}
+
+/// The `-vv` line of a request answered: `UPLOAD block 7: 256 bytes`,
+/// `GETSTATUS → dfuDNLOAD-IDLE` (with the status when it is not OK and the
+/// poll timeout when there is one), `GETSTATE → dfuIDLE`.
+pub fn describe_in(request: u8, value: u16, reply: &[u8]) -> String {
+    let name = request_name(request, value);
+    match request {
+        DFU_GETSTATUS => match DfuStatus::parse(reply) {
+            Some(status) => {
+                let mut line = format!("{name} → {}", state_name(status.state));
+                if status.status != status::OK {
+                    line.push_str(&format!(", status {}", status_name(status.status)));
+                }
+                if status.poll_timeout_ms > 0 {
+                    line.push_str(&format!(", poll {} ms", status.poll_timeout_ms));
+                }
+                line
+            }
+            None => format!("{name}: {}-byte reply, 6 expected", reply.len()),
+        },
+        DFU_GETSTATE => match reply.first() {
+            Some(&state) => format!("{name} → {}", state_name(state)),
+            None => format!("{name}: empty reply"),
+        },
+        _ => format!("{name}: {} bytes", reply.len()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_named_as_dfu_util_users_read_them() {
+        assert_eq!(
+            describe_out(DFU_DNLOAD, 3, 256),
+            "DNLOAD block 3: 256 bytes"
+        );
+        assert_eq!(describe_out(DFU_DNLOAD, 43, 0), "DNLOAD block 43: 0 bytes");
+        assert_eq!(describe_out(DFU_CLRSTATUS, 0, 0), "CLRSTATUS");
+        assert_eq!(describe_out(DFU_ABORT, 0, 0), "ABORT");
+        assert_eq!(
+            describe_out(DFU_DETACH, DETACH_TIMEOUT_MS, 0),
+            "DETACH (wTimeout 100 ms)"
+        );
+        assert_eq!(
+            describe_in(DFU_UPLOAD, 7, &[0; 256]),
+            "UPLOAD block 7: 256 bytes"
+        );
+        assert_eq!(
+            describe_in(DFU_GETSTATUS, 0, &[0, 0, 0, 0, state::DNLOAD_IDLE, 0]),
+            "GETSTATUS → dfuDNLOAD-IDLE"
+        );
+        // The status only when it is not OK; the poll timeout only when asked for.
+        assert_eq!(
+            describe_in(
+                DFU_GETSTATUS,
+                0,
+                &[status::ERR_STALLEDPKT, 0, 0, 0, state::ERROR, 0]
+            ),
+            "GETSTATUS → dfuERROR, status errSTALLEDPKT"
+        );
+        assert_eq!(
+            describe_in(DFU_GETSTATUS, 0, &[0, 0x2c, 0x01, 0, state::DNBUSY, 0]),
+            "GETSTATUS → dfuDNBUSY, poll 300 ms"
+        );
+        assert_eq!(
+            describe_in(DFU_GETSTATUS, 0, &[0, 0, 0]),
+            "GETSTATUS: 3-byte reply, 6 expected"
+        );
+        assert_eq!(
+            describe_in(DFU_GETSTATE, 0, &[state::IDLE]),
+            "GETSTATE → dfuIDLE"
+        );
+        assert_eq!(request_name(9, 1), "DFU request 9 value 1");
+    }
 }

@@ -187,6 +187,13 @@ pub enum NextStep {
         /// The VM the Coral is mapped to.
         vm: String,
     },
+    /// Move `vm`'s mapping to the Coral at `device` (replacing its others).
+    MoveEntry {
+        /// The VM of the mapping.
+        vm: String,
+        /// The port the mapping moves to.
+        device: String,
+    },
     /// Name the Coral of every mapping.
     DeviceForEach,
     /// The status lists the Corals' port paths.

@@ -42,12 +42,9 @@ pub struct FirmwareChoice {
     pub explicit: Option<PathBuf>,
     /// `--allow-unknown-firmware`.
     pub allow_unknown: bool,
-    /// Where installed copies live (default `/var/lib/coral`).
+    /// Where installed copies live (default [`crate::DATA_DIR`]).
     pub install_dir: PathBuf,
 }
-
-/// Default directory of installed images.
-pub const DEFAULT_INSTALL_DIR: &str = "/var/lib/coral";
 
 /// One known image (a line of `firmware/manifest.txt`).
 #[derive(Clone, Debug, PartialEq, Eq)]

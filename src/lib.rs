@@ -16,6 +16,20 @@
 //! - [`atomic_file`], [`lock`], [`mapping_state`]: durable, symlink-safe
 //!   files, the run lock and what coral remembers between runs.
 
+/// coral's own directory, spelled once: installed firmware images
+/// (`$CORAL_FIRMWARE_DIR`) and the mappings' state (`$CORAL_STATE_DIR`)
+/// default to it. A macro for help texts built with `concat!`.
+#[macro_export]
+macro_rules! data_dir {
+    () => {
+        "/var/lib/coral"
+    };
+}
+
+/// coral's own directory ([`data_dir!`]): installed firmware images and the
+/// mappings' state, unless `$CORAL_FIRMWARE_DIR` / `$CORAL_STATE_DIR` say otherwise.
+pub const DATA_DIR: &str = data_dir!();
+
 pub mod atomic_file;
 pub mod clock;
 pub mod config;

@@ -9,9 +9,20 @@
 //!   terminal, the journal, `>out 2>&1`), a result line the log already
 //!   showed is not printed again. `-q` silences results on success; data the
 //!   user asked for (`status`, `show`, `--dry-run` plans) is always printed.
+//! - What the logger remembers for that is bounded ([`REMEMBERED_LINES`]
+//!   hashes of the latest lines): the watcher logs for months.
+//!
+//! Not built on `simplelog`: its `CombinedLogger` combines several sinks,
+//! and coral has one (stderr). The journal's `<N>` prefixes on every line of
+//! a message and the memory of shown lines would be a `SharedLogger` of our
+//! own either way, and its `SimpleLogger` writes `00:00:00 [LEVEL] module:`
+//! before each message unless configured away; what is left would be a
+//! crate (and its `time` dependency) wrapping one logger.
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
-use std::collections::HashSet;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::VecDeque;
+use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
@@ -20,11 +31,47 @@ use std::sync::{Mutex, OnceLock};
 /// The process's logger (set once by [`init`]).
 static LOGGER: OnceLock<StderrLogger> = OnceLock::new();
 
-/// Writes log records to stderr and remembers which messages it showed.
+/// How many of the latest lines shown (info and above) the logger
+/// remembers, so that a result line the log already showed is not printed
+/// again. A command's result follows its own log lines closely (`up` of
+/// every entry logs about a dozen lines per entry); the bound keeps a
+/// watcher that logs for months at a fixed 8 KiB.
+pub const REMEMBERED_LINES: usize = 1024;
+
+/// The latest lines shown, as 64-bit hashes (a line costs 8 bytes however
+/// long it is; a false match, one in 2^64, would only drop a repeated line).
+#[derive(Debug, Default)]
+struct ShownLines(VecDeque<u64>);
+
+impl ShownLines {
+    fn hash(line: &str) -> u64 {
+        let mut hasher = DefaultHasher::new();
+        line.hash(&mut hasher);
+        hasher.finish()
+    }
+
+    /// Remember `line`, forgetting the oldest beyond [`REMEMBERED_LINES`].
+    fn remember(&mut self, line: &str) {
+        let hash = Self::hash(line);
+        if let Some(at) = self.0.iter().position(|&h| h == hash) {
+            self.0.remove(at);
+        }
+        self.0.push_back(hash);
+        while self.0.len() > REMEMBERED_LINES {
+            self.0.pop_front();
+        }
+    }
+
+    fn contains(&self, line: &str) -> bool {
+        self.0.contains(&Self::hash(line))
+    }
+}
+
+/// Writes log records to stderr and remembers which lines it showed.
 struct StderrLogger {
     level: LevelFilter,
     journal: bool,
-    shown: Mutex<HashSet<String>>,
+    shown: Mutex<ShownLines>,
 }
 
 impl Log for StderrLogger {
@@ -47,7 +94,7 @@ impl Log for StderrLogger {
         }
         if record.level() <= Level::Info {
             if let Ok(mut shown) = self.shown.lock() {
-                shown.extend(message.lines().map(str::to_string));
+                message.lines().for_each(|line| shown.remember(line));
             }
         }
     }
@@ -98,7 +145,7 @@ pub fn init(quiet: bool, verbose: u8) {
     let logger = LOGGER.get_or_init(|| StderrLogger {
         level,
         journal: stderr_is_journal(),
-        shown: Mutex::new(HashSet::new()),
+        shown: Mutex::new(ShownLines::default()),
     });
     if log::set_logger(logger).is_ok() {
         log::set_max_level(level);
@@ -178,5 +225,25 @@ mod tests {
         assert_eq!(priority(Level::Warn), 4);
         assert_eq!(priority(Level::Info), 6);
         assert_eq!(priority(Level::Trace), 7);
+    }
+
+    #[test]
+    fn the_memory_of_shown_lines_is_bounded_and_keeps_the_latest() {
+        let mut shown = ShownLines::default();
+        // A watcher's months of distinct lines.
+        for i in 0..100_000 {
+            shown.remember(&format!("watch: VM 'frigate' recovered ({i})"));
+        }
+        assert_eq!(shown.0.len(), REMEMBERED_LINES);
+        assert!(shown.contains("watch: VM 'frigate' recovered (99999)"));
+        assert!(shown.contains(&format!(
+            "watch: VM 'frigate' recovered ({})",
+            100_000 - REMEMBERED_LINES
+        )));
+        assert!(!shown.contains("watch: VM 'frigate' recovered (0)"));
+        // A line shown again is the latest again, not a second copy.
+        shown.remember("watch: VM 'frigate' recovered (99999)");
+        assert_eq!(shown.0.len(), REMEMBERED_LINES);
+        assert!(!shown.contains("never shown"));
     }
 }

@@ -1,7 +1,7 @@
 //! What coral remembers about each Coral → VM mapping between runs: whether
 //! an admin paused it (`coral detach`), and what `coral watch` last did and
 //! when. One small JSON file, `$CORAL_STATE_DIR/mappings.json` (default
-//! `/var/lib/coral/mappings.json`).
+//! [`crate::DATA_DIR`]`/mappings.json`).
 //!
 //! Every change is a read-modify-write under the state file's own lock
 //! (`.mappings.lock`, 0600, next to it), written durably and atomically
@@ -19,8 +19,6 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Where the state lives unless `$CORAL_STATE_DIR` says otherwise.
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/coral";
 /// The file's name inside that directory.
 const FILE_NAME: &str = "mappings.json";
 /// The state file's own lock, next to it: every read-modify-write holds it.
@@ -79,7 +77,7 @@ impl StateStore {
     pub fn from_env() -> Self {
         let dir = std::env::var_os("CORAL_STATE_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+            .unwrap_or_else(|| PathBuf::from(crate::DATA_DIR));
         Self::in_dir(&dir)
     }
 

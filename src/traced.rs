@@ -1,6 +1,7 @@
 //! `-vv` under `--simulate`: the simulated USB bus and `xe` traced exactly
 //! as the real backends trace themselves (`coral::usb::rusb_backend`,
-//! `coral::xe::command`): every USB request and every `xe` call.
+//! `coral::xe::command`): every USB request and every `xe` call. The DFU
+//! requests themselves are traced, by name, where they are sent (`coral::dfu`).
 
 use coral::usb::{CoralDevice, InterfaceInfo, ResetOutcome, UsbBus, UsbError, UsbTransport};
 use coral::xe::{display_args, StartedCall, XeError, XeRunner};
@@ -55,6 +56,9 @@ impl UsbTransport for TracedTransport {
         traced("claim interface", self.0.claim_interface(number))
     }
 
+    // Control transfers are traced by `coral::dfu`, which sends them all and
+    // names each as dfu-util's users read it (`DNLOAD block 3: 256 bytes`),
+    // under `--simulate` and on real hardware alike.
     fn control_in(
         &mut self,
         request_type: u8,
@@ -63,13 +67,7 @@ impl UsbTransport for TracedTransport {
         index: u16,
         buf: &mut [u8],
     ) -> Result<usize, UsbError> {
-        let what = format!("control in {request_type:#04x}/{request} value {value}");
-        let n = traced(
-            &what,
-            self.0.control_in(request_type, request, value, index, buf),
-        )?;
-        log::trace!("{what} -> {n} bytes");
-        Ok(n)
+        self.0.control_in(request_type, request, value, index, buf)
     }
 
     fn control_out(
@@ -80,14 +78,8 @@ impl UsbTransport for TracedTransport {
         index: u16,
         data: &[u8],
     ) -> Result<usize, UsbError> {
-        let what = format!("control out {request_type:#04x}/{request} value {value}");
-        let n = traced(
-            &what,
-            self.0
-                .control_out(request_type, request, value, index, data),
-        )?;
-        log::trace!("{what}: {n} bytes");
-        Ok(n)
+        self.0
+            .control_out(request_type, request, value, index, data)
     }
 
     fn reset(self: Box<Self>) -> Result<ResetOutcome, UsbError> {

@@ -74,6 +74,9 @@ impl Wording for CliWording {
             NextStep::UninstallFirst { vm } => {
                 format!("run `coral service uninstall --vm {vm}` first")
             }
+            NextStep::MoveEntry { vm, device } => {
+                format!("`coral service install --vm {vm} --device {device} --replace`")
+            }
             NextStep::DeviceForEach => "pass --device for each Coral".into(),
             NextStep::StatusShowsPaths => "`coral status` shows the paths".into(),
             NextStep::PassOneOfThose => "pass one of those to --device".into(),

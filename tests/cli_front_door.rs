@@ -485,11 +485,10 @@ fn very_verbose_traces_every_usb_request_and_xe_call_under_simulate() {
             .count()
     };
     // The stand-in image is 10,783 bytes in 256-byte blocks: 43 blocks and
-    // the zero-length one (DFU_DNLOAD, 0x21/1), each followed by
-    // DFU_GETSTATUS (0xa1/3), and the read-back (DFU_UPLOAD, 0xa1/2).
-    assert_eq!(count("control out 0x21/1"), 44, "{stderr}");
-    assert!(count("control in 0xa1/3") >= 44, "{stderr}");
-    assert!(count("control in 0xa1/2") >= 43, "{stderr}");
+    // the zero-length one, each followed by GETSTATUS, and the read-back.
+    assert_eq!(count("DNLOAD"), 44, "{stderr}");
+    assert!(count("GETSTATUS") >= 45, "{stderr}");
+    assert_eq!(count("UPLOAD"), 43, "{stderr}");
     assert!(stderr.contains("[TRACE] port reset"), "{stderr}");
     // (No `pusb-scan`: after its own reset coral lets udev's scans list the Coral.)
     for command in [
@@ -508,6 +507,63 @@ fn very_verbose_traces_every_usb_request_and_xe_call_under_simulate() {
     // One trace line per call: every mutating call the simulation made is there once.
     assert_eq!(count("xe vusb-create"), 1, "{stderr}");
     assert_eq!(count("xe vm-start"), 1, "{stderr}");
+}
+
+/// The `-vv` lines that name DFU requests, without the `[TRACE] ` prefix.
+fn dfu_trace(stderr: &str) -> Vec<String> {
+    const NAMES: [&str; 7] = [
+        "DNLOAD ",
+        "UPLOAD ",
+        "GETSTATUS",
+        "CLRSTATUS",
+        "ABORT",
+        "DETACH",
+        "GETSTATE",
+    ];
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("[TRACE] "))
+        .filter(|l| NAMES.iter().any(|n| l.starts_with(n)))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn very_verbose_names_every_dfu_request_as_dfu_util_users_read_them() {
+    let state = fresh_sim_state();
+    let out = coral()
+        .env("CORAL_SIM_STATE", &state)
+        .args(["--simulate", "-vv", "init"])
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // The stand-in image: 10,783 bytes, 42 blocks of 256 and one of 31.
+    let block_len = |i: usize| if i < 42 { 256 } else { 31 };
+    let mut expected = vec!["GETSTATUS → dfuIDLE".to_string()];
+    for i in 0..43 {
+        expected.push(format!("DNLOAD block {i}: {} bytes", block_len(i)));
+        expected.push("GETSTATUS → dfuDNLOAD-IDLE".to_string());
+    }
+    expected.push("DNLOAD block 43: 0 bytes".to_string());
+    expected.push("GETSTATUS → dfuIDLE".to_string());
+    for i in 0..43 {
+        expected.push(format!("UPLOAD block {i}: {} bytes", block_len(i)));
+    }
+    assert_eq!(dfu_trace(&stderr), expected, "{stderr}");
+    assert!(!stderr.contains("control out"), "{stderr}");
+
+    // A ready Coral sent back to its boot loader: DETACH, then the download again.
+    let out = coral()
+        .env("CORAL_SIM_STATE", &state)
+        .args(["--simulate", "-vv", "init", "--force"])
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let trace = dfu_trace(&stderr);
+    assert_eq!(trace[0], "DETACH (wTimeout 100 ms)", "{stderr}");
+    assert_eq!(trace[1..], expected[..], "{stderr}");
 }
 
 /// `DEVICE:INODE` of an open file, as systemd writes `JOURNAL_STREAM`.

@@ -252,3 +252,99 @@ fn a_non_default_config_path_is_passed_to_the_unit() {
         "{unit}"
     );
 }
+
+/// The config's entries as (VM uuid, device), in file order.
+fn entries(host: &Host) -> Vec<(String, Option<String>)> {
+    coral::config::parse(&read(&host.config()), &host.config())
+        .unwrap()
+        .entries
+        .into_iter()
+        .map(|e| (e.vm_uuid, e.device))
+        .collect()
+}
+
+#[test]
+fn a_new_device_adds_a_second_coral_and_replace_moves_the_vm_there() {
+    let (host, second) = Host::new();
+    let frigate = |device: &str| (host.vm.clone(), Some(device.to_string()));
+    let cam = (second.clone(), Some("2-1.3".to_string()));
+    for args in [
+        ["--vm", "frigate", "--device", "2-4"],
+        ["--vm", &second, "--device", "2-1.3"],
+    ] {
+        let (code, out, err) = host.run(&[&["service", "install"][..], &args].concat());
+        assert_eq!(code, Some(0), "{out}{err}");
+    }
+
+    // Without --replace, another port is a second Coral for the VM, and the output says so.
+    let (code, out, err) = host.run(&["service", "install", "--vm", "frigate", "--device", "3-1"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("keeps its entry for the Coral at 2-4: it now has 2 Corals")
+            && out.contains(&format!(
+                "`coral service install --vm {} --device 3-1 --replace`",
+                host.vm
+            )),
+        "{out}"
+    );
+    assert_eq!(
+        entries(&host),
+        vec![frigate("2-4"), cam.clone(), frigate("3-1")]
+    );
+
+    // `show` tells what --replace would leave, and writes nothing.
+    let before = read(&host.config());
+    let (code, out, err) = host.run(&[
+        "service",
+        "show",
+        "--vm",
+        "frigate",
+        "--device",
+        "3-2",
+        "--replace",
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(out.matches("[[coral]]").count(), 2, "{out}");
+    assert!(
+        out.contains("device = \"3-2\"") && !out.contains("device = \"2-4\""),
+        "{out}"
+    );
+    assert_eq!(read(&host.config()), before);
+
+    // With --replace: the VM's entries for other ports go, the other VM's stays.
+    let (code, out, err) = host.run(&[
+        "service",
+        "install",
+        "--vm",
+        "frigate",
+        "--device",
+        "3-2",
+        "--replace",
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("entry moved to the Coral at 3-2 (its entry for 2-4, 3-1 is removed)"),
+        "{out}"
+    );
+    assert_eq!(entries(&host), vec![cam.clone(), frigate("3-2")]);
+
+    // Onto another VM's Coral: refused, nothing written.
+    let before = read(&host.config());
+    let (code, _, err) = host.run(&[
+        "service",
+        "install",
+        "--vm",
+        "frigate",
+        "--device",
+        "1-1.3",
+        "--replace",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("already mapped to VM 'cam 2'"), "{err}");
+    assert_eq!(read(&host.config()), before);
+
+    // --replace names where the VM goes.
+    let (code, _, err) = host.run(&["service", "install", "--vm", "frigate", "--replace"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(read(&host.config()), before);
+}

@@ -298,3 +298,87 @@ fn a_missing_or_disabled_unit_fails_and_the_text_output_names_the_fix() {
         "{stdout}"
     );
 }
+
+/// `coral --simulate ARGS` on a simulated host of its own (state in `dir`).
+fn simulated(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::cargo_bin("coral")
+        .unwrap()
+        .env_remove("CORAL_CONFIG")
+        .env_remove("CORAL_FIRMWARE")
+        .env_remove("CORAL_USB_POLICY")
+        .env_remove("CORAL_XE")
+        .env_remove("CORAL_INVENTORY")
+        .env("CORAL_FIRMWARE_DIR", "/nonexistent-coral-test-dir")
+        .env("CORAL_SIM_STATE", dir.join("sim.json"))
+        .arg("--simulate")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn an_entry_whose_port_has_no_coral_fails_with_the_replace_that_moves_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let doctor = || {
+        let (code, out, err) = simulated(dir.path(), &["doctor", "--json"]);
+        let json: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {err}"));
+        (code, json)
+    };
+    let install = |args: &[&str]| {
+        let (code, out, err) = simulated(
+            dir.path(),
+            &[&["service", "install", "--vm", "frigate"][..], args].concat(),
+        );
+        assert_eq!(code, Some(0), "{out}{err}");
+    };
+    let vm = "daa66d13-0003-4003-8000-000000000003";
+    // The simulated Coral is the boot loader at 1-4 (ready at 2-4); 3-1 is empty.
+    install(&["--device", "3-1"]);
+    let (code, json) = doctor();
+    assert_ne!(code, Some(0));
+    let stale = check(&json, "coral 3-1");
+    assert_eq!(stale["verdict"], "fail", "{stale}");
+    assert!(
+        stale["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no Coral is at that port now"),
+        "{stale}"
+    );
+    // The Coral on USB that no entry names is where it probably went.
+    assert_eq!(
+        stale["fix"].as_str().unwrap(),
+        format!("if the Coral moved to 1-4: `coral service install --vm {vm} --device 1-4 --replace` (drops this entry); else plug it back into 3-1")
+    );
+
+    // Installed at the new port without --replace: a second entry; the old one still fails.
+    install(&["--device", "2-4"]);
+    let (_, json) = doctor();
+    let stale = check(&json, "coral 3-1");
+    assert_eq!(stale["verdict"], "fail", "{stale}");
+    assert!(
+        stale["fix"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("--vm {vm} --device 2-4 --replace")),
+        "{stale}"
+    );
+
+    // The fix it names: the entry moves, and nothing fails any more.
+    install(&["--device", "2-4", "--replace"]);
+    let (code, json) = doctor();
+    assert!(
+        json["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["name"] != "coral 3-1" && c["verdict"] != "fail"),
+        "{json:#}"
+    );
+    assert_eq!((code, &json["passed"]), (Some(0), &Value::Bool(true)));
+}

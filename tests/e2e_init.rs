@@ -207,6 +207,64 @@ fn a_stall_leaves_a_device_the_rerun_recovers_from() {
 }
 
 #[test]
+fn very_verbose_names_each_dfu_request_through_libusb_with_the_status_when_not_ok() {
+    let Some((fw, image)) = prerequisites() else {
+        return;
+    };
+    let coral = support::coral_bin().display().to_string();
+    let script = format!(
+        "'{coral}' -vv init --firmware '{fw}'; echo \"first=$?\"; '{coral}' -vv init --firmware '{fw}'; echo \"second=$?\""
+    );
+    let run = emulate(
+        &["--stall-at-block".into(), "5".into()],
+        &["/bin/sh".into(), "-c".into(), script],
+        &[],
+    );
+    assert!(
+        run.stdout.contains("first=5") && run.stdout.contains("second=0"),
+        "{}\n{}",
+        run.stdout,
+        run.stderr
+    );
+    let trace: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("[TRACE] "))
+        .collect();
+    let position = |line: &str| {
+        trace
+            .iter()
+            .position(|l| *l == line)
+            .unwrap_or_else(|| panic!("no {line:?} in {}", run.stderr))
+    };
+    // First run: the stalled block, by name.
+    let stalled = trace
+        .iter()
+        .position(|l| l.starts_with("DNLOAD block 5 failed: "))
+        .unwrap_or_else(|| panic!("{}", run.stderr));
+    // Second run: the error state with its status, cleared, then the download.
+    let error = position("GETSTATUS → dfuERROR, status errSTALLEDPKT");
+    assert!(stalled < error);
+    assert_eq!(trace[error + 1], "CLRSTATUS", "{}", run.stderr);
+    assert_eq!(trace[error + 2], "GETSTATUS → dfuIDLE", "{}", run.stderr);
+    let last = image.len() - 42 * 256;
+    let after = &trace[error..];
+    assert_eq!(
+        after
+            .iter()
+            .filter(|l| l.starts_with("DNLOAD block "))
+            .count(),
+        44,
+        "{}",
+        run.stderr
+    );
+    assert!(after.contains(&format!("DNLOAD block 42: {last} bytes").as_str()));
+    assert!(after.contains(&"DNLOAD block 43: 0 bytes"));
+    assert!(after.contains(&format!("UPLOAD block 42: {last} bytes").as_str()));
+    assert!(!run.stderr.contains("control out"), "{}", run.stderr);
+}
+
+#[test]
 fn no_re_enumeration_is_a_timeout_exit_6() {
     if !umockdev_available() {
         return;

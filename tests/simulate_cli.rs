@@ -671,3 +671,17 @@ fn a_dry_run_watch_says_what_a_recovery_would_do() {
         "{stderr}"
     );
 }
+
+#[test]
+fn status_json_gives_the_vms_power_state_as_xapi_names_it() {
+    let sim = Sim::new();
+    let (ok, stdout, stderr) = sim.run(&["--simulate", "up", "--vm", "frigate", "--restart"]);
+    assert!(ok, "{stdout}{stderr}");
+    let (ok, stdout, stderr) = sim.run(&["--simulate", "status", "--json"]);
+    assert!(ok, "{stdout}{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let coral = &json["corals"][0];
+    assert_eq!(coral["vm_name"], "frigate", "{json:#}");
+    assert_eq!(coral["vm_power_state"], "running", "{json:#}");
+    assert_eq!(coral["attached"], true, "{json:#}");
+}

@@ -7,6 +7,7 @@
 use super::attach::MAX_VUSBS_PER_VM;
 use super::service::{self, Systemd, UnitSpec, AUTOSTART_UNIT, UNIT_NAME, WATCH_UNIT_NAME};
 use crate::config::{self, Config, ConfigPath};
+use crate::error::NextStep;
 use crate::firmware::{FirmwareImage, FirmwareSource};
 use crate::usb::{CoralDevice, CoralState, PortPath, UsbBus};
 use crate::xe::client::{XeClient, CALL_TIMEOUT};
@@ -371,22 +372,81 @@ fn check_corals(
             ),
         }
     }
-    let Some(config) = config else { return };
+    if let Some(config) = config {
+        check_configured_ports(checks, &corals, config);
+    }
+}
+
+/// Whether a Coral is at `port` now: on any bus of its port chain (the boot
+/// loader's `1-4` is the ready `2-4`), or at its peer (`1-5` ↔ `2-3`).
+fn coral_at(corals: &[CoralDevice], port: &PortPath) -> bool {
+    corals.iter().any(|c| {
+        c.path.same_port_chain(port) || c.peer.as_ref().is_some_and(|p| p.same_port_chain(port))
+    })
+}
+
+/// Each config entry's port: FAIL when no Coral is there now. At boot
+/// `coral up` would wait `--wait-device` for it, holding back VM auto-start,
+/// then fail that entry. "Now" is all dom0 can tell honestly: sysfs keeps
+/// no record of a port's past devices and the kernel log wraps, so the
+/// detail says "now", not "since boot". The usual cause is a Coral moved to
+/// another port and installed there without `--replace`: when the VM has an
+/// entry whose Coral is present, or a Coral on USB is in no entry, the fix
+/// is the `--replace` that moves the entry there.
+fn check_configured_ports(checks: &mut Checks, corals: &[CoralDevice], config: &Config) {
+    let present = |device: &str| device.parse().is_ok_and(|p| coral_at(corals, &p));
+    // A Coral no entry names (an entry without a device names the only one).
+    let claimed = |coral: &CoralDevice| {
+        config.entries.iter().any(|e| match &e.device {
+            Some(device) => device
+                .parse()
+                .is_ok_and(|p| coral_at(std::slice::from_ref(coral), &p)),
+            None => true,
+        })
+    };
+    let unclaimed: Vec<String> = corals
+        .iter()
+        .filter(|c| !claimed(c))
+        .map(|c| c.path.to_string())
+        .collect();
     for entry in &config.entries {
         let Some(device) = &entry.device else {
             continue;
         };
-        let wanted: Option<PortPath> = device.parse().ok();
-        let present = wanted
-            .as_ref()
-            .is_some_and(|w| corals.iter().any(|c| c.path.same_port_chain(w)));
-        if !present {
-            checks.fail(
-                &format!("coral {device}"),
-                format!("{} is configured for the Coral at {device}, which is not on USB", entry.label()),
-                "plug it back into that port, or `coral service install --vm VM --device PATH` with the path `coral status` shows",
-            );
+        if present(device) {
+            continue;
         }
+        let moved_to = config
+            .entries
+            .iter()
+            .filter(|e| e.vm_uuid == entry.vm_uuid)
+            .filter_map(|e| e.device.clone())
+            .find(|d| present(d))
+            .or_else(|| unclaimed.first().cloned());
+        let fix = match moved_to {
+            Some(to) => format!(
+                "if the Coral moved to {to}: {} (drops this entry); else plug it back into {device}",
+                NextStep::MoveEntry {
+                    vm: entry.vm_uuid.clone(),
+                    device: to.clone(),
+                }
+            ),
+            None => format!(
+                "plug it back into {device}, or {} with the path `coral status` shows",
+                NextStep::MoveEntry {
+                    vm: entry.vm_uuid.clone(),
+                    device: "PATH".into(),
+                }
+            ),
+        };
+        checks.fail(
+            &format!("coral {device}"),
+            format!(
+                "{} is configured for the Coral at {device}, but no Coral is at that port now (either bus, or its peer port); at boot `coral up` waits for it, then fails that entry",
+                entry.label()
+            ),
+            fix,
+        );
     }
 }
 
@@ -882,6 +942,35 @@ mod tests {
             "no rule: denied"
         );
         assert!(parse_policy("PERMIT: class=ff").is_err());
+    }
+
+    #[test]
+    fn a_configured_port_is_matched_by_chain_or_peer_never_by_numbers_alone() {
+        let boot_loader = CoralDevice {
+            path: "1-5".parse().unwrap(),
+            address: 4,
+            state: CoralState::Uninitialized,
+            peer: Some("2-3".parse().unwrap()),
+        };
+        let corals = [boot_loader];
+        let at = |port: &str| coral_at(&corals, &port.parse().unwrap());
+        assert!(at("1-5") && at("2-5"), "either bus of its port chain");
+        assert!(at("2-3"), "its peer (the ready Coral's port)");
+        assert!(!at("2-4") && !at("1-5.1"), "another port");
+        let config = Config {
+            entries: vec![crate::config::Entry {
+                vm_uuid: "3c6ef362-1f42-4a5d-9b1e-f6a9dbd967af".into(),
+                device: Some("2-3".into()),
+                ..Default::default()
+            }],
+        };
+        let mut checks = Checks::default();
+        check_configured_ports(&mut checks, &corals, &config);
+        assert!(
+            checks.0.is_empty(),
+            "the peer's Coral counts: {:?}",
+            checks.0
+        );
     }
 
     #[test]

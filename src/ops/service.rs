@@ -308,6 +308,52 @@ pub struct InstallRequest {
     pub restart: bool,
     /// The entry's own deadlines (None: the defaults).
     pub deadlines: crate::config::Deadlines,
+    /// Replace the VM's entries for other Corals (move it to `device`)
+    /// rather than add a second Coral beside them.
+    pub replace: bool,
+}
+
+/// Put `entry` into `config`: with `replace`, in place of the VM's entries
+/// for other Corals (`--replace`), else beside them (a second Coral, which
+/// the lines returned say, with the command that moves it instead).
+fn apply(config: &mut Config, entry: Entry, replace: bool) -> anyhow::Result<Vec<String>> {
+    let label = entry.label();
+    let device = entry.device.clone().unwrap_or_default();
+    let kept: Vec<String> = config
+        .other_devices_of(&entry)
+        .iter()
+        .filter_map(|e| e.device.clone())
+        .collect();
+    let (upserted, dropped) = if replace {
+        config.replace_vm(entry.clone())?
+    } else {
+        (config.upsert(entry.clone())?, Vec::new())
+    };
+    let dropped: Vec<String> = dropped
+        .into_iter()
+        .map(|e| e.device.unwrap_or_else(|| "the only Coral".into()))
+        .collect();
+    let mut lines = vec![match upserted {
+        _ if !dropped.is_empty() => format!(
+            "{label}: entry moved to the Coral at {device} (its entry for {} is removed)",
+            dropped.join(", ")
+        ),
+        Upserted::Added => format!("{label}: new entry"),
+        Upserted::Updated => format!("{label}: entry updated"),
+        Upserted::Unchanged => format!("{label}: entry unchanged"),
+    }];
+    if !replace && upserted == Upserted::Added && !kept.is_empty() {
+        lines.push(format!(
+            "{label} keeps its entry for the Coral at {}: it now has {} Corals; to move it to {device} instead: {}",
+            kept.join(", "),
+            kept.len() + 1,
+            NextStep::MoveEntry {
+                vm: entry.vm_uuid.clone(),
+                device: device.clone(),
+            },
+        ));
+    }
+    Ok(lines)
 }
 
 /// The entry `request` stands for: the VM resolved by uuid and checked
@@ -358,14 +404,11 @@ pub fn install(
     check_exe(spec)?;
     let mut config = load_config(place)?;
     let entry = resolve_entry(xe, request)?;
-    let label = entry.label();
     let start = entry.start;
-    let upserted = config.upsert(entry)?;
+    let changes = apply(&mut config, entry, request.replace)?;
     let mut out = Output::new(place);
-    match upserted {
-        Upserted::Added => out.line(format!("{label}: new entry")),
-        Upserted::Updated => out.line(format!("{label}: entry updated")),
-        Upserted::Unchanged => out.line(format!("{label}: entry unchanged")),
+    for line in changes {
+        out.line(line);
     }
     out.write(&place.config.file, config.to_toml().as_bytes())?;
     let systemd = place.systemd();
@@ -427,7 +470,7 @@ pub fn show(
             };
             match resolved {
                 Ok(entry) => {
-                    config.upsert(entry)?;
+                    apply(&mut config, entry, request.replace)?;
                     "as install would write it".to_string()
                 }
                 Err(err) => format!(

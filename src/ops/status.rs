@@ -155,8 +155,8 @@ pub struct CoralStatus {
     pub vm_uuid: Option<String>,
     /// That VM's name-label.
     pub vm_name: Option<String>,
-    /// That VM's power state.
-    pub vm_power_state: Option<String>,
+    /// That VM's power state (`"running"`, `"halted"`, …, as XAPI names it).
+    pub vm_power_state: Option<PowerState>,
     /// The VUSB is currently attached (the VM sees the Coral).
     pub attached: bool,
     /// The VUSB exists and the VM runs without it: it arrives at the next start.
@@ -228,7 +228,7 @@ impl StatusReport {
             }
             if let (Some(vusb), Some(vm)) = (&c.vusb_uuid, &c.vm_uuid) {
                 let name = c.vm_name.as_deref().unwrap_or("?");
-                let power = c.vm_power_state.as_deref().unwrap_or("?");
+                let power = c.vm_power_state.map_or("?", PowerState::as_str);
                 let state = if c.guest_node.as_deref() == Some("lost") {
                     "the VM lost its Coral; it needs a restart (the Coral re-enumerated after the VM started; XAPI still shows it attached)"
                 } else if c.attached {
@@ -344,7 +344,7 @@ fn xapi_side(usb: &dyn UsbBus, xe: &XeClient, corals: &mut [CoralStatus]) -> Res
             status.vm_name = xe.param("vm", &vusb.vm_uuid, "name-label").ok();
             status.vusb_uuid = Some(vusb.uuid);
             status.vm_uuid = Some(vusb.vm_uuid);
-            status.vm_power_state = power.map(|p| p.to_string());
+            status.vm_power_state = power;
         }
     }
     Ok(())
@@ -388,5 +388,27 @@ pub fn add_mappings(
         ),
         Ok(_) => {}
         Err(e) => log::debug!("cannot prune {}: {e}", store.path().display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_power_state_keeps_xapis_spelling_in_json() {
+        let mut coral = CoralStatus::usb_only("2-4".into(), "ready".into(), "18d1:9302".into(), 6);
+        let json = |c: &CoralStatus| serde_json::to_value(c).unwrap()["vm_power_state"].clone();
+        assert_eq!(json(&coral), serde_json::Value::Null);
+        for (state, spelled) in [
+            (PowerState::Halted, "halted"),
+            (PowerState::Paused, "paused"),
+            (PowerState::Running, "running"),
+            (PowerState::Suspended, "suspended"),
+        ] {
+            coral.vm_power_state = Some(state);
+            assert_eq!(json(&coral), spelled);
+            assert_eq!(state.as_str(), spelled, "the table says the same");
+        }
     }
 }

@@ -176,12 +176,10 @@ impl UsbTransport for RusbTransport {
         index: u16,
         buf: &mut [u8],
     ) -> Result<usize, UsbError> {
-        let n = self
-            .handle
+        // Traced by the caller, which knows what the request means (`coral::dfu`).
+        self.handle
             .read_control(request_type, request, value, index, buf, CONTROL_TIMEOUT)
-            .map_err(map_error)?;
-        log::trace!("control in {request_type:#04x}/{request} value {value} -> {n} bytes");
-        Ok(n)
+            .map_err(map_error)
     }
 
     fn control_out(
@@ -192,12 +190,9 @@ impl UsbTransport for RusbTransport {
         index: u16,
         data: &[u8],
     ) -> Result<usize, UsbError> {
-        let n = self
-            .handle
+        self.handle
             .write_control(request_type, request, value, index, data, CONTROL_TIMEOUT)
-            .map_err(map_error)?;
-        log::trace!("control out {request_type:#04x}/{request} value {value}: {n} bytes");
-        Ok(n)
+            .map_err(map_error)
     }
 
     fn reset(self: Box<Self>) -> Result<ResetOutcome, UsbError> {

@@ -25,8 +25,9 @@ const XAPI_RETRY_MAX: Duration = Duration::from_secs(5);
 /// First pause while xapi is down or starting (doubles up to the max).
 const XAPI_RETRY_FIRST: Duration = Duration::from_millis(500);
 
-/// A VM's power state, as XAPI names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A VM's power state, as XAPI names it (and `status --json` spells it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PowerState {
     /// `halted`
     Halted,
