@@ -2,7 +2,10 @@
 """Benchmarks of coral against the umockdev-emulated Coral and the fake xe.
 
   scripts/bench.py init [RUNS]   coral init: transfers, wall time, overhead, RSS
-  scripts/bench.py up            coral up scenarios vs the manual procedure
+  scripts/bench.py up            coral up scenarios vs the naive sequence (dfu-util + plain xe)
+
+CORAL_TEST_BIN: the coral binary (default target/release/coral); CORAL_XE_SIM_BIN:
+the fake xe (default: beside it); BENCH_RUNS: runs per scenario (default 3).
 
 Run by scripts/bench-init.sh / scripts/bench-up.sh after `cargo build`.
 Prints markdown tables (for README.md). Timings are measured, never asserted.
@@ -19,11 +22,14 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORAL = os.environ.get("CORAL_TEST_BIN", os.path.join(ROOT, "target/release/coral"))
-XE_SIM = os.path.join(os.path.dirname(CORAL), "coral-xe-sim")
+XE_SIM = os.environ.get("CORAL_XE_SIM_BIN", os.path.join(os.path.dirname(CORAL), "coral-xe-sim"))
 if not os.path.exists(XE_SIM):
     XE_SIM = os.path.join(ROOT, "target/release/coral-xe-sim")
 EMULATOR = os.path.join(ROOT, "tests/testkit/emulator/coral_emulator.py")
-FIRMWARE = os.path.join(ROOT, "../shared/firmware/apex_latest_single_ep.bin")
+# The test image beside the repository (../shared), or beside a worktree's parent.
+FIRMWARE = os.environ.get("CORAL_BENCH_FIRMWARE") or next(
+    (p for p in (os.path.join(ROOT, up, "shared/firmware/apex_latest_single_ep.bin") for up in ("..", "../.."))
+     if os.path.exists(p)), os.path.join(ROOT, "../shared/firmware/apex_latest_single_ep.bin"))
 REENUMERATE_MS = 800
 CALL_MS = 150
 REQUEST_NAMES = {(0x21, 1): "DNLOAD", (0xA1, 3): "GETSTATUS", (0xA1, 2): "UPLOAD",
@@ -92,12 +98,20 @@ def bench_init(runs):
     print("| peak RSS of coral | %.1f MiB |" % (med("rss") / 1024))
 
 
-def setup_world(d, vm_power, coral_state, extra=()):
+SCAN_MS = 500          # xapi reads the bus this long after a USB change, and commits
+SHUTDOWN_MS = 200      # the guest's clean shutdown (the same for coral and the naive sequence)
+START_MS = 100         # the VM's start
+NAIVE_POLL_S = 0.25    # the naive script's pause between two `xe pusb-list`
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+
+
+def setup_world(d, vm_power, coral_state):
     state = os.path.join(d, "xapi.json")
     env = dict(os.environ, CORAL_XE_SIM_STATE=state)
     host = subprocess.run([XE_SIM, "--sim-setup", "--vm-power", vm_power, "--coral", coral_state,
-                           "--call-ms", str(CALL_MS), *extra], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip()
+                           "--call-ms", str(CALL_MS), "--scan-ms", str(SCAN_MS), "--scan-read-ms", str(SCAN_MS),
+                           "--shutdown-ms", str(SHUTDOWN_MS), "--start-ms", str(START_MS)],
+                          env=env, capture_output=True, text=True, check=True).stdout.strip()
     bindir = os.path.join(d, "bin")
     os.makedirs(bindir, exist_ok=True)
     if not os.path.exists(os.path.join(bindir, "xe")):
@@ -105,9 +119,15 @@ def setup_world(d, vm_power, coral_state, extra=()):
     inventory = os.path.join(d, "inventory")
     with open(inventory, "w") as f:
         f.write("INSTALLATION_UUID='%s'\n" % host)
+    with open(state) as f:
+        vm = json.load(f)["world"]["vms"][0]["uuid"]
+    config = os.path.join(d, "coral.toml")
+    with open(config, "w") as f:
+        f.write('[[coral]]\nvm = "%s"\n' % vm)
     env.update(PATH=bindir + ":" + os.environ["PATH"], CORAL_XE_SIM_USB=os.path.join(d, "bus.json"),
-               CORAL_INVENTORY=inventory, CORAL_LOCK=os.path.join(d, "lock"))
-    return state, env
+               CORAL_INVENTORY=inventory, CORAL_LOCK=os.path.join(d, "lock"), CORAL_CONFIG=config,
+               CORAL_STATE_DIR=d)
+    return state, env, host
 
 
 def load_world(state):
@@ -116,126 +136,120 @@ def load_world(state):
         return json.load(f)["world"]
 
 
-def xapi_wait_seen_by_coral(stderr):
-    """Time coral spent in xe calls (process start included) plus the sleeps
-    between polls while XAPI's scan ran, from coral's -v log."""
-    total, in_scan, scanning, scan_wait = 0.0, 0.0, False, 0.0
-    for line in stderr.splitlines():
-        if "scan wait: waiting for XAPI" in line:
-            scanning = True  # the scan wait is timed from here
-        m = re.search(r"xe (\S+) answered in ([0-9.]+) ms", line)
-        if m:
-            total += float(m.group(2))
-            if scanning:
-                in_scan += float(m.group(2))
-        m = re.search(r"after ([0-9.]+) ms of scan wait", line)
-        if m:
-            scanning = False
-            scan_wait = float(m.group(1))
-    return total + max(scan_wait - in_scan, 0.0)
-
-
 def phase(result, start, end):
     at = lambda prefix: next((e["t_ms"] for e in result["events"] if e["event"].startswith(prefix)), None)
     a, b = at(start), at(end)
     return (b - a) if a is not None and b is not None else 0.0
 
 
-def xapi_wait(calls):
-    """Time spent in xe calls, plus the wait for XAPI's scan (from the scan kick to the poll that saw the device)."""
-    total = sum(c["duration_ms"] for c in calls)
-    scans = [c for c in calls if c["args"][0] == "pusb-scan"]
-    if scans:
-        start = scans[0]["at_ms"]
-        lists = [c for c in calls if c["args"][0] == "pusb-list" and c["at_ms"] >= start]
-        end = lists[-1]["at_ms"] + lists[-1]["duration_ms"]
-        inside = sum(c["duration_ms"] for c in calls if start <= c["at_ms"] < end)
-        total += (end - start) - inside
-    return total
-
-
+# name, VM power, XAPI's Coral records, emulated Coral, coral's arguments, naive sequence (None: no baseline)
 SCENARIOS = [
-    ("power loss, VM halted (boot service)", "halted", "bootloader", "uninitialized", []),
-    ("power loss, VM running, --restart", "running", "bootloader", "uninitialized", ["--restart"]),
-    ("power loss, VM running, no --restart", "running", "bootloader", "uninitialized", []),
-    ("steady state (ready and attached)", "running", "attached", "ready", []),
+    ("boot: power loss, VM halted (`coral up` from the config, as the boot unit)",
+     "halted", "bootloader", "uninitialized", ["up"], "boot"),
+    ("by hand: power loss, VM running, `coral up --vm frigate --restart`",
+     "running", "bootloader", "uninitialized", ["up", "--vm", "frigate", "--restart"], "restart"),
+    ("by hand: power loss, VM running, no --restart",
+     "running", "bootloader", "uninitialized", ["up", "--vm", "frigate"], None),
+    ("steady state (ready and attached), `coral up --vm frigate`",
+     "running", "attached", "ready", ["up", "--vm", "frigate"], None),
 ]
 
 
-def bench_up():
-    print("## coral up (fake xe %d ms per call, XAPI scan 500 ms, VM shutdown 5 s, start 3 s; re-enumeration %d ms)\n"
-          % (CALL_MS, REENUMERATE_MS))
-    print("| scenario | wall | xe calls | power transitions | USB transfers | device: upload (emulated transfers) | device: re-enumeration | waiting on XAPI (as coral sees it) | coral's own overhead |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, power, coral_state, emu_state, flags in SCENARIOS:
-        with tempfile.TemporaryDirectory() as d:
-            state, env = setup_world(d, power, coral_state)
-            r = emulate(["--state", emu_state, "--reenumerate-ms", str(REENUMERATE_MS), "--bus-file", env["CORAL_XE_SIM_USB"]],
-                        [CORAL, "-v", "up", "--vm", "frigate", "--firmware", FIRMWARE, *flags], env, d)
-            assert r["exit"] == 0, r["stderr"]
-            world = load_world(state)
-            calls = world["calls"]
-            by_cmd = collections.Counter(c["args"][0] for c in calls)
-            upload = phase(r["result"], "first request", "reset")
-            reenumeration = phase(r["result"], "reset", "add 2-4")
-            xapi = xapi_wait_seen_by_coral(r["stderr"])
-            transitions = ", ".join("%s→%s" % (e["from"], e["to"]) for e in world["power_history"]) or "none"
-            print("| %s | %.2f s | %d (%s) | %s | %d | %.0f ms | %.0f ms | %.0f ms | %.0f ms |" % (
-                name, r["wall"] / 1000, len(calls), ", ".join("%s %d" % kv for kv in sorted(by_cmd.items())),
-                transitions, len(r["result"]["requests"]), upload, reenumeration, xapi,
-                r["wall"] - upload - reenumeration - xapi))
-    manual()
-
-
-def manual():
-    """The fact sheet's manual helper-VM route, modelled on the same fake host."""
+def run_once(power, xapi_coral, emu_state, command, naive, poll_phase=0.5):
+    """One run of coral (naive None) or of the naive sequence, each on a fresh world."""
     with tempfile.TemporaryDirectory() as d:
-        state, env = setup_world(d, "running", "bootloader")
-        with open(state) as f:
-            st = json.load(f)
-        w = st["world"]
-        helper = dict(w["vms"][0], uuid="00000000-0000-4000-8000-0000000000aa", name_label="coral-helper",
-                      power_state="running")
-        w["vms"].append(helper)
-        with open(state, "w") as f:
-            json.dump(st, f)
-        host = open(os.path.join(d, "inventory")).read().split("'")[1]
-        bus = env["CORAL_XE_SIM_USB"]
-
-        def xe(*args):
-            out = subprocess.run(["xe", *args], env=env, capture_output=True, text=True)
-            return out.stdout.strip()
-
-        def write_bus(device):
-            with open(bus, "w") as f:
-                json.dump([device], f)
-
-        boot = {"path": "1-4", "vendor_id": "1a6e", "product_id": "089a", "vendor_desc": "Global Unichip Corp.",
-                "product_desc": "", "serial": "", "version": "2.10", "speed": "480.000", "interface_classes": [254]}
-        ready = dict(boot, path="2-4", vendor_id="18d1", product_id="9302", vendor_desc="Google Inc.",
-                     version="3.10", speed="5000.000", interface_classes=[255])
-        write_bus(boot)
-        t0 = time.monotonic()
-
-        def hand_over(vid, vm_name):
-            pusb = xe("pusb-list", "host-uuid=" + host, "vendor-id=" + vid, "--minimal")
-            xe("pusb-param-set", "uuid=" + pusb, "passthrough-enabled=true")
-            group = xe("usb-group-list", "PUSB-uuids=" + pusb, "--minimal")
-            vm = xe("vm-list", "name-label=" + vm_name, "--minimal")
-            xe("vm-shutdown", "uuid=" + vm)
-            xe("vusb-create", "usb-group-uuid=" + group, "vm-uuid=" + vm)
-            xe("vm-start", "uuid=" + vm)
-
-        hand_over("1a6e", "coral-helper")        # restart 1: the helper VM's runtime uploads the firmware
-        time.sleep(REENUMERATE_MS / 1000)        # the Coral re-enumerates as 18d1:9302
-        write_bus(ready)
-        while not xe("pusb-list", "host-uuid=" + host, "vendor-id=18d1", "--minimal"):
-            time.sleep(0.25)                     # wait for XAPI's scan (a person would rerun pusb-list)
-        hand_over("18d1", "frigate")             # restart 2: the target VM, the whole sequence again
-        wall = time.monotonic() - t0
+        state, env, host = setup_world(d, power, xapi_coral)
+        emulator = ["--state", emu_state, "--reenumerate-ms", str(REENUMERATE_MS), "--bus-file", env["CORAL_XE_SIM_USB"]]
+        if naive is None:
+            r = emulate(emulator, [CORAL, "-v", *command, "--firmware", FIRMWARE], env, d)
+            wall = r["wall"]
+        else:
+            r = emulate(emulator, ["/usr/bin/python3", os.path.abspath(__file__), "naive", naive, host, FIRMWARE,
+                                     str(poll_phase)], env, d)
+            lines = [l for l in r["stdout"].splitlines() if l.startswith("NAIVE ")]
+            assert lines, r["stdout"] + r["stderr"]
+            wall = float(lines[-1].split()[1])
+        assert r["exit"] == 0, r["stdout"] + r["stderr"]
         world = load_world(state)
-        print("| manual helper-VM route (fact sheet), same fake host, no human delays counted | %.2f s | %d | %d transitions (2 VM restarts) | done by the guest | - | %d ms | %.0f ms | (a person typing) |" % (
-            wall, len(world["calls"]), len(world["power_history"]), REENUMERATE_MS, xapi_wait(world["calls"])))
+        assert any(v["vm_uuid"] == world["vms"][0]["uuid"] for v in world["vusbs"]), "the VM has its VUSB"
+        writes = [c["args"][0] for c in world["calls"] if c["args"][0] not in READS]
+        return {"wall": wall, "calls": [c["args"][0] for c in world["calls"]], "writes": writes,
+                "download": phase(r["result"], "first request", "reset"),
+                "transitions": len(world["power_history"])}
+
+
+READS = {"pusb-list", "usb-group-list", "vusb-list", "vm-list", "host-list", "pool-list",
+         "pusb-param-get", "usb-group-param-get", "vusb-param-get", "vm-param-get", "host-param-get"}
+
+
+def naive_sequence(kind, host, firmware, phase):
+    """The naive recovery, as a person or a small script would type it: dfu-util,
+    then the fact sheet's manual `xe` steps, polling pusb-list for the ready Coral.
+    `phase` (0..1) shifts its polls against the scan (a script's polls fall anywhere;
+    the shift lands during the re-enumeration, before any poll could find the Coral)."""
+    def xe(*args):
+        return subprocess.run(["xe", *args], capture_output=True, text=True).stdout.strip()
+    t0 = time.monotonic()
+    subprocess.run(["dfu-util", "-D", firmware, "-d", "1a6e:089a", "-R"], capture_output=True)
+    time.sleep(float(phase) * (NAIVE_POLL_S + CALL_MS / 1000))
+    while True:
+        pusb = xe("pusb-list", "host-uuid=" + host, "vendor-id=18d1", "product-id=9302", "--minimal")
+        if pusb:
+            break
+        time.sleep(NAIVE_POLL_S)
+    xe("pusb-param-set", "uuid=" + pusb, "passthrough-enabled=true")
+    group = xe("usb-group-list", "PUSB-uuids=" + pusb, "--minimal")
+    vm = xe("vm-list", "name-label=frigate", "--minimal")
+    if kind == "restart":
+        xe("vm-shutdown", "uuid=" + vm)
+    xe("vusb-create", "usb-group-uuid=" + group, "vm-uuid=" + vm)
+    if kind == "restart":
+        xe("vm-start", "uuid=" + vm)
+    print("NAIVE %.1f" % ((time.monotonic() - t0) * 1000))
+
+
+def floor_ms(download, naive):
+    """Download + re-enumeration + scan delay + the two writes (+ the VM's shutdown and start calls)."""
+    floor = download + REENUMERATE_MS + SCAN_MS + 2 * CALL_MS
+    if naive == "restart":
+        floor += 2 * CALL_MS + SHUTDOWN_MS + START_MS
+    return floor
+
+
+def calls_text(calls):
+    by_cmd = collections.Counter(calls)
+    return "%d (%s)" % (len(calls), ", ".join("%s %d" % kv for kv in sorted(by_cmd.items())))
+
+
+def bench_up():
+    print("## coral up vs the naive sequence (%s)\n" % os.path.basename(os.path.dirname(CORAL)))
+    print("fake xe %d ms per call; XAPI's scan reads the bus and commits %d ms after each USB change; "
+          "re-enumeration %d ms; VM shutdown %d ms, start %d ms; naive polls pusb-list every %.2f s "
+          "(its phase spread evenly over the runs); "
+          "mean of %d runs each\n" % (CALL_MS, SCAN_MS, REENUMERATE_MS, SHUTDOWN_MS, START_MS, NAIVE_POLL_S, RUNS))
+    print("| scenario | coral | xe calls | naive | naive calls | coral / naive | floor | coral / floor |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, power, xapi_coral, emu_state, command, naive in SCENARIOS:
+        corals, naives = [], []
+        for i in range(RUNS):
+            corals.append(run_once(power, xapi_coral, emu_state, command, None))
+            if naive:
+                # Its polls' phase against the scan, spread evenly over the runs.
+                naives.append(run_once(power, xapi_coral, emu_state, command, naive, (i + 0.5) / RUNS))
+        # Means: where a poll falls against the scan makes the walls bimodal.
+        c_wall = statistics.mean(r["wall"] for r in corals)
+        c = corals[0]
+        cells = ["%.2f s" % (c_wall / 1000), calls_text(c["calls"])]
+        if naive:
+            n_wall = statistics.mean(r["wall"] for r in naives)
+            n_calls = statistics.mean(len(r["calls"]) for r in naives)
+            # The download as dfu-util does it (no read-back, nothing to wait for).
+            floor = floor_ms(statistics.median(r["download"] for r in naives), naive)
+            cells += ["%.2f s" % (n_wall / 1000), "%.1f" % n_calls, "%.2f×" % (c_wall / n_wall),
+                      "%.2f s" % (floor / 1000), "%.2f×" % (c_wall / floor)]
+        else:
+            cells += ["-", "-", "-", "-", "writes: %s" % (", ".join(c["writes"]) or "none")]
+        print("| %s | %s |" % (name, " | ".join(cells)))
 
 
 if __name__ == "__main__":
@@ -243,5 +257,7 @@ if __name__ == "__main__":
         bench_init(int(sys.argv[2]) if len(sys.argv) > 2 else 10)
     elif sys.argv[1:2] == ["up"]:
         bench_up()
+    elif sys.argv[1:2] == ["naive"]:
+        naive_sequence(*sys.argv[2:6])
     else:
         sys.exit(__doc__)

@@ -4,7 +4,7 @@
 //! requests themselves are traced, by name, where they are sent (`coral::dfu`).
 
 use coral::usb::{CoralDevice, InterfaceInfo, ResetOutcome, UsbBus, UsbError, UsbTransport};
-use coral::xe::{display_args, XeError, XeRunner};
+use coral::xe::{display_args, StartedCall, XeError, XeRunner};
 use std::time::Duration;
 
 /// A USB bus whose every request is logged at trace level.
@@ -95,13 +95,36 @@ pub struct TracedXe<'a>(pub &'a dyn XeRunner);
 impl XeRunner for TracedXe<'_> {
     fn run(&self, args: &[String], timeout: Duration) -> Result<String, XeError> {
         log::trace!("xe {}", display_args(args));
-        let result = self.0.run(args, timeout);
-        if let Err(err) = &result {
-            log::trace!(
-                "xe {}: {err}",
-                args.first().map(String::as_str).unwrap_or("")
-            );
-        }
-        result
+        traced_answer(args, self.0.run(args, timeout))
     }
+
+    fn start<'r>(&'r self, args: &[String], timeout: Duration) -> Box<dyn StartedCall + 'r> {
+        log::trace!("xe {} (started)", display_args(args));
+        Box::new(TracedCall {
+            args: args.to_vec(),
+            call: self.0.start(args, timeout),
+        })
+    }
+}
+
+/// A started call whose failure is traced when it is collected.
+struct TracedCall<'r> {
+    args: Vec<String>,
+    call: Box<dyn StartedCall + 'r>,
+}
+
+impl StartedCall for TracedCall<'_> {
+    fn wait(self: Box<Self>) -> Result<String, XeError> {
+        traced_answer(&self.args, self.call.wait())
+    }
+}
+
+fn traced_answer(args: &[String], result: Result<String, XeError>) -> Result<String, XeError> {
+    if let Err(err) = &result {
+        log::trace!(
+            "xe {}: {err}",
+            args.first().map(String::as_str).unwrap_or("")
+        );
+    }
+    result
 }

@@ -4,24 +4,28 @@
 
 mod support;
 
-use coral::clock::VirtualClock;
+use coral::clock::{Clock, VirtualClock};
 use coral::error::NextStep;
 use coral::ops::attach::AttachOptions;
 use coral::ops::init::InitOutcome;
 use coral::ops::up::{up, UpOptions, UpReport};
-use coral::usb::CoralState;
+use coral::usb::{
+    CoralDevice, CoralState, InterfaceInfo, ResetOutcome, UsbBus, UsbError, UsbTransport,
+};
 use coral::xe::client::XeClient;
 use coral_testkit::device::{SimBus, SimCoralConfig};
 use coral_testkit::host::{stand_in_single_ep_image, SimulatedHost};
 use coral_testkit::xapi::{
     coral_bootloader_device, coral_ready_device, Outage, OutageKind, PowerState, World, WorldConfig,
 };
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 use support::READ_COMMANDS;
 
 struct Scenario {
     host: SimulatedHost,
+    clock: Rc<VirtualClock>,
     vm_uuid: String,
 }
 
@@ -35,7 +39,8 @@ fn scenario(coral_state: CoralState, power: PowerState) -> Scenario {
     let resident = (power == PowerState::Running).then_some(host_uuid.as_str());
     let vm_uuid = world.add_vm("frigate", power, resident);
     Scenario {
-        host: SimulatedHost::from_parts(clock, bus, world, host_uuid),
+        host: SimulatedHost::from_parts(clock.clone(), bus, world, host_uuid),
+        clock,
         vm_uuid,
     }
 }
@@ -192,9 +197,10 @@ fn steady_state_changes_nothing_and_touches_no_usb() {
     let world = s.host.world();
     let world = world.borrow();
     let calls = &world.calls[calls_before..];
-    assert!(
-        calls.len() <= 4,
-        "steady state costs at most 4 xe calls: {calls:?}"
+    assert_eq!(
+        calls.len(),
+        3,
+        "steady state with the VM running: the VM (with its dom-id), its VUSBs, the PUSBs: {calls:?}"
     );
     assert!(
         calls
@@ -276,20 +282,175 @@ fn writes(world: &World) -> Vec<Vec<String>> {
 }
 
 #[test]
-fn a_wrong_vm_name_fails_before_any_usb_write() {
+fn a_wrong_vm_name_fails_before_the_reset_and_a_rerun_converges() {
     let s = scenario(CoralState::Uninitialized, PowerState::Halted);
     let mut o = options(false, false);
     o.attach.vm = "frigat".into();
-    let err = run_up_waiting(&s, &o).unwrap_err();
+    let (bus, usb_log) = recorded(&s);
+    let xe = client(&s, false);
+    let mut load = || Ok(stand_in_single_ep_image());
+    let err = up(&bus, &xe, s.host.clock(), &mut load, &o).unwrap_err();
     assert_eq!(coral::error::exit_code_of(&err), 8, "{err:#}");
     assert!(
-        s.host.sim_bus().requests().is_empty(),
-        "no USB request before the VM is known"
+        !usb_log.borrow().iter().any(|(_, what)| *what == "reset"),
+        "the Coral is not reset for a VM that does not exist: {:?}",
+        usb_log.borrow()
     );
+    let corals = s.host.bus().list_corals().unwrap();
+    assert_eq!(
+        (corals[0].path.to_string(), corals[0].state),
+        ("1-4".into(), CoralState::Uninitialized),
+        "still the boot loader it was"
+    );
+    assert!(writes(&s.host.world().borrow()).is_empty());
+
+    // The rerun with the right name downloads again and converges.
+    run_up_waiting(&s, &options(false, false)).expect("the rerun succeeds");
+    let world = s.host.world();
+    let world = world.borrow();
+    vusb_on_ready_group(&world, &s.vm_uuid);
     assert_eq!(
         s.host.bus().list_corals().unwrap()[0].state,
-        CoralState::Uninitialized
+        CoralState::Ready
     );
+}
+
+/// USB writes (control OUT) and resets on the host's bus, with their time.
+type UsbLog = Rc<RefCell<Vec<(Duration, &'static str)>>>;
+
+/// The scenario's bus, logging every USB write and reset with its time.
+fn recorded(s: &Scenario) -> (RecordedBus<'_>, UsbLog) {
+    let log = UsbLog::default();
+    let bus = RecordedBus {
+        inner: s.host.bus(),
+        clock: s.clock.clone(),
+        log: log.clone(),
+    };
+    (bus, log)
+}
+
+struct RecordedBus<'h> {
+    inner: &'h dyn UsbBus,
+    clock: Rc<VirtualClock>,
+    log: UsbLog,
+}
+
+impl UsbBus for RecordedBus<'_> {
+    fn list_corals(&self) -> Result<Vec<CoralDevice>, UsbError> {
+        self.inner.list_corals()
+    }
+
+    fn open(&self, device: &CoralDevice) -> Result<Box<dyn UsbTransport>, UsbError> {
+        Ok(Box::new(RecordedTransport {
+            inner: self.inner.open(device)?,
+            clock: self.clock.clone(),
+            log: self.log.clone(),
+        }))
+    }
+}
+
+struct RecordedTransport {
+    inner: Box<dyn UsbTransport>,
+    clock: Rc<VirtualClock>,
+    log: UsbLog,
+}
+
+impl UsbTransport for RecordedTransport {
+    fn interfaces(&self) -> Result<Vec<InterfaceInfo>, UsbError> {
+        self.inner.interfaces()
+    }
+
+    fn claim_interface(&mut self, number: u8) -> Result<(), UsbError> {
+        self.inner.claim_interface(number)
+    }
+
+    fn control_in(
+        &mut self,
+        request_type: u8,
+        request: u8,
+        value: u16,
+        index: u16,
+        buf: &mut [u8],
+    ) -> Result<usize, UsbError> {
+        self.inner
+            .control_in(request_type, request, value, index, buf)
+    }
+
+    fn control_out(
+        &mut self,
+        request_type: u8,
+        request: u8,
+        value: u16,
+        index: u16,
+        data: &[u8],
+    ) -> Result<usize, UsbError> {
+        self.log.borrow_mut().push((self.clock.now(), "write"));
+        self.inner
+            .control_out(request_type, request, value, index, data)
+    }
+
+    fn reset(self: Box<Self>) -> Result<ResetOutcome, UsbError> {
+        self.log.borrow_mut().push((self.clock.now(), "reset"));
+        self.inner.reset()
+    }
+}
+
+#[test]
+fn the_xapi_reads_run_beside_the_upload_and_all_checks_pass_before_the_reset() {
+    let s = scenario(CoralState::Uninitialized, PowerState::Halted);
+    let (bus, usb_log) = recorded(&s);
+    let xe = client(&s, false);
+    let mut load = || Ok(stand_in_single_ep_image());
+    up(&bus, &xe, s.host.clock(), &mut load, &options(false, false)).unwrap();
+
+    let world = s.host.world();
+    let world = world.borrow();
+    vusb_on_ready_group(&world, &s.vm_uuid);
+    let usb_log = usb_log.borrow();
+    let ms = |d: &Duration| d.as_millis() as u64;
+    let first_usb_write = usb_log
+        .iter()
+        .find(|(_, what)| *what == "write")
+        .map(|(at, _)| ms(at))
+        .expect("the firmware was downloaded");
+    let reset = usb_log
+        .iter()
+        .find(|(_, what)| *what == "reset")
+        .map(|(at, _)| ms(at))
+        .expect("the Coral was reset");
+    let commands: Vec<&str> = world.calls.iter().map(|c| c.args[0].as_str()).collect();
+    let reads = &world.calls[..3];
+    let mut read_commands: Vec<&str> = reads.iter().map(|c| c.args[0].as_str()).collect();
+    read_commands.sort();
+    assert_eq!(
+        read_commands,
+        ["pusb-list", "vm-list", "vusb-list"],
+        "the VM, its VUSBs and the pool's PUSBs are read first: {commands:?}"
+    );
+    for read in reads {
+        assert!(
+            read.at_ms <= first_usb_write && first_usb_write < read.at_ms + read.duration_ms,
+            "{} is in flight while the firmware uploads (read {}+{} ms, first USB write at {first_usb_write} ms)",
+            read.args[0],
+            read.at_ms,
+            read.duration_ms
+        );
+        assert!(
+            read.at_ms + read.duration_ms <= reset,
+            "{} is answered and checked before the reset at {reset} ms",
+            read.args[0]
+        );
+    }
+    let first_xapi_write = world
+        .calls
+        .iter()
+        .find(|c| !READ_COMMANDS.contains(&c.args[0].as_str()))
+        .expect("the attach wrote");
+    assert!(
+        first_xapi_write.at_ms >= reset,
+        "no XAPI write before the checks and the reset: {commands:?}"
+    );
+    eprintln!("xe calls: {commands:?}");
 }
 
 #[test]
@@ -436,4 +597,41 @@ fn call_budgets_boot_with_the_vm_halted_and_steady_state() {
         .iter()
         .all(|c| READ_COMMANDS.contains(&c.args[0].as_str())));
     eprintln!("xe calls: boot halted {boot}, steady {}", steady.len());
+}
+
+#[test]
+fn the_boot_path_after_a_power_loss_costs_at_most_8_calls_and_reads_the_vm_once() {
+    let s = scenario(CoralState::Uninitialized, PowerState::Halted);
+    let config = coral::config::Config {
+        entries: vec![coral::config::Entry {
+            vm_uuid: s.vm_uuid.clone(),
+            vm_name: String::new(),
+            device: None,
+            start: false,
+            restart: false,
+            deadlines: Default::default(),
+        }],
+    };
+    let xe = client(&s, false);
+    let report = coral::ops::boot::up_all(
+        s.host.bus(),
+        &xe,
+        s.host.clock(),
+        &mut || Ok(stand_in_single_ep_image()),
+        &config,
+        false,
+    )
+    .unwrap();
+    report.into_result().expect("the entry recovered");
+    let world = s.host.world();
+    let world = world.borrow();
+    vusb_on_ready_group(&world, &s.vm_uuid);
+    let commands: Vec<&str> = world.calls.iter().map(|c| c.args[0].as_str()).collect();
+    assert!(commands.len() <= 8, "boot: {commands:?}");
+    assert_eq!(
+        commands.iter().filter(|c| **c == "vm-list").count(),
+        1,
+        "the boot probe's VM read is the plan's: {commands:?}"
+    );
+    eprintln!("boot path xe calls: {commands:?}");
 }

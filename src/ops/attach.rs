@@ -8,13 +8,16 @@
 //! procedure acts on the outcome.
 
 use super::xapi_common::{
-    guest_node, pusb_at, ready_coral, resolve_vm, wait_for_pusb, xe_fail, Vm, SCAN_POLL_INTERVAL,
+    check_vm_spec, guest_node_of, pick_vm, poll_scan, pusb_at, ready_coral, wait_for_pusb, xe_fail,
+    Vm, SCAN_FIRST_LOOK,
 };
 use crate::clock::{budget_left, capped, follow_until, may_begin, Bounded, Clock};
 use crate::error::{fail, fail_then, FailureKind, Flag, NextStep};
 use crate::usb::{CoralState, NodeCheck, UsbBus};
-use crate::xe::client::{PowerState, PusbInfo, VmInfo, VusbInfo, XeClient, CALL_TIMEOUT};
-use crate::xe::{short, XeError};
+use crate::xe::client::{
+    PowerState, PusbInfo, Started, StartedVms, VmInfo, VusbInfo, XeClient, CALL_TIMEOUT,
+};
+use crate::xe::{looks_like_uuid, short, XeError};
 use std::fmt;
 use std::time::Duration;
 
@@ -38,9 +41,6 @@ pub const START_RESERVE: Duration = Duration::from_secs(60);
 /// Under a deadline: the least time a clean shutdown and its follow-up get;
 /// with less left than this plus [`START_RESERVE`], no shutdown is begun.
 pub const MIN_SHUTDOWN_WINDOW: Duration = Duration::from_secs(30);
-/// Times the attach is redone when a scan replaced the Coral's records
-/// under it (each time the Coral re-enumerated again).
-const SETTLE_ATTEMPTS: usize = 3;
 
 /// What `attach` should do.
 #[derive(Clone, Debug)]
@@ -110,9 +110,78 @@ pub struct Plan {
 
 /// Resolve the VM and read what the attach depends on; refuse now what
 /// cannot work (paused or suspended VM, an operation in progress on it, a
-/// VUSB on another host's device).
+/// VUSB on another host's device). The reads run together ([`start_plan`]).
 pub fn read_plan(xe: &XeClient, spec: &str) -> anyhow::Result<Plan> {
-    let vm = resolve_vm(xe, spec)?;
+    start_plan(xe, spec, None)?.finish(xe)
+}
+
+/// The three reads of a plan (the VM, its VUSBs, the pool's PUSBs), all
+/// in flight at once from [`start_plan`] until [`StartedPlan::finish`].
+pub struct StartedPlan<'a> {
+    spec: String,
+    /// The lookup, or its answer when the caller has just read it.
+    vms: Result<StartedVms<'a>, Vec<VmInfo>>,
+    /// The VUSBs of `vusbs_of` (a uuid-like spec), else of the whole pool.
+    vusbs: Started<'a, Vec<VusbInfo>>,
+    vusbs_of: Option<String>,
+    pusbs: Started<'a, Vec<PusbInfo>>,
+}
+
+/// Start the reads of a plan; they run while the caller does other work.
+/// `known_vms`: the answer of a lookup of `spec` the caller has just made
+/// (the boot path's first read), not asked again. A `spec` XAPI cannot be
+/// asked about is refused before any call.
+pub fn start_plan<'a>(
+    xe: &XeClient<'a>,
+    spec: &str,
+    known_vms: Option<Vec<VmInfo>>,
+) -> anyhow::Result<StartedPlan<'a>> {
+    check_vm_spec(spec)?;
+    let vusbs_of = looks_like_uuid(spec).then(|| spec.to_string());
+    Ok(StartedPlan {
+        spec: spec.to_string(),
+        vms: match known_vms {
+            Some(known) => Err(known),
+            None => Ok(xe.start_find_vms(spec)),
+        },
+        vusbs: xe.start_vusbs(vusbs_of.as_deref()),
+        vusbs_of,
+        pusbs: xe.start_pusbs(),
+    })
+}
+
+impl StartedPlan<'_> {
+    /// Collect the reads and check them (see [`read_plan`]).
+    pub fn finish(self, xe: &XeClient) -> anyhow::Result<Plan> {
+        let spec = self.spec.as_str();
+        let vms = match self.vms {
+            Ok(started) => xe
+                .finish_vms(started)
+                .map_err(|e| xe_fail("looking up the VM", e))?,
+            Err(known) => known,
+        };
+        let vm = pick_vm(spec, vms)?;
+        let vusbs = xe.finish(self.vusbs);
+        let pusbs = xe.finish(self.pusbs);
+        let vm_vusbs = match vusbs {
+            // The spec was a name that looks like a uuid: ask for the VM's own.
+            Ok(_) if self.vusbs_of.as_deref() != Some(vm.uuid()) && self.vusbs_of.is_some() => {
+                xe.vusbs_of_vm(vm.uuid())
+            }
+            Ok(all) => Ok(all.into_iter().filter(|v| v.vm_uuid == vm.uuid()).collect()),
+            Err(err) => Err(err),
+        };
+        checked_plan(xe, vm, vm_vusbs, pusbs)
+    }
+}
+
+/// The plan's checks on what was read.
+fn checked_plan(
+    xe: &XeClient,
+    vm: Vm,
+    vm_vusbs: Result<Vec<VusbInfo>, XeError>,
+    pusbs: Result<Vec<PusbInfo>, XeError>,
+) -> anyhow::Result<Plan> {
     let label = &vm.label;
     if matches!(
         vm.info.power_state,
@@ -136,12 +205,8 @@ pub fn read_plan(xe: &XeClient, spec: &str) -> anyhow::Result<Plan> {
             ),
         ));
     }
-    let vm_vusbs = xe
-        .vusbs_of_vm(vm.uuid())
-        .map_err(|e| xe_fail("listing the VM's VUSBs", e))?;
-    let pusbs = xe
-        .pusbs()
-        .map_err(|e| xe_fail("listing the pool's USB devices", e))?;
+    let vm_vusbs = vm_vusbs.map_err(|e| xe_fail("listing the VM's VUSBs", e))?;
+    let pusbs = pusbs.map_err(|e| xe_fail("listing the pool's USB devices", e))?;
     for vusb in &vm_vusbs {
         let Some(pusb) = pusbs.iter().find(|p| p.group == vusb.group) else {
             continue;
@@ -182,8 +247,7 @@ pub fn attach(
 /// The attach once the Coral is ready at `path`. `reenumerated`: this run
 /// reset the Coral, and these PUSB uuids were listed before the reset (not
 /// to be trusted: a scan that read the bus before the reset may still
-/// delete them); the records used must come from a scan after the reset,
-/// and are checked again after the writes.
+/// delete them); the records used must come from a scan after the reset.
 pub fn attach_planned(
     usb: &dyn UsbBus,
     xe: &XeClient,
@@ -199,10 +263,8 @@ pub fn attach_planned(
     };
     let vm = &plan.vm;
     let label = vm.label.as_str();
-    let mut distrust = reenumerated.clone().unwrap_or_default();
-    let mut attempt = 0;
-    let (vusb, created) = loop {
-        attempt += 1;
+    let distrust = reenumerated.clone().unwrap_or_default();
+    let (vusb, created) = {
         let listed = if reenumerated.is_some() {
             None
         } else {
@@ -243,7 +305,7 @@ pub fn attach_planned(
         let existing = holders.into_iter().find(|v| v.vm_uuid == vm.uuid());
         if vm.info.power_state == PowerState::Running {
             if let Some(held) = existing.as_ref().filter(|v| v.attached) {
-                let why = lost_why(usb, xe, opts, vm.uuid(), path);
+                let why = lost_why(usb, opts, vm, path);
                 return match why {
                     None => {
                         report.say(format!(
@@ -292,22 +354,11 @@ pub fn attach_planned(
                 (uuid, true)
             }
         };
-        if reenumerated.is_none() || xe.dry_run() || still_linked(xe, &pusb, &vusb)? {
-            break (vusb, created);
-        }
-        // A scan that read the bus earlier replaced the Coral's records.
-        log::warn!(
-            "XAPI replaced the Coral's records at {path} under this run (a late USB scan); attaching again"
-        );
-        distrust.push(pusb.uuid.clone());
-        if attempt >= SETTLE_ATTEMPTS {
-            return Err(fail(
-                FailureKind::Timeout,
-                format!(
-                    "XAPI kept replacing the Coral's records at {path} (the device keeps re-enumerating?); {label} does not have the Coral; check `dmesg` and rerun"
-                ),
-            ));
-        }
+        // No recheck: a PUSB listed after the reset and not before it was
+        // created by a scan that read the bus after the reset, so every
+        // earlier scan has committed (scans run in order) and a later one
+        // keeps it unless the Coral changes again (README, "Stale records").
+        (vusb, created)
     };
 
     match vm.info.power_state {
@@ -371,14 +422,9 @@ fn restart_fits(clock: &dyn Clock) -> bool {
 /// when it has not. QEMU's marks decide when the host has them; without
 /// them only the caller's own sighting of the re-enumeration
 /// (`opts.guest_lost`) counts: an unknown answer alone never restarts.
-fn lost_why(
-    usb: &dyn UsbBus,
-    xe: &XeClient,
-    opts: &AttachOptions,
-    vm_uuid: &str,
-    path: &str,
-) -> Option<String> {
-    match guest_node(usb, xe, vm_uuid, path) {
+fn lost_why(usb: &dyn UsbBus, opts: &AttachOptions, vm: &Vm, path: &str) -> Option<String> {
+    // The dom-id came with the plan's VM record: no call of its own.
+    match guest_node_of(usb, vm.info.dom_id, path) {
         NodeCheck::Lost { node } => Some(format!(
             "the Coral at {path} re-enumerated as {node} after the VM started, and QEMU still holds the old node"
         )),
@@ -458,16 +504,6 @@ fn group_holders(xe: &XeClient, plan: &Plan, pusb: &PusbInfo) -> anyhow::Result<
         .map_err(|e| xe_fail("listing the Coral's VUSBs", e))
 }
 
-/// The group still holds this PUSB and the VUSB (no scan replaced them).
-fn still_linked(xe: &XeClient, pusb: &PusbInfo, vusb: &str) -> anyhow::Result<bool> {
-    let members = xe
-        .group_members(&pusb.group)
-        .map_err(|e| xe_fail("checking the Coral's USB group", e))?;
-    Ok(members.is_some_and(|(pusbs, vusbs)| {
-        pusbs.contains(&pusb.uuid) && vusbs.iter().any(|v| v == vusb)
-    }))
-}
-
 /// XAPI's VUSB limits, checked before any write so the error is clear. A
 /// VUSB on a Coral record that is no longer on the bus with its identity
 /// (e.g. the boot loader's, after the firmware upload) is XAPI's to delete
@@ -508,7 +544,7 @@ fn check_vusb_limits(
     if let Err(err) = xe.pusb_scan() {
         log::warn!("`xe pusb-scan` failed ({err}); waiting for XAPI's own scan");
     }
-    let left = crate::clock::poll_until(clock, scan_timeout, SCAN_POLL_INTERVAL, || {
+    let left = poll_scan(clock, scan_timeout, SCAN_FIRST_LOOK, |_| {
         let now = xe.vusbs_of_vm(plan.vm.uuid())?;
         Ok::<_, XeError>((now.len() < MAX_VUSBS_PER_VM).then_some(()))
     })
@@ -881,7 +917,7 @@ fn recheck_after_reset_failure(xe: &XeClient, clock: &dyn Clock, vusb: &str) {
             return;
         }
     };
-    let whole = crate::clock::poll_until(clock, RESET_RECHECK_TIMEOUT, SCAN_POLL_INTERVAL, || {
+    let whole = poll_scan(clock, RESET_RECHECK_TIMEOUT, SCAN_FIRST_LOOK, |_| {
         let members = xe.group_members(&group)?;
         Ok::<_, XeError>(
             members

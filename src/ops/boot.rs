@@ -5,14 +5,14 @@
 //! holds the host's VMs back for long. A failed entry is logged with the
 //! command to run and the others still go ahead.
 
-use super::up::{up, UpOptions, UpReport};
+use super::up::{up_with, UpOptions, UpReport};
 use crate::clock::{capped, may_begin, poll_until, Bounded, Clock};
 use crate::config::{Config, Deadlines, Entry};
 use crate::error::{fail_then, Failure, FailureKind, NextStep};
 use crate::firmware::FirmwareImage;
 use crate::ops::attach::AttachOptions;
 use crate::usb::{PortPath, UsbBus};
-use crate::xe::client::XeClient;
+use crate::xe::client::{VmInfo, XeClient};
 use std::time::Duration;
 
 /// Every wait of the boot path, in one place (README "Boot budget").
@@ -151,8 +151,11 @@ pub fn up_all(
     let clock: &dyn Clock = &bounded;
     let left = |cap: Duration| capped(clock, cap);
 
-    wait_for_xapi(xe, clock, &config.entries[0], left(budget::XAPI_WAIT))?;
-    wait_for_devices(usb, clock, &config.entries, left(budget::DEVICE_WAIT));
+    let probed = wait_for_xapi(xe, clock, &config.entries[0], left(budget::XAPI_WAIT))?;
+    let waited = wait_for_devices(usb, clock, &config.entries, left(budget::DEVICE_WAIT));
+    // The probe read the first entry's VM: unless the Coral was waited
+    // for, that read is as fresh as the entry's own would be.
+    let mut known_vms = (!waited).then_some(probed);
 
     let mut outcomes = Vec::new();
     for entry in &config.entries {
@@ -188,7 +191,7 @@ pub fn up_all(
         };
         let result = may_begin(clock, || format!("recovering {}", entry.label()))
             .map_err(anyhow::Error::from)
-            .and_then(|()| up(usb, xe, clock, load_firmware, &opts));
+            .and_then(|()| up_with(usb, xe, clock, load_firmware, &opts, known_vms.take()));
         if let Err(err) = &result {
             log::error!(
                 "{}: {err:#}; it starts without its Coral; {}",
@@ -206,18 +209,19 @@ pub fn up_all(
     Ok(BootReport { outcomes })
 }
 
-/// Poll until xapi answers a read (the first entry's VM), up to `timeout`.
-/// Only XAPI failures (connection refused, still initialising) are retried.
+/// Poll until xapi answers a read (the first entry's VM, returned), up to
+/// `timeout`. Only XAPI failures (connection refused, still initialising)
+/// are retried.
 fn wait_for_xapi(
     xe: &XeClient,
     clock: &dyn Clock,
     entry: &Entry,
     timeout: Duration,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<VmInfo>> {
     let mut last = None;
     let answered = poll_until(clock, timeout, XAPI_POLL_INTERVAL, || {
         match xe.find_vms(&entry.vm_uuid) {
-            Ok(_) => Ok(Some(())),
+            Ok(vms) => Ok(Some(vms)),
             Err(err) if err.is_unavailable() => {
                 if last.is_none() {
                     log::info!(
@@ -232,7 +236,7 @@ fn wait_for_xapi(
         }
     })?;
     match (answered, last) {
-        (Some(()), _) => Ok(()),
+        (Some(vms), _) => Ok(vms),
         (None, Some(err)) => Err(fail_then(
             FailureKind::Xapi,
             format!(
@@ -251,8 +255,13 @@ fn wait_for_xapi(
 
 /// Poll until every entry's Coral is on USB (any Coral for an entry without
 /// a device), up to `timeout`; a Coral still missing is left for its entry
-/// to report.
-fn wait_for_devices(usb: &dyn UsbBus, clock: &dyn Clock, entries: &[Entry], timeout: Duration) {
+/// to report. True when it had to wait.
+fn wait_for_devices(
+    usb: &dyn UsbBus,
+    clock: &dyn Clock,
+    entries: &[Entry],
+    timeout: Duration,
+) -> bool {
     let wanted: Vec<Option<PortPath>> = entries
         .iter()
         .map(|e| e.device.as_deref().and_then(|d| d.parse().ok()))
@@ -266,7 +275,7 @@ fn wait_for_devices(usb: &dyn UsbBus, clock: &dyn Clock, entries: &[Entry], time
         Ok(present.then_some(()))
     };
     if let Ok(Some(())) = all_present() {
-        return;
+        return false;
     }
     log::info!(
         "boot: waiting up to {} s for the configured Coral(s) to appear on USB",
@@ -278,4 +287,5 @@ fn wait_for_devices(usb: &dyn UsbBus, clock: &dyn Clock, entries: &[Entry], time
             timeout.as_secs()
         );
     }
+    true
 }

@@ -191,6 +191,20 @@ pub fn init(
     load_firmware: &mut dyn FnMut() -> anyhow::Result<FirmwareImage>,
     opts: &InitOptions,
 ) -> anyhow::Result<Vec<InitOutcome>> {
+    init_with(usb, clock, load_firmware, opts, &mut || Ok(()))
+}
+
+/// [`init`], with `before_reset` run after each verified download, before
+/// that Coral is reset: when it fails, the Coral is not reset (it stays the
+/// boot loader it was, nothing else changes; a rerun downloads again) and
+/// its error is the outcome.
+pub fn init_with(
+    usb: &dyn UsbBus,
+    clock: &dyn Clock,
+    load_firmware: &mut dyn FnMut() -> anyhow::Result<FirmwareImage>,
+    opts: &InitOptions,
+    before_reset: &mut dyn FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<InitOutcome>> {
     let device = opts.device.as_deref();
     let all = |corals: &[CoralDevice]| match device {
         Some(_) => select_one(corals, device).map(|c| vec![c]),
@@ -231,7 +245,15 @@ pub fn init(
             }
         }
         let image = image.as_ref().expect("loaded above");
-        match flash(usb, clock, image, coral, &mut seen, opts.replug_timeout) {
+        match flash(
+            usb,
+            clock,
+            image,
+            coral,
+            &mut seen,
+            opts.replug_timeout,
+            before_reset,
+        ) {
             Ok(flashed) => {
                 pending.push((outcomes.len(), flashed));
                 outcomes.push(None);
@@ -301,6 +323,7 @@ fn flash(
     coral: CoralDevice,
     seen: &mut Vec<CoralDevice>,
     replug_timeout: Duration,
+    before_reset: &mut dyn FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<Flashed> {
     let started = clock.now();
     let before = match coral.state {
@@ -321,6 +344,7 @@ fn flash(
     let summary = Download::open(transport.as_mut(), clock)
         .and_then(|download| download.run(&image.bytes))
         .map_err(|e| dfu_failure(&before, e))?;
+    before_reset()?;
     let reset_error = match transport.reset() {
         Ok(ResetOutcome::Reenumerating) => {
             log::info!("reset: device left the bus to re-enumerate");

@@ -15,7 +15,7 @@ pub mod xe_cli;
 use crate::clock::{Clock, VirtualClock};
 use crate::firmware::{FirmwareImage, FirmwareSource};
 use crate::usb::{CoralDevice, CoralState, UsbBus, UsbError, UsbTransport};
-use crate::xe::{XeError, XeRunner};
+use crate::xe::{ArrivesLater, StartedCall, XeError, XeRunner};
 use anyhow::Context;
 use bootloader::SimBus;
 use pool::{Device, Pool};
@@ -362,6 +362,21 @@ impl XeRunner for HostXe {
         }
         clock.sleep(took);
         result.map_err(|stderr| XeError::from_output(args, 1, &stderr))
+    }
+
+    fn start<'r>(&'r self, args: &[String], timeout: Duration) -> Box<dyn StartedCall + 'r> {
+        self.0.sync();
+        let clock = self.0.clock.as_ref();
+        let began = clock.now();
+        let (result, took) = self.0.pool.borrow_mut().execute(args, began);
+        Box::new(ArrivesLater {
+            clock,
+            began,
+            took,
+            timeout,
+            args: args.to_vec(),
+            answer: result.map_err(|stderr| XeError::from_output(args, 1, &stderr)),
+        })
     }
 }
 

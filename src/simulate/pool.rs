@@ -534,6 +534,7 @@ impl Pool {
                     field("current-operations", "SRO", set(&operations)),
                     field("resident-on", "RO", resident),
                     field("ha-restart-priority", "RW", ""),
+                    field("dom-id", "RO", if v.running { "1" } else { "-1" }),
                 ]
             })
             .collect()

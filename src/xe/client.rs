@@ -6,7 +6,7 @@
 //! typed ([`XeError`]) for the procedures to decide on.
 
 use super::parse::{set_items, strict_records, Record};
-use super::{display_args, looks_like_uuid, XeError, XeRunner};
+use super::{display_args, looks_like_uuid, StartedCall, XeError, XeRunner};
 use crate::clock::Clock;
 use std::cell::{Cell, RefCell};
 use std::fmt;
@@ -125,6 +125,8 @@ pub struct VmInfo {
     pub ha_restart_priority: String,
     /// Operations xapi runs on it now (`clean_shutdown`, `start` …).
     pub current_operations: Vec<String>,
+    /// dom-id: its running domain (None without one: `-1`).
+    pub dom_id: Option<u32>,
 }
 
 const VM_FIELDS: &[&str] = &[
@@ -133,6 +135,7 @@ const VM_FIELDS: &[&str] = &[
     "current-operations",
     "resident-on",
     "ha-restart-priority",
+    "dom-id",
 ];
 const PUSB_FIELDS: &[&str] = &[
     "uuid",
@@ -234,31 +237,8 @@ impl<'a> XeClient<'a> {
     }
 
     fn vm_list(&self, filters: &[String]) -> Result<Vec<VmInfo>, XeError> {
-        let mut args = vec!["vm-list".to_string()];
-        args.extend(filters.iter().cloned());
-        args.extend([
-            "is-a-template=false".into(),
-            "is-a-snapshot=false".into(),
-            "is-control-domain=false".into(),
-            format!("params={}", VM_FIELDS.join(",")),
-        ]);
-        let records = self.read_records(&args, VM_FIELDS)?;
-        records
-            .iter()
-            .map(|r| {
-                let power_state = get(r, "power-state")
-                    .parse()
-                    .map_err(|reason| malformed(&args, reason))?;
-                let resident = get(r, "resident-on");
-                Ok(VmInfo {
-                    uuid: get(r, "uuid"),
-                    power_state,
-                    resident_on: looks_like_uuid(&resident).then_some(resident),
-                    ha_restart_priority: get(r, "ha-restart-priority"),
-                    current_operations: set_items(&get(r, "current-operations")),
-                })
-            })
-            .collect()
+        let args = vm_list_args(filters);
+        parse_vms(&args, &self.read(&args)?)
     }
 
     /// One field of one object by uuid, verbatim (for names in messages).
@@ -292,22 +272,8 @@ impl<'a> XeClient<'a> {
     }
 
     fn pusb_list(&self, filters: &[String]) -> Result<Vec<PusbInfo>, XeError> {
-        let mut args = vec!["pusb-list".to_string()];
-        args.extend(filters.iter().cloned());
-        args.push(format!("params={}", PUSB_FIELDS.join(",")));
-        let records = self.read_records(&args, PUSB_FIELDS)?;
-        Ok(records
-            .iter()
-            .map(|r| PusbInfo {
-                uuid: get(r, "uuid"),
-                group: get(r, "usb-group-uuid"),
-                host: get(r, "host-uuid"),
-                path: get(r, "path"),
-                vendor_id: get(r, "vendor-id"),
-                product_id: get(r, "product-id"),
-                passthrough: get(r, "passthrough-enabled") == "true",
-            })
-            .collect())
+        let args = pusb_list_args(filters);
+        parse_pusbs(&args, &self.read(&args)?)
     }
 
     /// The VUSBs of a VM.
@@ -321,21 +287,74 @@ impl<'a> XeClient<'a> {
     }
 
     fn vusb_list(&self, filter: &str) -> Result<Vec<VusbInfo>, XeError> {
-        let args = vec![
-            "vusb-list".to_string(),
-            filter.to_string(),
-            format!("params={}", VUSB_FIELDS.join(",")),
-        ];
-        let records = self.read_records(&args, VUSB_FIELDS)?;
-        Ok(records
-            .iter()
-            .map(|r| VusbInfo {
-                uuid: get(r, "uuid"),
-                vm_uuid: get(r, "vm-uuid"),
-                group: get(r, "usb-group-uuid"),
-                attached: get(r, "currently-attached") == "true",
-            })
-            .collect())
+        let args = vusb_list_args(Some(filter));
+        parse_vusbs(&args, &self.read(&args)?)
+    }
+
+    // -- reads started now, collected later ----------------------------------
+
+    /// Start the lookup of [`XeClient::find_vms`] (by uuid when `spec` looks
+    /// like one, else by name); [`XeClient::finish_vms`] collects it.
+    pub fn start_find_vms(&self, spec: &str) -> StartedVms<'a> {
+        let filter = if looks_like_uuid(spec) {
+            format!("uuid={spec}")
+        } else {
+            format!("name-label={spec}")
+        };
+        StartedVms {
+            spec: spec.to_string(),
+            read: self.start(vm_list_args(&[filter]), parse_vms),
+        }
+    }
+
+    /// The answer of [`XeClient::start_find_vms`]; a uuid-like `spec` that
+    /// is no VM's uuid is then looked up as a name, as `find_vms` does.
+    pub fn finish_vms(&self, started: StartedVms<'a>) -> Result<Vec<VmInfo>, XeError> {
+        let found = self.finish(started.read)?;
+        if found.is_empty() && looks_like_uuid(&started.spec) {
+            return self.vm_list(&[format!("name-label={}", started.spec)]);
+        }
+        Ok(found)
+    }
+
+    /// Start listing every PUSB of the pool (as [`XeClient::pusbs`]).
+    pub fn start_pusbs(&self) -> Started<'a, Vec<PusbInfo>> {
+        self.start(pusb_list_args(&[]), parse_pusbs)
+    }
+
+    /// Start listing the VUSBs of the VM with this uuid, or (None: its uuid
+    /// is not known yet) every VUSB of the pool, to be filtered by the
+    /// caller on `vm_uuid`.
+    pub fn start_vusbs(&self, vm_uuid: Option<&str>) -> Started<'a, Vec<VusbInfo>> {
+        let filter = vm_uuid.map(|uuid| format!("vm-uuid={uuid}"));
+        self.start(vusb_list_args(filter.as_deref()), parse_vusbs)
+    }
+
+    /// Collect a started read. While xapi is down or starting it is run
+    /// again the way every call is (waiting for xapi, when this client does).
+    pub fn finish<T>(&self, started: Started<'a, T>) -> Result<T, XeError> {
+        let answer = match started.call {
+            Ok(call) => match call.wait() {
+                Err(err) if err.is_unavailable() && self.wait.is_some() => {
+                    self.call(&started.args, CALL_TIMEOUT)
+                }
+                other => other,
+            },
+            Err(err) => Err(err),
+        };
+        (started.parse)(&started.args, &answer?)
+    }
+
+    fn start<T>(
+        &self,
+        args: Vec<String>,
+        parse: fn(&[String], &str) -> Result<T, XeError>,
+    ) -> Started<'a, T> {
+        let call = match args.iter().find(|a| a.contains(['\n', '\r'])) {
+            Some(arg) => Err(XeError::BadArgument { arg: arg.clone() }),
+            None => Ok(self.runner.start(&args, CALL_TIMEOUT)),
+        };
+        Started { args, call, parse }
     }
 
     /// A USB group's PUSBs and VUSBs now (None: the group is gone).
@@ -500,6 +519,96 @@ impl<'a> XeClient<'a> {
             }
         }
     }
+}
+
+/// A read started with [`XeClient`]'s `start_…` methods, collected with
+/// [`XeClient::finish`]; dropped uncollected, it is abandoned.
+pub struct Started<'a, T> {
+    args: Vec<String>,
+    call: Result<Box<dyn StartedCall + 'a>, XeError>,
+    parse: fn(&[String], &str) -> Result<T, XeError>,
+}
+
+/// A VM lookup started with [`XeClient::start_find_vms`].
+pub struct StartedVms<'a> {
+    spec: String,
+    read: Started<'a, Vec<VmInfo>>,
+}
+
+fn vm_list_args(filters: &[String]) -> Vec<String> {
+    let mut args = vec!["vm-list".to_string()];
+    args.extend(filters.iter().cloned());
+    args.extend([
+        "is-a-template=false".into(),
+        "is-a-snapshot=false".into(),
+        "is-control-domain=false".into(),
+        format!("params={}", VM_FIELDS.join(",")),
+    ]);
+    args
+}
+
+fn parse_vms(args: &[String], out: &str) -> Result<Vec<VmInfo>, XeError> {
+    let records = strict_records(out, VM_FIELDS).map_err(|reason| malformed(args, reason))?;
+    records
+        .iter()
+        .map(|r| {
+            let power_state = get(r, "power-state")
+                .parse()
+                .map_err(|reason| malformed(args, reason))?;
+            let resident = get(r, "resident-on");
+            Ok(VmInfo {
+                uuid: get(r, "uuid"),
+                power_state,
+                resident_on: looks_like_uuid(&resident).then_some(resident),
+                ha_restart_priority: get(r, "ha-restart-priority"),
+                current_operations: set_items(&get(r, "current-operations")),
+                dom_id: get(r, "dom-id").trim().parse::<u32>().ok(),
+            })
+        })
+        .collect()
+}
+
+fn pusb_list_args(filters: &[String]) -> Vec<String> {
+    let mut args = vec!["pusb-list".to_string()];
+    args.extend(filters.iter().cloned());
+    args.push(format!("params={}", PUSB_FIELDS.join(",")));
+    args
+}
+
+fn parse_pusbs(args: &[String], out: &str) -> Result<Vec<PusbInfo>, XeError> {
+    let records = strict_records(out, PUSB_FIELDS).map_err(|reason| malformed(args, reason))?;
+    Ok(records
+        .iter()
+        .map(|r| PusbInfo {
+            uuid: get(r, "uuid"),
+            group: get(r, "usb-group-uuid"),
+            host: get(r, "host-uuid"),
+            path: get(r, "path"),
+            vendor_id: get(r, "vendor-id"),
+            product_id: get(r, "product-id"),
+            passthrough: get(r, "passthrough-enabled") == "true",
+        })
+        .collect())
+}
+
+fn vusb_list_args(filter: Option<&str>) -> Vec<String> {
+    let mut args = vec!["vusb-list".to_string()];
+    args.extend(filter.map(str::to_string));
+    args.push(format!("params={}", VUSB_FIELDS.join(",")));
+    args
+}
+
+fn parse_vusbs(args: &[String], out: &str) -> Result<Vec<VusbInfo>, XeError> {
+    let records = strict_records(out, VUSB_FIELDS).map_err(|reason| malformed(args, reason))?;
+    Ok(records
+        .iter()
+        .map(|r| VusbInfo {
+            uuid: get(r, "uuid"),
+            vm_uuid: get(r, "vm-uuid"),
+            group: get(r, "usb-group-uuid"),
+            attached: get(r, "currently-attached") == "true",
+        })
+        .collect())
 }
 
 fn malformed(args: &[String], reason: String) -> XeError {

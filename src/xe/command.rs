@@ -1,9 +1,10 @@
 //! The one file that starts processes: the real `xe`.
 
-use super::{display_args, XeError, XeRunner};
+use super::{display_args, Answered, StartedCall, XeError, XeRunner};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Where XCP-ng installs `xe` when it is not on PATH.
@@ -44,6 +45,20 @@ fn is_executable(path: &Path) -> bool {
 
 impl XeRunner for XeCommand {
     fn run(&self, args: &[String], timeout: Duration) -> Result<String, XeError> {
+        self.spawn(args, timeout)?.finish()
+    }
+
+    fn start<'r>(&'r self, args: &[String], timeout: Duration) -> Box<dyn StartedCall + 'r> {
+        match self.spawn(args, timeout) {
+            Ok(running) => Box::new(running),
+            Err(err) => Box::new(Answered(Err(err))),
+        }
+    }
+}
+
+impl XeCommand {
+    /// Start the process; [`Running::finish`] waits for it.
+    fn spawn(&self, args: &[String], timeout: Duration) -> Result<Running, XeError> {
         log::trace!("xe {}", display_args(args));
         let started = Instant::now();
         let mut child = Command::new(&self.program)
@@ -58,32 +73,65 @@ impl XeRunner for XeCommand {
             })?;
         let stdout = reader(child.stdout.take());
         let stderr = reader(child.stderr.take());
+        Ok(Running {
+            program: self.program.display().to_string(),
+            args: args.to_vec(),
+            started,
+            timeout,
+            child: Reaped(Some(child)),
+            stdout,
+            stderr,
+        })
+    }
+}
+
+/// An `xe` process under way.
+struct Running {
+    program: String,
+    args: Vec<String>,
+    started: Instant,
+    timeout: Duration,
+    child: Reaped,
+    stdout: JoinHandle<String>,
+    stderr: JoinHandle<String>,
+}
+
+impl Running {
+    /// Wait for the exit (killing it at its deadline) and classify it.
+    fn finish(mut self) -> Result<String, XeError> {
+        let Some(mut child) = self.child.0.take() else {
+            return Err(XeError::Missing {
+                program: self.program,
+                reason: "already collected".into(),
+            });
+        };
         let status = loop {
             match child.try_wait() {
                 Ok(Some(status)) => break status,
-                Ok(None) if started.elapsed() >= timeout => {
+                Ok(None) if self.started.elapsed() >= self.timeout => {
                     let _ = child.kill();
                     let _ = child.wait();
                     return Err(XeError::TimedOut {
-                        args: args.to_vec(),
-                        after: timeout,
+                        args: self.args,
+                        after: self.timeout,
                     });
                 }
                 Ok(None) => std::thread::sleep(WAIT_POLL),
                 Err(e) => {
                     return Err(XeError::Missing {
-                        program: self.program.display().to_string(),
+                        program: self.program,
                         reason: e.to_string(),
                     })
                 }
             }
         };
-        let stdout = stdout.join().unwrap_or_default();
-        let stderr = stderr.join().unwrap_or_default();
+        let args = self.args;
+        let stdout = self.stdout.join().unwrap_or_default();
+        let stderr = self.stderr.join().unwrap_or_default();
         log::debug!(
             "xe {} answered in {:.1} ms",
             args.first().map(String::as_str).unwrap_or(""),
-            started.elapsed().as_secs_f64() * 1000.0
+            self.started.elapsed().as_secs_f64() * 1000.0
         );
         if status.success() {
             Ok(stdout)
@@ -94,7 +142,7 @@ impl XeRunner for XeCommand {
                 stderr
             };
             Err(XeError::from_output(
-                args,
+                &args,
                 status.code().unwrap_or(-1),
                 &message,
             ))
@@ -102,8 +150,27 @@ impl XeRunner for XeCommand {
     }
 }
 
+impl StartedCall for Running {
+    fn wait(self: Box<Self>) -> Result<String, XeError> {
+        (*self).finish()
+    }
+}
+
+/// The process until it is waited for: an abandoned read is killed and
+/// reaped (no zombie, no stray `xe`).
+struct Reaped(Option<Child>);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Read a pipe to the end on its own thread (so a full pipe never blocks xe).
-fn reader<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<String> {
+fn reader<R: Read + Send + 'static>(pipe: Option<R>) -> JoinHandle<String> {
     std::thread::spawn(move || {
         let mut text = String::new();
         if let Some(mut pipe) = pipe {

@@ -22,6 +22,32 @@ pub trait XeRunner {
     /// Run `xe <args…>`, giving up after `timeout`; on exit status 0 return
     /// its stdout, else the failure classified by [`XeError::from_output`].
     fn run(&self, args: &[String], timeout: Duration) -> Result<String, XeError>;
+
+    /// Start `xe <args…>` and return at once: the call runs while the caller
+    /// does other work (several reads at once, or beside the USB work), and
+    /// [`StartedCall::wait`] collects its answer as [`XeRunner::run`] would
+    /// give it. For reads only (a write's outcome must be known before the
+    /// next step). This default runs the call to its end first (no overlap).
+    fn start<'r>(&'r self, args: &[String], timeout: Duration) -> Box<dyn StartedCall + 'r> {
+        Box::new(Answered(self.run(args, timeout)))
+    }
+}
+
+/// An `xe` call started with [`XeRunner::start`]. Dropped without
+/// [`StartedCall::wait`], it is abandoned (a real `xe` is killed: harmless
+/// for a read).
+pub trait StartedCall {
+    /// Wait for the call's end (within the deadline it was started with).
+    fn wait(self: Box<Self>) -> Result<String, XeError>;
+}
+
+/// A call that has already ended.
+pub struct Answered(pub Result<String, XeError>);
+
+impl StartedCall for Answered {
+    fn wait(self: Box<Self>) -> Result<String, XeError> {
+        self.0
+    }
 }
 
 /// The first 8 characters of a uuid, for messages (placeholders whole).
@@ -61,6 +87,41 @@ pub fn shell_quote(arg: &str) -> String {
         arg.to_string()
     } else {
         format!("'{}'", arg.replace('\'', r"'\''"))
+    }
+}
+
+/// A simulated call whose answer is known when it starts (at `began` on
+/// `clock`) but arrives only `took` later, or fails at `timeout` when it
+/// takes longer: how a simulated runner overlaps started calls on virtual time.
+pub struct ArrivesLater<'c> {
+    /// The clock the call's time passes on.
+    pub clock: &'c dyn crate::clock::Clock,
+    /// When it started.
+    pub began: Duration,
+    /// How long it takes.
+    pub took: Duration,
+    /// The caller's deadline.
+    pub timeout: Duration,
+    /// Its arguments (for a timeout's error).
+    pub args: Vec<String>,
+    /// Its answer.
+    pub answer: Result<String, XeError>,
+}
+
+impl StartedCall for ArrivesLater<'_> {
+    fn wait(self: Box<Self>) -> Result<String, XeError> {
+        let end = self.began + self.took.min(self.timeout);
+        let now = self.clock.now();
+        if now < end {
+            self.clock.sleep(end - now);
+        }
+        if self.took > self.timeout {
+            return Err(XeError::TimedOut {
+                args: self.args,
+                after: self.timeout,
+            });
+        }
+        self.answer
     }
 }
 

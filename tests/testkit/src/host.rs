@@ -13,7 +13,7 @@ use crate::xapi::{
 use coral::clock::{Clock, VirtualClock};
 use coral::firmware::{FirmwareImage, FirmwareSource};
 use coral::usb::{CoralDevice, CoralState, NodeCheck, UsbBus, UsbError, UsbTransport};
-use coral::xe::{XeError, XeRunner};
+use coral::xe::{StartedCall, XeError, XeRunner};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -266,6 +266,11 @@ impl XeRunner for BusSyncedXe {
             }
         }
         result
+    }
+
+    fn start<'r>(&'r self, args: &[String], timeout: Duration) -> Box<dyn StartedCall + 'r> {
+        self.udev.sync();
+        self.inner.start(args, timeout)
     }
 }
 

@@ -99,9 +99,13 @@ fn run(args: &[String]) -> anyhow::Result<(String, String, i32, Duration)> {
 }
 
 /// `--sim-setup [--vm-power halted|running] [--coral bootloader|ready|attached]
-/// [--call-ms N] [--scan-ms N] [--shutdown-ms N] [--start-ms N]`: write a
-/// one-host pool with VM `frigate` to `CORAL_XE_SIM_STATE` (for benchmarks
-/// and demos); prints the host uuid.
+/// [--call-ms N] [--scan-ms N] [--scan-read-ms N] [--shutdown-ms N]
+/// [--start-ms N]`: write a one-host pool with VM `frigate` to
+/// `CORAL_XE_SIM_STATE` (for benchmarks and demos); prints the host uuid.
+/// The scan is modelled by time: each USB change (the emulator's bus file
+/// stamps each with its time) starts a scan that reads the bus
+/// `--scan-read-ms` after its start and commits `--scan-ms` after it,
+/// however many calls come in between (scans of a host run in order).
 fn setup(args: &[String]) -> anyhow::Result<String> {
     let state_path = PathBuf::from(
         std::env::var_os("CORAL_XE_SIM_STATE").context("CORAL_XE_SIM_STATE is not set")?,
@@ -123,6 +127,7 @@ fn setup(args: &[String]) -> anyhow::Result<String> {
             "--coral" => coral = value.clone(),
             "--call-ms" => config.call_ms = number()?,
             "--scan-ms" => config.scan_delay_ms = number()?,
+            "--scan-read-ms" => config.scan_read_ms = number()?,
             "--shutdown-ms" => config.shutdown_ms = number()?,
             "--start-ms" => config.start_ms = number()?,
             _ => anyhow::bail!("unknown option {flag} {value}"),
@@ -227,6 +232,11 @@ fn sync_bus(state: &mut SimState, bus: &Path, now: Duration) -> anyhow::Result<(
                     .filter(|d| !is_coral(d))
                     .collect();
                 devices.extend(event.devices);
+                // Not a change (the emulator's first event repeats what the
+                // pool already knows): no udev event, no scan.
+                if state.world.host(&host_uuid).map(|h| &h.usb_devices) == Some(&devices) {
+                    continue;
+                }
                 let at = event
                     .unix_ms
                     .saturating_sub(state.origin_unix_ms)

@@ -3,7 +3,7 @@
 
 use super::World;
 use coral::clock::Clock;
-use coral::xe::{XeError, XeRunner};
+use coral::xe::{ArrivesLater, StartedCall, XeError, XeRunner};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
@@ -30,6 +30,32 @@ impl InProcessXe {
 }
 
 impl XeRunner for InProcessXe {
+    /// Runs at once (its effect, and the state it reads, are those at its
+    /// start); its answer arrives after the call's duration on the clock.
+    fn start<'r>(&'r self, args: &[String], timeout: Duration) -> Box<dyn StartedCall + 'r> {
+        let began = self.clock.now();
+        let result = self.world.borrow_mut().execute(args, began);
+        let output = result.output;
+        let answer = if output.status == 0 {
+            Ok(output.stdout)
+        } else {
+            let message = if output.stderr.trim().is_empty() {
+                output.stdout
+            } else {
+                output.stderr
+            };
+            Err(XeError::from_output(args, output.status, &message))
+        };
+        Box::new(ArrivesLater {
+            clock: self.clock.as_ref(),
+            began,
+            took: result.duration,
+            timeout,
+            args: args.to_vec(),
+            answer,
+        })
+    }
+
     fn run(&self, args: &[String], timeout: Duration) -> Result<String, XeError> {
         let now = self.clock.now();
         let result = self.world.borrow_mut().execute(args, now);
