@@ -623,7 +623,7 @@ fn simulated_service_install_names_the_systemctl_commands_of_a_real_host() {
         "systemctl daemon-reload",
         "systemctl enable coral-up.service",
         "systemctl enable coral-watch.service",
-        "systemctl restart coral-watch.service",
+        "systemctl reload-or-restart coral-watch.service",
     ] {
         assert!(
             stdout.contains(&format!("would run on a real host: {command}")),
