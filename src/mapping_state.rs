@@ -57,7 +57,7 @@ pub struct MappingState {
 /// A restart coral began: the VM is to run again once it has halted.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RestartIntent {
-    /// What the restart was for, one line ("shut down to attach the Coral at 2-4").
+    /// The VM and what the restart was for, one line.
     #[serde(default)]
     pub why: String,
     /// When it was recorded, seconds since the Unix epoch.
@@ -196,11 +196,8 @@ impl StateStore {
 
     /// Record, before the shutdown begins, that coral is about to shut the
     /// VM down and will start it again (durable once this returns).
-    pub fn record_intent(&self, vm_uuid: &str, vm_name: &str, why: &str) -> io::Result<()> {
+    pub fn record_intent(&self, vm_uuid: &str, why: &str) -> io::Result<()> {
         self.update(vm_uuid, |s| {
-            if s.vm_name.is_empty() {
-                s.vm_name = vm_name.to_string();
-            }
             s.restart_intent = Some(RestartIntent {
                 why: why.to_string(),
                 at: unix_now(),
@@ -464,9 +461,7 @@ mod tests {
         )
         .unwrap();
         assert!(store.intents().is_empty());
-        store
-            .record_intent("vm-b", "nvr", "shut down to attach")
-            .unwrap();
+        store.record_intent("vm-b", "shut down to attach").unwrap();
         let intents = store.intents();
         assert_eq!(intents.len(), 1);
         assert_eq!(intents[0].0, "vm-b");

@@ -247,8 +247,8 @@ fn a_vm_the_user_halted_stays_halted_and_stale_intents_are_forgotten() {
         (web, world.new_uuid())
     };
     // Intents for a VM that runs and for one XAPI no longer has.
-    s.store().record_intent(&web, "web", "test").unwrap();
-    s.store().record_intent(&gone, "old", "test").unwrap();
+    s.store().record_intent(&web, "test").unwrap();
+    s.store().record_intent(&gone, "test").unwrap();
 
     run_watch(&s, s.host.xe(), &watch_options(&s.vm, true), 3);
     let xe = XeClient::new(s.host.xe(), s.host.host_uuid().to_string(), false);

@@ -226,3 +226,45 @@ fn an_unfinished_restart_is_shown_warned_and_finished_by_the_next_attach() {
     );
     assert_eq!(sim.doctor_state_verdict().1, "ok");
 }
+
+#[test]
+fn the_boot_path_finishes_a_restart_a_killed_run_left() {
+    let sim = Sim::new();
+    for args in [
+        &["--simulate", "init"][..],
+        &["--simulate", "service", "install", "--vm", "frigate"],
+    ] {
+        let (ok, _, stderr) = sim.run(args);
+        assert!(ok, "{stderr}");
+    }
+    let world = sim.dir.path().join("sim.json");
+    let mut pool: Value = serde_json::from_slice(&std::fs::read(&world).unwrap()).unwrap();
+    let frigate = pool["pool"]["vms"][0]["uuid"].as_str().unwrap().to_string();
+    pool["pool"]["vms"][0]["running"] = Value::Bool(false);
+    std::fs::write(&world, serde_json::to_vec(&pool).unwrap()).unwrap();
+    let states = serde_json::json!({"mappings": {&frigate: {
+        "restart_intent": {"why": "VM 'frigate': clean shutdown", "at": 1}
+    }}});
+    std::fs::create_dir_all(sim.mappings().parent().unwrap()).unwrap();
+    std::fs::write(sim.mappings(), serde_json::to_vec(&states).unwrap()).unwrap();
+
+    // The entry has no `start`: only the recorded intent starts frigate.
+    let (ok, _, stderr) = sim.run(&["--simulate", "up"]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("left unfinished"), "{stderr}");
+    let (_, stdout, _) = sim.run(&["--simulate", "status", "--json"]);
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["corals"][0]["vm_power_state"], "running", "{stdout}");
+    assert_eq!(report["corals"][0]["attached"], true, "{stdout}");
+    assert_eq!(report["mappings"][0]["unfinished_restart"], Value::Null);
+
+    // A VM the user halts, with no intent, stays halted through `coral up`.
+    let mut pool: Value = serde_json::from_slice(&std::fs::read(&world).unwrap()).unwrap();
+    pool["pool"]["vms"][0]["running"] = Value::Bool(false);
+    std::fs::write(&world, serde_json::to_vec(&pool).unwrap()).unwrap();
+    let (ok, _, stderr) = sim.run(&["--simulate", "up"]);
+    assert!(ok, "{stderr}");
+    let (_, stdout, _) = sim.run(&["--simulate", "status", "--json"]);
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["corals"][0]["vm_power_state"], "halted", "{stdout}");
+}

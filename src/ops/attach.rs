@@ -772,9 +772,8 @@ fn restart_with_coral(
     if let Some(store) = intent {
         if let Err(e) = store.record_intent(
             vm.uuid(),
-            label,
             &format!(
-                "clean shutdown to restart it with the Coral (VUSB {})",
+                "{label}: clean shutdown to restart it with the Coral (VUSB {})",
                 short(vusb)
             ),
         ) {
