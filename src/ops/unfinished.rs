@@ -99,7 +99,7 @@ fn finish_one(
     );
     let outcome = match bring_back(xe, clock, vm) {
         Ok(BroughtBack::Running { started: true }) => {
-            log::info!("{label} started again with its USB devices");
+            log::debug!("{label} started again with its USB devices");
             Finished::Started
         }
         Ok(BroughtBack::StartedWithout { removed }) => {

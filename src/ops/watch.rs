@@ -15,7 +15,9 @@
 //! came of them), hard-stop a VM, touch a mapping an admin paused with
 //! `coral detach`, run while another `coral` run holds the lock, or leave
 //! halted a VM its own step halted (it is started again, without the Coral
-//! if it must, before anything else and before the watcher exits).
+//! if it must, before anything else and before the watcher exits), nor one
+//! a killed run left halted mid-restart (its intent is recorded:
+//! [`super::unfinished`]).
 //!
 //! Its lifetime: on a stop (SIGTERM, SIGINT) no new step begins; what has
 //! begun is finished or undone, and a VM coral halted is started again. On
