@@ -51,15 +51,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     // The simulated world lives on in its state file (not after a dry run,
     // nor after a command that only reads: those write nothing at all).
     if let Environment::Simulated { host, paths, .. } = &env {
-        let changes = matches!(
-            cli.command,
-            Command::Init(_)
-                | Command::Attach(_)
-                | Command::Detach(_)
-                | Command::Up(_)
-                | Command::Watch(_)
-        );
-        if changes && !cli.dry_run {
+        if changes_simulated_host(&cli.command) && !cli.dry_run {
             host.save(&paths.state)?;
         }
     }
@@ -69,16 +61,25 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 /// Whether this run may write into the simulated world: a command that
 /// changes it, not under --dry-run.
 fn writes_simulated_world(cli: &Cli) -> bool {
-    let changes = matches!(
-        cli.command,
+    let changes = changes_simulated_host(&cli.command)
+        || matches!(
+            cli.command,
+            Command::Service(ServiceCommand::Install(_) | ServiceCommand::Uninstall(_))
+        );
+    changes && !cli.dry_run
+}
+
+/// The commands that change the simulated Coral or pool (kept in the state
+/// file); `service install|uninstall` change only the simulated host's files.
+fn changes_simulated_host(command: &Command) -> bool {
+    matches!(
+        command,
         Command::Init(_)
             | Command::Attach(_)
             | Command::Detach(_)
             | Command::Up(_)
             | Command::Watch(_)
-            | Command::Service(ServiceCommand::Install(_) | ServiceCommand::Uninstall(_))
-    );
-    changes && !cli.dry_run
+    )
 }
 
 fn run_command(cli: &Cli, env: &Environment, out: &Output) -> anyhow::Result<()> {

@@ -212,3 +212,43 @@ fn stalled_corals_and_a_slow_xapi_stay_within_the_one_deadline() {
         "the running VM still runs"
     );
 }
+
+/// A chipset whose two sides of one port carry different numbers: the boot
+/// loader at `1-5`, the ready Coral at its peer `2-3`, the config naming
+/// `2-3` (what XAPI showed). The boot path finds the configured Coral at
+/// once through the peer instead of waiting out `--wait-device` (which holds
+/// back VM auto-start) before going on.
+#[test]
+fn a_configured_port_whose_coral_is_at_its_peer_is_not_waited_for() {
+    let clock = Rc::new(VirtualClock::new());
+    let bus = Rc::new(SimBus::new(clock.clone()));
+    bus.add_coral(SimCoralConfig::at("1-5", "2-3"), CoralState::Uninitialized);
+    let mut world = World::new(WorldConfig::default());
+    let host_uuid = world.add_host("xcp-1");
+    let vm = world.add_vm("frigate", PowerState::Halted, None);
+    let host = SimulatedHost::from_parts(clock, bus, world, host_uuid);
+    let config = Config {
+        entries: vec![entry(&vm, "2-3")],
+    };
+    let xe = XeClient::new(host.xe(), host.host_uuid().to_string(), false);
+    let started = host.clock().now();
+    let report = up_all(
+        host.bus(),
+        &xe,
+        host.clock(),
+        &mut || Ok(stand_in_single_ep_image()),
+        &config,
+        false,
+    )
+    .unwrap();
+    let took = host.clock().now() - started;
+    assert!(report.outcomes[0].result.is_ok(), "the entry is recovered");
+    assert!(
+        took < budget::DEVICE_WAIT,
+        "the boot path waited {took:?} for a Coral that was at its peer port all along"
+    );
+    let world = host.world();
+    let world = world.borrow();
+    assert_eq!(world.vusbs.len(), 1, "the VM got its VUSB");
+    assert_eq!(world.vusbs[0].vm_uuid, vm);
+}

@@ -271,7 +271,7 @@ fn wait_for_devices(
     let all_present = || -> Result<Option<()>, ()> {
         let corals = usb.list_corals().unwrap_or_default();
         let present = wanted.iter().all(|w| match w {
-            Some(path) => corals.iter().any(|c| c.path.same_port_chain(path)),
+            Some(path) => corals.iter().any(|c| c.at_configured_port(path)),
             None => !corals.is_empty(),
         });
         Ok(present.then_some(()))

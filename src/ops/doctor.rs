@@ -403,9 +403,7 @@ fn check_corals(
 /// Whether a Coral is at `port` now: on any bus of its port chain (the boot
 /// loader's `1-4` is the ready `2-4`), or at its peer (`1-5` ↔ `2-3`).
 fn coral_at(corals: &[CoralDevice], port: &PortPath) -> bool {
-    corals.iter().any(|c| {
-        c.path.same_port_chain(port) || c.peer.as_ref().is_some_and(|p| p.same_port_chain(port))
-    })
+    corals.iter().any(|c| c.at_configured_port(port))
 }
 
 /// Each config entry's port: FAIL when no Coral is there now. At boot

@@ -110,6 +110,15 @@ impl CoralDevice {
         self.at_port(&other.path) || other.peer.as_ref() == Some(&self.path)
     }
 
+    /// True when a config entry's `port` names this Coral's physical port:
+    /// any bus of its port chain (the boot loader's `1-4` is the ready
+    /// `2-4`) or its peer's (`1-5` ↔ `2-3`). The rule `doctor` and the boot
+    /// path's wait for configured Corals share.
+    pub fn at_configured_port(&self, port: &PortPath) -> bool {
+        self.path.same_port_chain(port)
+            || self.peer.as_ref().is_some_and(|p| p.same_port_chain(port))
+    }
+
     /// True when `other` is this very enumeration (same port, address and identity).
     pub fn same_enumeration(&self, other: &CoralDevice) -> bool {
         self.path == other.path && self.address == other.address && self.state == other.state
