@@ -239,6 +239,7 @@ fn a_configured_port_whose_coral_is_at_its_peer_is_not_waited_for() {
         &mut || Ok(stand_in_single_ep_image()),
         &config,
         false,
+        None,
     )
     .unwrap();
     let took = host.clock().now() - started;
