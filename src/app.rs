@@ -543,8 +543,12 @@ fn run_attach(cli: &Cli, env: &Environment, out: &Output, args: &AttachArgs) -> 
         env.clock(),
         seconds("--xapi-timeout", args.vm.xapi_timeout)?,
     );
+    let mut opts = opts;
+    opts.intent = intent_store(cli, env);
     let _lock = take_lock(cli, env)?;
-    let report = attach(env.usb(), &xe, env.clock(), &opts)?;
+    let report = attach(env.usb(), &xe, env.clock(), &opts);
+    finish_unfinished(cli, env, &xe, env.clock());
+    let report = report?;
     print_planned(&xe, out);
     out.result(&report.to_string());
     set_paused(cli, env, &report.vm_uuid, &opts.vm, false);
@@ -623,8 +627,12 @@ fn run_up(cli: &Cli, env: &Environment, out: &Output, args: &UpArgs) -> anyhow::
             seconds("--xapi-timeout", args.vm.xapi_timeout)?,
         )
         .bounded_by(clock.as_ref());
+    let mut opts = opts;
+    opts.attach.intent = intent_store(cli, env);
     let _lock = take_lock(cli, env)?;
-    let report = up(env.usb(), &xe, clock.as_ref(), &mut load, &opts).map_err(stopped_then_up)?;
+    let report = up(env.usb(), &xe, clock.as_ref(), &mut load, &opts);
+    finish_unfinished(cli, env, &xe, clock.as_ref());
+    let report = report.map_err(stopped_then_up)?;
     print_planned(&xe, out);
     if let Some(attach) = &report.attach {
         out.result(&attach.to_string());
@@ -681,7 +689,18 @@ fn run_up_all(cli: &Cli, env: &Environment, out: &Output, args: &UpArgs) -> anyh
     // One deadline from here on, for every wait and every `xe` call.
     let clock = boot::boot_clock(stop_aware.as_ref());
     let xe = XeClient::new(runner, host_uuid, cli.dry_run).bounded_by(&clock);
-    let report = boot::up_all(env.usb(), &xe, &clock, &mut load, &config, cli.dry_run)?;
+    let intent = intent_store(cli, env);
+    let report = boot::up_all(
+        env.usb(),
+        &xe,
+        &clock,
+        &mut load,
+        &config,
+        cli.dry_run,
+        intent.as_ref(),
+    );
+    finish_unfinished(cli, env, &xe, &clock);
+    let report = report?;
     print_planned(&xe, out);
     for outcome in &report.outcomes {
         if let Ok(up) = &outcome.result {
@@ -875,6 +894,23 @@ fn state_store(env: &Environment) -> StateStore {
     }
 }
 
+/// Where a restart's intent is written before its shutdown (None in a dry run).
+fn intent_store(cli: &Cli, env: &Environment) -> Option<StateStore> {
+    (!cli.dry_run).then(|| state_store(env))
+}
+
+/// After the command's own work (whatever came of it), under its lock:
+/// start a VM a previous run halted and left down (its restart intent is
+/// still recorded). A stop does not end it: it finishes what coral began.
+fn finish_unfinished(cli: &Cli, env: &Environment, xe: &XeClient, clock: &dyn Clock) {
+    let store = if cli.dry_run {
+        state_store(env).read_only()
+    } else {
+        state_store(env)
+    };
+    coral::ops::unfinished::finish_unfinished(xe, clock, &store);
+}
+
 /// Pause (`detach`) or resume (`attach`, `up`) a VM's mapping for `coral
 /// watch`. A dry run changes nothing; a failure to record is only logged.
 fn set_paused(cli: &Cli, env: &Environment, vm_uuid: &str, vm_name: &str, paused: bool) {
@@ -915,6 +951,7 @@ fn attach_options(vm: &VmArgs, device: Option<String>) -> anyhow::Result<AttachO
         shutdown_timeout: seconds("--shutdown-timeout", vm.shutdown_timeout)?,
         scan_timeout: seconds("--scan-timeout", vm.scan_timeout)?,
         guest_lost: false,
+        intent: None,
     })
 }
 

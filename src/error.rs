@@ -147,6 +147,11 @@ pub enum NextStep {
         /// The VM still shutting down.
         vm: String,
     },
+    /// A restart of `vm` a previous run left unfinished: finish it now.
+    FinishRestart {
+        /// The VM coral was restarting.
+        vm: String,
+    },
     /// After fixing why `vm` would not start with the Coral, attach it again with a restart.
     RestorePassthrough {
         /// The VM started without its Coral.

@@ -47,6 +47,22 @@ pub struct MappingState {
     /// Whether that action succeeded.
     #[serde(default)]
     pub last_action_ok: Option<bool>,
+    /// Written before coral begins a clean shutdown of the VM (write-ahead),
+    /// cleared once it runs again or coral has finished with it: present
+    /// after a run that died in between, so the next run starts the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_intent: Option<RestartIntent>,
+}
+
+/// A restart coral began: the VM is to run again once it has halted.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestartIntent {
+    /// The VM and what the restart was for, one line.
+    #[serde(default)]
+    pub why: String,
+    /// When it was recorded, seconds since the Unix epoch.
+    #[serde(default)]
+    pub at: u64,
 }
 
 /// Every mapping's state.
@@ -176,6 +192,39 @@ impl StateStore {
             s.last_action_at = Some(unix_now());
             s.last_action_ok = Some(ok);
         })
+    }
+
+    /// Record, before the shutdown begins, that coral is about to shut the
+    /// VM down and will start it again (durable once this returns).
+    pub fn record_intent(&self, vm_uuid: &str, why: &str) -> io::Result<()> {
+        self.update(vm_uuid, |s| {
+            s.restart_intent = Some(RestartIntent {
+                why: why.to_string(),
+                at: unix_now(),
+            });
+        })
+    }
+
+    /// Forget the VM's restart intent (nothing is written when there is none).
+    pub fn clear_intent(&self, vm_uuid: &str) -> io::Result<()> {
+        self.modify(|states| {
+            states
+                .mappings
+                .get_mut(vm_uuid)
+                .and_then(|s| s.restart_intent.take())
+                .is_some()
+        })
+    }
+
+    /// Every VM with a restart intent, as a run that acts on it reads them
+    /// ([`Self::load_or_recover`]: an unparseable file is kept aside, and
+    /// its intents are lost).
+    pub fn intents(&self) -> Vec<(String, MappingState)> {
+        self.load_or_recover()
+            .mappings
+            .into_iter()
+            .filter(|(_, s)| s.restart_intent.is_some())
+            .collect()
     }
 
     /// Forget the records `keep` refuses (VMs XAPI no longer has); the
@@ -400,6 +449,28 @@ mod tests {
         assert_eq!(utc_stamp(0), "19700101T000000Z");
         assert_eq!(utc_stamp(951_782_400), "20000229T000000Z");
         assert_eq!(utc_stamp(1_796_523_305), "20261206T021505Z");
+    }
+
+    #[test]
+    fn an_intent_is_recorded_and_cleared_and_old_files_parse() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::in_dir(dir.path());
+        std::fs::write(
+            store.path(),
+            r#"{"mappings":{"vm-a":{"vm_name":"frigate","paused":true}}}"#,
+        )
+        .unwrap();
+        assert!(store.intents().is_empty());
+        store.record_intent("vm-b", "shut down to attach").unwrap();
+        let intents = store.intents();
+        assert_eq!(intents.len(), 1);
+        assert_eq!(intents[0].0, "vm-b");
+        assert!(store.is_paused("vm-a"));
+        store.clear_intent("vm-b").unwrap();
+        assert!(store.intents().is_empty());
+        assert!(!std::fs::read_to_string(store.path())
+            .unwrap()
+            .contains("restart_intent"));
     }
 
     #[test]

@@ -51,6 +51,9 @@ impl Wording for CliWording {
             NextStep::ForceOffNow { vm } => format!(
                 "`coral attach --vm {vm} --restart --force-shutdown` powers it off now instead"
             ),
+            NextStep::FinishRestart { vm } => format!(
+                "`coral attach --vm {vm} --start` finishes it now (it starts the VM if it is halted)"
+            ),
             NextStep::RestorePassthrough { vm } => format!(
                 "once the cause is fixed, restore the passthrough: `coral attach --vm {vm} --restart`"
             ),

@@ -69,6 +69,7 @@ fn opts(vm: &str, restart: bool) -> AttachOptions {
         shutdown_timeout: Duration::from_secs(180),
         scan_timeout: Duration::from_secs(30),
         guest_lost: false,
+        intent: None,
     }
 }
 

@@ -60,6 +60,7 @@ fn every_entry_is_recovered_and_a_missing_coral_does_not_stop_the_others() {
         &mut || Ok(stand_in_single_ep_image()),
         &config,
         false,
+        None,
     )
     .unwrap();
     let waited = host.clock().now() - started;
@@ -108,6 +109,7 @@ fn xapi_that_never_answers_ends_the_wait_within_the_budget() {
         &mut || Ok(stand_in_single_ep_image()),
         &config,
         false,
+        None,
     ) {
         Ok(_) => panic!("xapi never answered"),
         Err(err) => err,
@@ -186,6 +188,7 @@ fn stalled_corals_and_a_slow_xapi_stay_within_the_one_deadline() {
         &mut || Ok(stand_in_single_ep_image()),
         &config,
         false,
+        None,
     )
     .unwrap();
     let elapsed = host.clock().now() - started;
@@ -236,6 +239,7 @@ fn a_configured_port_whose_coral_is_at_its_peer_is_not_waited_for() {
         &mut || Ok(stand_in_single_ep_image()),
         &config,
         false,
+        None,
     )
     .unwrap();
     let took = host.clock().now() - started;

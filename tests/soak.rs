@@ -199,6 +199,7 @@ fn options(mappings: Vec<Mapping>) -> WatchOptions {
                 shutdown_timeout: Duration::from_secs(180),
                 scan_timeout: Duration::from_secs(30),
                 guest_lost: false,
+                intent: None,
             },
             dry_run: false,
         },

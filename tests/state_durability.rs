@@ -170,3 +170,101 @@ fn status_shows_no_ghosts_and_forgets_them() {
     assert!(kept["mappings"].get(ghost).is_none(), "pruned: {kept}");
     assert_eq!(kept["mappings"][&frigate]["paused"], true, "{kept}");
 }
+
+#[test]
+fn an_unfinished_restart_is_shown_warned_and_finished_by_the_next_attach() {
+    let sim = Sim::new();
+    let (ok, _, stderr) = sim.run(&["--simulate", "init"]);
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr) = sim.run(&["--simulate", "attach", "--vm", "frigate"]);
+    assert!(ok, "{stderr}");
+    let (ok, stdout, stderr) = sim.run(&["--simulate", "status", "--json"]);
+    assert!(ok, "{stderr}");
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    let frigate = report["corals"][0]["vm_uuid"]
+        .as_str()
+        .unwrap_or_else(|| panic!("init passes the Coral to frigate: {stdout}"))
+        .to_string();
+    // ... and halted by it, killed before its `xe vm-start`.
+    let world = sim.dir.path().join("sim.json");
+    let mut pool: Value = serde_json::from_slice(&std::fs::read(&world).unwrap()).unwrap();
+    pool["pool"]["vms"][0]["running"] = Value::Bool(false);
+    std::fs::write(&world, serde_json::to_vec(&pool).unwrap()).unwrap();
+    // A run killed mid-restart left its intent (written as coral writes it).
+    let states = serde_json::json!({"mappings": {&frigate: {
+        "vm_name": "frigate",
+        "restart_intent": {"why": "clean shutdown to restart it with the Coral", "at": 1}
+    }}});
+    std::fs::write(sim.mappings(), serde_json::to_vec(&states).unwrap()).unwrap();
+
+    let (_, stdout, _) = sim.run(&["--simulate", "status", "--json"]);
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        report["mappings"][0]["unfinished_restart"]["why"],
+        "clean shutdown to restart it with the Coral",
+        "{stdout}"
+    );
+    assert_eq!(report["schema"], 1);
+    let (_, stdout, _) = sim.run(&["--simulate", "status"]);
+    assert!(stdout.contains("UNFINISHED restart"), "{stdout}");
+    assert_eq!(sim.doctor_state_verdict().1, "warn");
+
+    // The next attach (no --start) finishes the restart: frigate runs.
+    let (ok, _, stderr) = sim.run(&["--simulate", "attach", "--vm", "frigate"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("a previous coral run left unfinished; coral is finishing it"),
+        "{stderr}"
+    );
+    let (_, stdout, _) = sim.run(&["--simulate", "status", "--json"]);
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["mappings"][0]["unfinished_restart"], Value::Null);
+    assert_eq!(report["corals"][0]["vm_power_state"], "running", "{stdout}");
+    assert_eq!(
+        report["corals"][0]["attached"], true,
+        "with its Coral: {stdout}"
+    );
+    assert_eq!(sim.doctor_state_verdict().1, "ok");
+}
+
+#[test]
+fn the_boot_path_finishes_a_restart_a_killed_run_left() {
+    let sim = Sim::new();
+    for args in [
+        &["--simulate", "init"][..],
+        &["--simulate", "service", "install", "--vm", "frigate"],
+    ] {
+        let (ok, _, stderr) = sim.run(args);
+        assert!(ok, "{stderr}");
+    }
+    let world = sim.dir.path().join("sim.json");
+    let mut pool: Value = serde_json::from_slice(&std::fs::read(&world).unwrap()).unwrap();
+    let frigate = pool["pool"]["vms"][0]["uuid"].as_str().unwrap().to_string();
+    pool["pool"]["vms"][0]["running"] = Value::Bool(false);
+    std::fs::write(&world, serde_json::to_vec(&pool).unwrap()).unwrap();
+    let states = serde_json::json!({"mappings": {&frigate: {
+        "restart_intent": {"why": "VM 'frigate': clean shutdown", "at": 1}
+    }}});
+    std::fs::create_dir_all(sim.mappings().parent().unwrap()).unwrap();
+    std::fs::write(sim.mappings(), serde_json::to_vec(&states).unwrap()).unwrap();
+
+    // The entry has no `start`: only the recorded intent starts frigate.
+    let (ok, _, stderr) = sim.run(&["--simulate", "up"]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("left unfinished"), "{stderr}");
+    let (_, stdout, _) = sim.run(&["--simulate", "status", "--json"]);
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["corals"][0]["vm_power_state"], "running", "{stdout}");
+    assert_eq!(report["corals"][0]["attached"], true, "{stdout}");
+    assert_eq!(report["mappings"][0]["unfinished_restart"], Value::Null);
+
+    // A VM the user halts, with no intent, stays halted through `coral up`.
+    let mut pool: Value = serde_json::from_slice(&std::fs::read(&world).unwrap()).unwrap();
+    pool["pool"]["vms"][0]["running"] = Value::Bool(false);
+    std::fs::write(&world, serde_json::to_vec(&pool).unwrap()).unwrap();
+    let (ok, _, stderr) = sim.run(&["--simulate", "up"]);
+    assert!(ok, "{stderr}");
+    let (_, stdout, _) = sim.run(&["--simulate", "status", "--json"]);
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["corals"][0]["vm_power_state"], "halted", "{stdout}");
+}

@@ -57,6 +57,7 @@ fn options(restart: bool, dry_run: bool) -> UpOptions {
             shutdown_timeout: Duration::from_secs(180),
             scan_timeout: Duration::from_secs(30),
             guest_lost: false,
+            intent: None,
         },
         dry_run,
         wait_device: Duration::ZERO,
@@ -620,6 +621,7 @@ fn the_boot_path_after_a_power_loss_costs_at_most_8_calls_and_reads_the_vm_once(
         &mut || Ok(stand_in_single_ep_image()),
         &config,
         false,
+        None,
     )
     .unwrap();
     report.into_result().expect("the entry recovered");

@@ -103,6 +103,7 @@ fn options(mappings: Vec<Mapping>, max_restarts_per_hour: u32) -> WatchOptions {
                 shutdown_timeout: Duration::from_secs(180),
                 scan_timeout: Duration::from_secs(30),
                 guest_lost: false,
+                intent: None,
             },
             dry_run: false,
         },

@@ -13,6 +13,7 @@ use super::xapi_common::{
 };
 use crate::clock::{budget_left, capped, follow_until, may_begin, Bounded, Clock};
 use crate::error::{fail, fail_then, FailureKind, Flag, NextStep};
+use crate::mapping_state::StateStore;
 use crate::usb::{CoralState, NodeCheck, UsbBus};
 use crate::xe::client::{
     PowerState, PusbInfo, Started, StartedVms, VmInfo, VusbInfo, XeClient, CALL_TIMEOUT,
@@ -63,6 +64,9 @@ pub struct AttachOptions {
     /// VM (the watcher's memory): the guest has lost it, whatever the
     /// stateless check says.
     pub guest_lost: bool,
+    /// Where a restart's intent is written before its shutdown begins and
+    /// cleared once coral is done with the VM (write-ahead; None: not kept).
+    pub intent: Option<StateStore>,
 }
 
 /// What `attach` did, in plain words (Display: one line per fact).
@@ -763,9 +767,31 @@ fn restart_with_coral(
             .deadline()
             .map_or(Duration::MAX, |d| d.saturating_sub(START_RESERVE)),
     );
+    // Write-ahead: whoever runs next starts the VM if this run dies halfway.
+    let intent = opts.intent.as_ref().filter(|_| !xe.dry_run());
+    if let Some(store) = intent {
+        if let Err(e) = store.record_intent(
+            vm.uuid(),
+            &format!(
+                "{label}: clean shutdown to restart it with the Coral (VUSB {})",
+                short(vusb)
+            ),
+        ) {
+            log::warn!(
+                "cannot record the restart of {label} in {} ({e}); if this run dies before {label} runs again, start it by hand",
+                store.path().display()
+            );
+        }
+    }
+    let done = || {
+        if let Some(store) = intent {
+            clear_intent(store, vm.uuid());
+        }
+    };
     match shut_down(xe, &shutdown_clock, vm, opts)? {
         Ok(()) => {}
         Err(NotDown::Running(why)) => {
+            done();
             if created {
                 roll_back(xe, vusb);
             }
@@ -793,7 +819,34 @@ fn restart_with_coral(
             ));
         }
     }
-    start_with_coral(xe, clock, vm, vusb, created, true)
+    // Started (with or without the Coral) or reported DOWN with the
+    // command: coral is done with it. Only a VM xapi cannot be asked about
+    // now, or one still busy inside xapi, keeps it for the next run.
+    match start_with_coral(xe, clock, vm, vusb, created, true) {
+        Ok(()) => {
+            done();
+            Ok(())
+        }
+        Err(e) => match xe.vm(vm.uuid()) {
+            Ok(Some(info)) if !info.current_operations.is_empty() => Err(e),
+            Ok(_) => {
+                done();
+                Err(e)
+            }
+            Err(_) => Err(e),
+        },
+    }
+}
+
+/// Forget a VM's restart intent; a failure is only logged (the next run
+/// finds the VM running and forgets it then).
+pub fn clear_intent(store: &StateStore, vm_uuid: &str) {
+    if let Err(e) = store.clear_intent(vm_uuid) {
+        log::warn!(
+            "cannot clear the restart recorded for VM {vm_uuid} in {}: {e}",
+            store.path().display()
+        );
+    }
 }
 
 /// Start the VM; a start whose `xe` gave up is followed to its end.

@@ -138,6 +138,7 @@ pub fn up_all(
     load_firmware: &mut dyn FnMut() -> anyhow::Result<FirmwareImage>,
     config: &Config,
     dry_run: bool,
+    intent: Option<&crate::mapping_state::StateStore>,
 ) -> anyhow::Result<BootReport> {
     if config.entries.is_empty() {
         return Err(fail_then(
@@ -186,6 +187,7 @@ pub fn up_all(
                 ),
                 scan_timeout: own(entry.deadlines.scan_timeout, budget::SCAN_WAIT),
                 guest_lost: false,
+                intent: intent.cloned(),
             },
             dry_run,
         };

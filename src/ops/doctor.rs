@@ -230,6 +230,29 @@ pub fn doctor(inputs: DoctorInputs<'_>) -> DoctorReport {
 /// pauses are lost until the admin has redone them).
 fn check_state(checks: &mut Checks, state: &crate::mapping_state::StateStore) {
     let problems = state.problems();
+    let unfinished: Vec<String> = state
+        .load()
+        .unwrap_or_default()
+        .mappings
+        .into_iter()
+        .filter(|(_, s)| s.restart_intent.is_some())
+        .map(|(uuid, _)| uuid)
+        .collect();
+    if problems.is_empty() && !unfinished.is_empty() {
+        checks.warn(
+            "state",
+            format!(
+                "a restart coral began is unfinished for VM(s) {}: a run was killed or crashed between the shutdown and the start; the next `coral watch` check, `coral up` or `coral attach` starts the VM if it is halted",
+                unfinished.join(", ")
+            ),
+            unfinished
+                .iter()
+                .map(|vm| NextStep::FinishRestart { vm: vm.clone() }.to_string())
+                .collect::<Vec<_>>()
+                .join("; "),
+        );
+        return;
+    }
     if problems.is_empty() {
         let states = state.load().unwrap_or_default();
         let paused = states.mappings.values().filter(|s| s.paused).count();

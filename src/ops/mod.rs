@@ -10,6 +10,7 @@ pub mod firmware_cmd;
 pub mod init;
 pub mod service;
 pub mod status;
+pub mod unfinished;
 pub mod up;
 pub mod watch;
 pub mod xapi_common;

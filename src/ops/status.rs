@@ -2,7 +2,7 @@
 
 use crate::config::Config;
 use crate::error::NextStep;
-use crate::mapping_state::{MappingState, MappingStates, StateStore};
+use crate::mapping_state::{MappingState, MappingStates, RestartIntent, StateStore};
 use crate::usb::{CoralState, NodeCheck, UsbBus};
 use crate::xe::client::{PowerState, XeClient};
 use crate::xe::{short, XeError};
@@ -45,6 +45,10 @@ pub struct MappingStatus {
     pub last_action_at: Option<u64>,
     /// Whether it succeeded.
     pub last_action_ok: Option<bool>,
+    /// A restart coral began and no run has finished yet (the VM was to run
+    /// again after its shutdown): the next `coral watch`, `up` or `attach`
+    /// starts it if it is halted. Null when none.
+    pub unfinished_restart: Option<RestartIntent>,
 }
 
 /// The mappings: every config entry, then any VM the state file knows of
@@ -87,6 +91,7 @@ impl MappingStatus {
             last_action: state.last_action,
             last_action_at: state.last_action_at,
             last_action_ok: state.last_action_ok,
+            unfinished_restart: state.restart_intent,
         }
     }
 
@@ -104,6 +109,17 @@ impl MappingStatus {
             ""
         };
         let _ = writeln!(out, "Mapping {device} -> VM {name}{paused}");
+        if let Some(intent) = &self.unfinished_restart {
+            let _ = writeln!(
+                out,
+                "  UNFINISHED restart, begun {} ago ({}): the VM is started by the next `coral watch` check, `coral up` or `coral attach` if it is halted; {}",
+                age(now_unix.saturating_sub(intent.at)),
+                intent.why,
+                NextStep::FinishRestart {
+                    vm: self.vm_uuid.clone()
+                }
+            );
+        }
         match (&self.last_action, self.last_action_at) {
             (Some(action), Some(at)) => {
                 let verdict = if self.last_action_ok == Some(false) {

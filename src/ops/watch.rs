@@ -15,7 +15,9 @@
 //! came of them), hard-stop a VM, touch a mapping an admin paused with
 //! `coral detach`, run while another `coral` run holds the lock, or leave
 //! halted a VM its own step halted (it is started again, without the Coral
-//! if it must, before anything else and before the watcher exits).
+//! if it must, before anything else and before the watcher exits), nor one
+//! a killed run left halted mid-restart (its intent is recorded:
+//! [`super::unfinished`]).
 //!
 //! Its lifetime: on a stop (SIGTERM, SIGINT) no new step begins; what has
 //! begun is finished or undone, and a VM coral halted is started again. On
@@ -24,6 +26,7 @@
 
 use super::attach::AttachOptions;
 use super::bring_back::{bring_back, BroughtBack};
+use super::unfinished::Finished;
 use super::up::{up, UpOptions, UpReport};
 use super::xapi_common::{guest_node, pusb_at, resolve_vm, xe_fail};
 use crate::clock::Clock;
@@ -264,7 +267,16 @@ impl Watcher {
         let Some((vm_uuid, vm_name)) = self.tracked[index].vm.clone() else {
             return;
         };
-        match bring_back(env.xe, env.clock, &vm_uuid) {
+        let outcome = bring_back(env.xe, env.clock, &vm_uuid);
+        if matches!(
+            outcome,
+            Ok(BroughtBack::Running { .. })
+                | Ok(BroughtBack::StartedWithout { .. })
+                | Ok(BroughtBack::Elsewise(_))
+        ) {
+            super::attach::clear_intent(env.state, &vm_uuid);
+        }
+        match outcome {
             Ok(BroughtBack::Running { started: false }) | Ok(BroughtBack::Elsewise(_)) => {
                 self.tracked[index].halted_by_us = false;
             }
@@ -311,6 +323,34 @@ impl Watcher {
         }
     }
 
+    /// Start every VM a previous run left halted mid-restart (its intent is
+    /// still recorded: [`super::unfinished`]), under the shared lock; while
+    /// another run holds it, that run may be mid-restart: left for later.
+    fn finish_unfinished(&mut self, env: &mut WatchEnv) {
+        if !super::unfinished::any(env.state) {
+            return;
+        }
+        let _lock = match (env.lock)() {
+            Ok(LockAttempt::Held(guard)) => guard,
+            Ok(LockAttempt::Busy) => return,
+            Err(e) => {
+                log::warn!("watch: {e:#}; unfinished restarts are looked at again later");
+                return;
+            }
+        };
+        for (vm, outcome) in super::unfinished::finish_unfinished(env.xe, env.clock, env.state) {
+            if matches!(outcome, Finished::Started | Finished::StartedWithout) {
+                if let Some(tracked) = self
+                    .tracked
+                    .iter_mut()
+                    .find(|t| t.vm.as_ref().is_some_and(|(uuid, _)| *uuid == vm))
+                {
+                    tracked.halted_by_us = false;
+                }
+            }
+        }
+    }
+
     /// Check every mapping once against `corals` (a fresh listing).
     /// `usb_changed`: the bus changed since the last check; `xapi_due`: the
     /// periodic XAPI check is due. A failure is logged and retried later
@@ -329,6 +369,9 @@ impl Watcher {
                 self.restore(env, index);
             }
         }
+        // Then a VM a previous run (this watcher before a crash, a killed
+        // `coral up` or `attach --restart`) halted and left down.
+        self.finish_unfinished(env);
         for index in 0..self.tracked.len() {
             if env.clock.stop_requested() {
                 return;
@@ -690,6 +733,7 @@ impl Watcher {
                     self.recovery.attach.scan_timeout,
                 ),
                 guest_lost: self.tracked[index].reenumerated.is_some(),
+                intent: Some(env.state.clone()),
             },
             ..self.recovery.clone()
         };
