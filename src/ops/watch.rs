@@ -559,14 +559,7 @@ impl Watcher {
             self.recover(env, index, &reason, coral);
             return;
         }
-        let not = if self.tracked[index].mapping.restart {
-            format!(
-                "restart limit of {} per hour reached",
-                self.max_restarts_per_hour
-            )
-        } else {
-            "restarts not allowed for this mapping".to_string()
-        };
+        let not = self.why_no_restart(index);
         let line = format!(
             "{vm_name} lost its Coral at {}: {why}; XAPI still shows it attached, and only a VM restart gives it back ({not}); {}",
             coral.path,
@@ -652,15 +645,21 @@ impl Watcher {
         }
     }
 
-    fn warn_pending(&mut self, env: &WatchEnv, index: usize, vm_uuid: &str, vm_name: &str) {
-        let why = if self.tracked[index].mapping.restart {
+    /// Why the watcher does not restart the mapping's VM now: the mapping
+    /// does not allow it, or its hourly budget is spent.
+    fn why_no_restart(&self, index: usize) -> String {
+        if self.tracked[index].mapping.restart {
             format!(
                 "restart limit of {} per hour reached",
                 self.max_restarts_per_hour
             )
         } else {
             "restarts not allowed for this mapping".to_string()
-        };
+        }
+    }
+
+    fn warn_pending(&mut self, env: &WatchEnv, index: usize, vm_uuid: &str, vm_name: &str) {
+        let why = self.why_no_restart(index);
         let line = format!(
             "pending restart: {vm_name} gets its Coral at its next start ({why}); {}",
             NextStep::RestartNow {
