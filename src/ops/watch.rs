@@ -288,8 +288,8 @@ impl Watcher {
                 log::warn!("watch: {line}");
                 record(
                     env.state,
+                    &self.tracked[index].mapping,
                     &vm_uuid,
-                    &plain_name(&self.tracked[index].mapping),
                     &line,
                     true,
                 );
@@ -306,8 +306,8 @@ impl Watcher {
                 log::error!("watch: {line}");
                 record(
                     env.state,
+                    &self.tracked[index].mapping,
                     &vm_uuid,
-                    &plain_name(&self.tracked[index].mapping),
                     &line,
                     false,
                 );
@@ -568,8 +568,13 @@ impl Watcher {
             }
         );
         if self.note(index, line.clone(), log::Level::Warn) {
-            let name = plain_name(&self.tracked[index].mapping);
-            record(env.state, &vm_uuid, &name, &line, true);
+            record(
+                env.state,
+                &self.tracked[index].mapping,
+                &vm_uuid,
+                &line,
+                true,
+            );
         }
     }
 
@@ -667,8 +672,13 @@ impl Watcher {
             }
         );
         if self.note(index, line.clone(), log::Level::Warn) {
-            let name = plain_name(&self.tracked[index].mapping);
-            record(env.state, vm_uuid, &name, &line, true);
+            record(
+                env.state,
+                &self.tracked[index].mapping,
+                vm_uuid,
+                &line,
+                true,
+            );
         }
     }
 
@@ -788,13 +798,7 @@ impl Watcher {
         }
         let line = format!("{vm_name}: {report}");
         log::info!("watch: {line}");
-        record(
-            env.state,
-            &vm_uuid,
-            &plain_name(&tracked.mapping),
-            &line,
-            true,
-        );
+        record(env.state, &tracked.mapping, &vm_uuid, &line, true);
         if report.attach.as_ref().is_some_and(|a| a.pending_restart) {
             self.warn_pending(env, index, &vm_uuid, &vm_name);
         }
@@ -814,13 +818,7 @@ impl Watcher {
             .unwrap_or_else(|| (tracked.mapping.vm.clone(), tracked.mapping.vm.clone()));
         let line = format!("{vm_name}: {what}; retrying in {} s", backoff.as_secs());
         log::error!("watch: {line}");
-        record(
-            env.state,
-            &vm_uuid,
-            &plain_name(&tracked.mapping),
-            &line,
-            false,
-        );
+        record(env.state, &tracked.mapping, &vm_uuid, &line, false);
     }
 
     /// Log a lasting condition once (again only when it changes); true when logged.
@@ -845,8 +843,9 @@ fn plain_name(mapping: &Mapping) -> String {
     }
 }
 
-fn record(state: &StateStore, vm_uuid: &str, vm_name: &str, line: &str, ok: bool) {
-    if let Err(e) = state.record_action(vm_uuid, vm_name, line, ok) {
+/// Record the watcher's action for `mapping`'s VM (named as people know it).
+fn record(state: &StateStore, mapping: &Mapping, vm_uuid: &str, line: &str, ok: bool) {
+    if let Err(e) = state.record_action(vm_uuid, &plain_name(mapping), line, ok) {
         log::warn!(
             "cannot record the watcher's action in {}: {e}",
             state.path().display()
